@@ -1,0 +1,1 @@
+"""Offline test helpers: the tiny model zoo and in-code tokenizers."""
