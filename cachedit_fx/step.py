@@ -1,0 +1,99 @@
+"""The per-call glue around the ``torch.cond``: read state, decide, and write state back.
+
+The rewritten graph calls :func:`pre_step` before the cond and :func:`post_step` after it. Both are
+composed from the pure functions in :mod:`cachedit_fx.state`; the writes (``copy_`` /
+``index_copy_`` into caller-owned tensors) happen here, outside the cond, where AOTAutograd keeps
+them as input mutations and Inductor turns them into in-place kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from .state import (ChainLayout, commit, decide, initial_values, relative_l1, slot_view, taylor_approx,
+                    taylor_update)
+
+RESETTABLE = ("calls_total", "calls", "cached_count", "run", "n_computed", "last_computed", "has_ref",
+              "acc_diff", "shared_diff", "diff_log", "gate_log", "cached_log")
+
+
+def _select(layout: ChainLayout, tensor, branch):
+    # With one branch a view is enough; with two, gather the branch on device (no host read).
+    return tensor[0] if layout.n_branches == 1 else tensor.index_select(0, branch)[0]
+
+
+def _write(tensor, branch, value):
+    tensor.index_copy_(0, branch, value.unsqueeze(0))
+
+
+def _state(layout: ChainLayout, state):
+    return dict(zip(layout.names(), state))
+
+
+def pre_step(layout: ChainLayout, fn_res, timestep, *state):
+    """Start a call: auto-reset on a new request, advance the branch's step, decide.
+
+    Returns (pred, use_cache, gate, recorded_diff, step, branch, n_valid, distance, *ladders) where
+    ``pred`` is the 0-dim bool the cond reads (all slots cached).
+    """
+    st = _state(layout, state)
+    if timestep is not None:
+        now = timestep.reshape(-1)[:1].to(torch.float64)
+        new_request = now > st["last_t"]
+        init = initial_values(layout)
+        for name in RESETTABLE:
+            fresh = torch.full_like(st[name], init[name])
+            st[name].copy_(torch.where(new_request, fresh, st[name]))
+        st["last_t"].copy_(now)
+    branch = torch.remainder(st["calls_total"], layout.n_branches)
+    st["calls_total"].add_(1)
+    calls = st["calls"].index_select(0, branch) + 1
+    st["calls"].index_copy_(0, branch, calls)
+    step = calls[0] - 1
+
+    slots = layout.slots
+    diff = relative_l1(_select(layout, st["ref"], branch), fn_res, slots)
+    if layout.diff_shared:
+        second = branch == 1
+        diff = torch.where(second, st["shared_diff"], diff)
+        st["shared_diff"].copy_(torch.where(second, st["shared_diff"], diff))
+    sel = {n: _select(layout, st[n], branch) for n in ("has_ref", "cached_count", "run", "acc_diff",
+                                                       "n_computed", "last_computed")}
+    use_cache, gate, recorded = decide(step, diff, sel["has_ref"], sel["cached_count"], sel["run"],
+                                       sel["acc_diff"], st["params"], st["mask"])
+    distance = (step - sel["last_computed"]).to(torch.float32)
+    ladders = [_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams))]
+    return (use_cache.all(), use_cache, gate, recorded, step, branch, sel["n_computed"], distance, *ladders)
+
+
+def forecast(layout: ChainLayout, passthrough, n_valid, distance, ladders):
+    """What a cached step produces for each middle output: the blocks-skipped value plus the
+    (TaylorSeer-forecast) cached residual."""
+    return [base + taylor_approx(ladder, n_valid, distance).to(base.dtype)
+            for base, ladder in zip(passthrough, ladders)]
+
+
+def post_step(layout: ChainLayout, use_cache, gate, recorded, step, branch, fn_res, outs, passthrough, *state):
+    """Finish a call: store residuals / ladders / reference for computed slots, update counters and
+    logs, and (per-sample mode) mix cached and computed slots. Returns the middle outputs."""
+    st = _state(layout, state)
+    computed = ~use_cache
+    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "n_computed", "last_computed",
+                                                       "has_ref", "acc_diff")}
+    window = (step - sel["last_computed"]).to(torch.float32)
+    ladders = [_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams))]
+    mixed = list(outs)
+    if layout.slots > 1:
+        approx = forecast(layout, passthrough, sel["n_computed"], window, ladders)
+        mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
+    for k, (out, base, ladder) in enumerate(zip(outs, passthrough, ladders)):
+        fresh = taylor_update(ladder, sel["n_computed"], (out - base).to(ladder.dtype), window)
+        _write(st[f"ladder_{k}"], branch, torch.where(slot_view(computed, fresh[0]).unsqueeze(0), fresh, ladder))
+    ref = _select(layout, st["ref"], branch)
+    _write(st["ref"], branch, torch.where(slot_view(computed, ref), fn_res.to(ref.dtype), ref))
+    for name, value in commit(use_cache, step, recorded, **sel).items():
+        _write(st[name], branch, value)
+    at = step.clamp(0, layout.capacity - 1).reshape(1)
+    for name, value in (("diff_log", recorded.float()), ("gate_log", gate), ("cached_log", use_cache)):
+        row = st[name].index_select(0, branch)[0]
+        _write(st[name], branch, row.index_copy(0, at, value.unsqueeze(0)))
+    return mixed
