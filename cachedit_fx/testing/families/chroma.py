@@ -52,7 +52,8 @@ def _text(transformer, g, n_tokens):
 def transformer_inputs(transformer, seed=0):
     g = torch.Generator().manual_seed(seed)
     side = 8
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(), indexing="ij"), -1)
+    grid = torch.arange(side).float()
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), grid, grid, indexing="ij"), -1)
     return dict(
         hidden_states=torch.randn(1, side * side, transformer.config.in_channels, generator=g),
         timestep=torch.tensor([1.0]),

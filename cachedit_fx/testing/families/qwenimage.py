@@ -18,7 +18,7 @@ def build_pipeline():
     torch.manual_seed(0)
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(tok),
+                         num_key_value_heads=2, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id,
                          rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default", type="default")),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
         vocab_size=len(tok)))

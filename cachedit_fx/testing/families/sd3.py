@@ -18,7 +18,8 @@ def _clip(vocab_size):
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import T5Config, T5EncoderModel
 
     tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()

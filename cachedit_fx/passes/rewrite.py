@@ -1,0 +1,171 @@
+"""Replace each chain's middle by an on-device decision and a ``torch.cond``.
+
+    fn_res   = H_after_Fn - H_before_Fn
+    pre      = pre_step(fn_res, timestep, *state)       # decide; pred is a 0-dim bool
+    outs     = cond(pred, cached_branch, full_branch, operands)
+    final    = post_step(..., outs, passthrough, *state) # copy_ into state, outside the cond
+
+The state tensors become extra placeholders at the end of the graph's inputs: the caller owns them
+and passes them on every call (AOTAutograd keeps the in-place writes as input mutations; the same
+layout survives torch.export / AOTInductor).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
+from ..state import ChainLayout, ChainState, StreamSpec
+from ..step import forecast, post_step, pre_step
+from .patterns import ChainInfo
+from .split import Split, passthrough_module, segment_module, split_chain
+
+
+def _contiguous(outs):
+    # Branch outputs must not alias operands or each other (Flux single blocks return slices).
+    return tuple(o.clone(memory_format=torch.contiguous_format) for o in outs)
+
+
+class FullBranch(torch.nn.Module):
+    def __init__(self, middle: GraphModule, n_inputs: int):
+        super().__init__()
+        self.middle, self.n_inputs = middle, n_inputs
+
+    def forward(self, *operands):
+        return _contiguous(self.middle(*operands[: self.n_inputs]))
+
+
+class CachedBranch(torch.nn.Module):
+    def __init__(self, layout: ChainLayout, n_inputs: int):
+        super().__init__()
+        self.layout, self.n_inputs = layout, n_inputs
+
+    def forward(self, *operands):
+        k = len(self.layout.streams)
+        rest = operands[self.n_inputs:]
+        base, (n_valid, distance), ladders = rest[:k], rest[k:k + 2], rest[k + 2:]
+        return _contiguous(forecast(self.layout, base, n_valid, distance, ladders))
+
+
+@dataclass(eq=False)
+class RewrittenChain:
+    info: ChainInfo
+    split: Split
+    layout: ChainLayout
+    state: ChainState
+    inserted: list[Node]
+
+
+def _val(node: Node) -> torch.Tensor:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def find_timestep(gm: GraphModule) -> Node | None:
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            name = n.name.lower()
+            if ("timestep" in name or name in ("l_t_", "l_kwargs_t_")) and isinstance(_val(n), torch.Tensor):
+                return n
+    return None
+
+
+def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
+                n_branches: int) -> ChainLayout:
+    def ladder(role: str) -> int:
+        if calib is None or not calib.enable_calibrator:
+            return 1
+        if role == "E" and not calib.enable_encoder_calibrator:
+            return 1
+        return calib.taylorseer_order + 1
+
+    h = _val(split.h_fn)
+    h_in = _val(split.h_in)
+    if tuple(h.shape) != tuple(h_in.shape):
+        raise ValueError(f"chain {split.info.name}: H changes shape inside Fn ({tuple(h_in.shape)} -> "
+                         f"{tuple(h.shape)}); choose Fn_compute_blocks within the first block list")
+    streams = []
+    for o in split.middle_outputs:
+        v = _val(o)
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"chain {split.info.name}: middle output {o.name} is not a tensor")
+        streams.append(StreamSpec(tuple(v.shape), v.dtype, ladder(split.output_roles[o])))
+    slots = h.shape[0] if cache.per_sample else 1
+    return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=tuple(h.shape), fn_dtype=h.dtype,
+                       streams=tuple(streams),
+                       diff_shared=n_branches == 2 and not cache.cfg_diff_compute_separate)
+
+
+def _named(fn, name):
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConfig,
+                  calib: TaylorSeerCalibratorConfig | None, n_branches: int, device=None) -> RewrittenChain:
+    split = split_chain(gm, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
+    if not split.middle_nodes or not split.middle_outputs:
+        raise ValueError(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
+    for i in split.middle_inputs:
+        if not isinstance(_val(i), torch.Tensor):
+            raise ValueError(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
+    layout = make_layout(split, cache, calib, n_branches)
+    state = ChainState(layout, cache, device=device)
+
+    full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
+    passthrough = passthrough_module(gm, split)
+    n_in = len(split.middle_inputs)
+    names = {f"cachedit_full_{idx}": FullBranch(full, n_in), f"cachedit_cached_{idx}": CachedBranch(layout, n_in),
+             f"cachedit_passthrough_{idx}": passthrough}
+    for name, mod in names.items():
+        gm.add_submodule(name, mod)
+
+    graph = gm.graph
+    first_compute = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first_compute):
+        state_nodes = [graph.placeholder(f"cachedit_state_{idx}_{n}") for n in layout.names()]
+    for node, tensor in zip(state_nodes, state.ordered()):
+        node.meta["example_value"] = tensor
+    timestep = find_timestep(gm)
+    k = len(split.middle_outputs)
+    inserted: list[Node] = []
+
+    def add(op, target, args, kwargs=None):
+        with graph.inserting_after(inserted[-1] if inserted else split.middle_nodes[-1]):
+            node = graph.create_node(op, target, args, kwargs or {})
+        inserted.append(node)
+        return node
+
+    pre_fn = _named(lambda fn_res, t, *st: pre_step(layout, fn_res, t, *st), f"cachedit_pre_step_{idx}")
+    post_fn = _named(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
+    fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
+    pt = add("call_module", f"cachedit_passthrough_{idx}", tuple(split.middle_inputs))
+    base = [add("call_function", operator.getitem, (pt, i)) for i in range(k)]
+    pre = add("call_function", pre_fn, (fn_res, timestep, *state_nodes))
+    pre_out = [add("call_function", operator.getitem, (pre, i)) for i in range(8 + k)]
+    pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_out
+    t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
+    f_attr = add("get_attr", f"cachedit_full_{idx}", ())
+    operands = (*split.middle_inputs, *base, n_valid, distance, *ladders)
+    cond = add("call_function", torch.ops.higher_order.cond, (pred, t_attr, f_attr, operands))
+    outs = [add("call_function", operator.getitem, (cond, i)) for i in range(k)]
+    post = add("call_function", post_fn, (use_cache, gate, recorded, step, branch, fn_res, outs, base,
+                                          *state_nodes))
+    final = [add("call_function", operator.getitem, (post, i)) for i in range(k)]
+    middle = set(split.middle_nodes)
+    for old, new in zip(split.middle_outputs, final):
+        old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in middle and u not in inserted)
+    for node in reversed(split.middle_nodes):
+        graph.erase_node(node)
+    return RewrittenChain(info, split, layout, state, inserted)
+
+
+def rewrite(gm: GraphModule, infos: list[ChainInfo], cache: DBCacheConfig,
+            calib: TaylorSeerCalibratorConfig | None, n_branches: int = 1, device=None) -> list[RewrittenChain]:
+    """Rewrite ``gm`` in place for every chain in ``infos``; returns what each rewrite added."""
+    chains = [rewrite_chain(gm, info, i, cache, calib, n_branches, device) for i, info in enumerate(infos)]
+    gm.graph.lint()
+    gm.recompile()
+    return chains

@@ -1,0 +1,103 @@
+"""Cut a classified chain into Fn | middle | Bn and find the carries between the segments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .patterns import BlockStreams, ChainInfo
+
+
+@dataclass(eq=False)
+class Split:
+    info: ChainInfo
+    fn: int
+    bn: int
+    fn_nodes: list[Node]
+    middle_nodes: list[Node]
+    bn_nodes: list[Node]
+    h_in: Node  # H entering the chain
+    h_fn: Node  # H leaving Fn
+    middle_inputs: list[Node]  # values defined before the middle and used in it (Fn -> middle carries included)
+    middle_outputs: list[Node]  # values defined in the middle and used after it (middle -> Bn carries)
+    output_roles: dict[Node, str]  # middle output -> "H" | "E"
+
+
+def _span(first: Node, last: Node) -> list[Node]:
+    out, n = [], first
+    while True:
+        if n.op not in ("placeholder", "get_attr", "output"):
+            out.append(n)
+        if n is last:
+            return out
+        n = n.next
+
+
+def _role_output(bs: BlockStreams, role: str) -> Node | None:
+    return next((o for o, r in bs.outputs.items() if r == role), None)
+
+
+def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int) -> Split:
+    n = info.n_blocks
+    if fn < 1 or bn < 0 or fn + bn > n:
+        raise ValueError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {info.name} of {n} "
+                         f"blocks: need 1 <= Fn, 0 <= Bn and Fn + Bn <= {n}")
+    blocks = info.blocks
+    chain_nodes = _span(blocks[0].nodes[0], blocks[-1].nodes[-1])
+    pos = {node: i for i, node in enumerate(chain_nodes)}
+    cut1 = pos[blocks[fn - 1].nodes[-1]] + 1
+    cut2 = pos[blocks[n - bn - 1].nodes[-1]] + 1
+    fn_nodes, middle, bn_nodes = chain_nodes[:cut1], chain_nodes[cut1:cut2], chain_nodes[cut2:]
+    h_in = next(i for i, r in info.streams[0].inputs.items() if r == "H")
+    h_fn = _role_output(info.streams[fn - 1], "H")
+    inside = set(middle)
+    inputs = list(dict.fromkeys(a for m in middle for a in m.all_input_nodes if a not in inside))
+    outputs = [m for m in middle if any(u not in inside for u in m.users)]
+    h_mid = _role_output(info.streams[n - bn - 1], "H") if middle else None
+    roles = {o: ("H" if o is h_mid else "E") for o in outputs}
+    return Split(info, fn, bn, fn_nodes, middle, bn_nodes, h_in, h_fn, inputs, outputs, roles)
+
+
+def segment_module(gm: GraphModule, nodes: list[Node], inputs: list[Node], outputs: list[Node]) -> GraphModule:
+    """The nodes as a standalone GraphModule taking ``inputs`` and returning ``outputs`` (a tuple)."""
+    graph = torch.fx.Graph()
+    env = {i: graph.placeholder(i.name) for i in inputs}
+    for i in inputs:
+        env[i].meta = dict(i.meta)
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs))
+    return GraphModule(gm, graph)
+
+
+def passthrough_module(gm: GraphModule, split: Split) -> GraphModule:
+    """The middle with every block replaced by identity on its streams (glue between blocks kept):
+    what a cached step produces before the cached residuals are added."""
+    owner: dict[Node, BlockStreams] = {}
+    middle = set(split.middle_nodes)
+    for bs in split.info.streams:
+        for node in bs.block.nodes:
+            if node in middle:
+                owner[node] = bs
+    graph = torch.fx.Graph()
+    env = {i: graph.placeholder(i.name) for i in split.middle_inputs}
+    for node in split.middle_nodes:
+        bs = owner.get(node)
+        if bs is None:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+        elif node in bs.continues:
+            src = bs.continues[node]
+            if src is None:
+                val = node.meta["example_value"]
+                env[node] = graph.call_function(torch.zeros, (tuple(val.shape),), {"dtype": val.dtype,
+                                                                                  "device": val.device})
+            else:
+                env[node] = env[src]
+    for out in split.middle_outputs:
+        if out not in env:
+            raise ValueError(f"{out.name}: a value computed inside a middle block is used after the middle; "
+                             "a cached step could not produce it")
+    graph.output(tuple(env[o] for o in split.middle_outputs))
+    graph.eliminate_dead_code()
+    return GraphModule(gm, graph)

@@ -1,0 +1,254 @@
+"""A deliberately simple, eager reference implementation of DESIGN.md §3 (DBCache + TaylorSeer).
+
+Written from the design text only: plain Python objects, loops and ``.item()``. It must NOT import
+``cachedit_fx.state`` or ``cachedit_fx.step`` (those are what it checks); only the config dataclasses.
+
+Semantics pinned down by the lead (refining §3):
+- step = number of calls of this branch so far - 1; branch = (calls since request start) % n_branches.
+- Gates in §3 order, first that fires wins. Mask: 1 -> compute; 0 + static -> cache; 0 + dynamic ->
+  continue; past the mask's end counts as 0. Gate 5 only when the threshold is not None and > 0.
+- diff = mean|prev - cur| / mean|prev| in float32, prev = Fn residual of the branch's last computed
+  step (per sample in per-sample mode). Non-finite diff -> compute.
+- recorded diff: -1 when gate 8 fires, the diff when gate 9 decides, NaN otherwise; the accumulated
+  diff is the sum of the positive finite recorded diffs of the branch in this request.
+- cached step: output = passthrough + forecast; computed step: new reference, new TaylorSeer ladder.
+- separate CFG with cfg_diff_compute_separate=False: branch 1 reuses branch 0's diff of the same step.
+- a call whose timestep is greater than the previous call's starts a new request.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
+
+# Gate numbers, as in DESIGN.md §3 (0 = no call logged).
+WARMUP, MASK, MAX_CACHED, MAX_CONTINUOUS, MAX_ACCUMULATED, THRESHOLD_LE0, NO_REFERENCE, THRESHOLD_GE1, \
+    DIFF_TEST = range(1, 10)
+
+NAN = float("nan")
+
+
+def relative_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
+    p, c = prev.float(), cur.float()
+    return ((p - c).abs().mean() / p.abs().mean()).item()
+
+
+class _Slot:
+    """Everything one decision slot (the whole batch, or one sample) remembers within a request."""
+
+    def __init__(self, n_streams: int):
+        self.prev = None              # Fn residual of the last computed step
+        self.last_computed = None     # step index of that step
+        self.cached = 0               # cached steps so far
+        self.run = 0                  # consecutive cached steps
+        self.acc = 0.0                # sum of positive finite recorded diffs
+        self.ladders = [[] for _ in range(n_streams)]  # per stream: [d0, d1, ...] (only valid entries)
+
+
+class _Branch:
+    def __init__(self, n_slots: int, n_streams: int):
+        self.calls = 0
+        self.slots = [_Slot(n_streams) for _ in range(n_slots)]
+        self.log = []  # one dict per step of this branch
+
+
+class Oracle:
+    """Eager reference for one block chain.
+
+    ``call(fn_res, middle_outputs_fn, passthrough, timestep)`` handles one transformer call:
+    ``fn_res`` is the Fn residual of H (batch-first), ``passthrough`` the middle's inputs per stream
+    (what a cached step adds the forecast residual to), ``middle_outputs_fn()`` computes the middle's
+    outputs per stream (called only when some slot computes). Returns (use_cache per slot, outputs).
+    """
+
+    def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None,
+                 n_branches: int = 1, per_sample: bool | None = None, n_streams: int = 1,
+                 hidden_stream: int = 0):
+        self.cfg = cache_config
+        self.calibrator = calibrator_config
+        self.n_branches = n_branches
+        self.per_sample = cache_config.per_sample if per_sample is None else per_sample
+        self.n_streams = n_streams
+        self.hidden_stream = hidden_stream
+        self.log = []  # one dict per call, across requests (request index included)
+        self.request = -1
+        self.reset()
+
+    # --------------------------------------------------------------- request-level control
+    def configure(self, cache_config: DBCacheConfig) -> None:
+        self.cfg = cache_config
+
+    def reset(self) -> None:
+        self.last_t = -math.inf
+        self._new_request()
+
+    def _new_request(self) -> None:
+        self.request += 1
+        self.calls_total = 0
+        self.branches = None  # built lazily: the number of slots is known at the first call
+        self.shared_diffs = {}  # step -> branch 0's diffs (cfg_diff_compute_separate=False)
+
+    def ladder_length(self, stream: int) -> int:
+        cal = self.calibrator
+        if cal is None or not cal.enable_calibrator:
+            return 1
+        if stream != self.hidden_stream and not cal.enable_encoder_calibrator:
+            return 1
+        return cal.taylorseer_order + 1
+
+    @property
+    def diff_shared(self) -> bool:
+        return self.n_branches == 2 and not self.cfg.cfg_diff_compute_separate
+
+    # --------------------------------------------------------------- the algorithm
+    def decide(self, step: int, slot: _Slot, diff: float) -> tuple[bool, int, float]:
+        """(use_cache, gate, recorded diff) for one slot at one step."""
+        c = self.cfg
+        if step < c.max_warmup_steps and step % c.warmup_interval == 0:
+            return False, WARMUP, NAN
+        if c.steps_computation_mask is not None:
+            mask = list(c.steps_computation_mask)
+            bit = mask[step] if step < len(mask) else 0
+            if bit == 1:
+                return False, MASK, NAN
+            if c.steps_computation_policy == "static":
+                return True, MASK, NAN
+        if c.max_cached_steps >= 0 and slot.cached >= c.max_cached_steps:
+            return False, MAX_CACHED, NAN
+        if c.max_continuous_cached_steps >= 0 and slot.run >= c.max_continuous_cached_steps:
+            return False, MAX_CONTINUOUS, NAN
+        acc_max = c.max_accumulated_residual_diff_threshold
+        if acc_max is not None and acc_max > 0 and slot.acc >= acc_max:
+            return False, MAX_ACCUMULATED, NAN
+        if c.residual_diff_threshold <= 0:
+            return False, THRESHOLD_LE0, NAN
+        if slot.prev is None:
+            return False, NO_REFERENCE, NAN
+        if c.residual_diff_threshold >= 1:
+            return True, THRESHOLD_GE1, -1.0
+        if not math.isfinite(diff):
+            return False, DIFF_TEST, diff
+        return diff < c.residual_diff_threshold, DIFF_TEST, diff
+
+    @staticmethod
+    def forecast(ladder: list, distance: int) -> torch.Tensor:
+        out = ladder[0]
+        for i in range(1, len(ladder)):
+            out = out + ladder[i] * (distance ** i / math.factorial(i))
+        return out
+
+    def _piece(self, t: torch.Tensor, s: int) -> torch.Tensor:
+        return t[s:s + 1] if self.per_sample else t
+
+    def call(self, fn_res: torch.Tensor, middle_outputs_fn: Callable[[], Sequence[torch.Tensor]],
+             passthrough: Sequence[torch.Tensor], timestep=None):
+        if timestep is not None:
+            t = float(torch.as_tensor(timestep).reshape(-1)[0].item())
+            if t > self.last_t:
+                self._new_request()
+            self.last_t = t
+        n_slots = fn_res.shape[0] if self.per_sample else 1
+        if self.branches is None:
+            self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
+        b = self.calls_total % self.n_branches
+        self.calls_total += 1
+        branch = self.branches[b]
+        step = branch.calls
+        branch.calls += 1
+
+        # diffs, then decisions (per slot)
+        if self.diff_shared and b == 1:
+            diffs = self.shared_diffs[step]
+        else:
+            diffs = [relative_l1(slot.prev, self._piece(fn_res, s)) if slot.prev is not None else NAN
+                     for s, slot in enumerate(branch.slots)]
+            if self.diff_shared:
+                self.shared_diffs[step] = diffs
+        decisions = [self.decide(step, slot, diffs[s]) for s, slot in enumerate(branch.slots)]
+        use_cache = [d[0] for d in decisions]
+
+        computed_outs = None if all(use_cache) else list(middle_outputs_fn())
+        outs = []
+        for k in range(self.n_streams):
+            pieces = []
+            for s, slot in enumerate(branch.slots):
+                base = self._piece(passthrough[k], s)
+                if use_cache[s]:
+                    pieces.append(base + self.forecast(slot.ladders[k], step - slot.last_computed).to(base.dtype))
+                else:
+                    pieces.append(self._piece(computed_outs[k], s))
+            outs.append(torch.cat(pieces) if self.per_sample else pieces[0])
+
+        # state updates
+        for s, slot in enumerate(branch.slots):
+            cached, _, recorded = decisions[s]
+            if math.isfinite(recorded) and recorded > 0:
+                slot.acc += recorded
+            if cached:
+                slot.cached += 1
+                slot.run += 1
+                continue
+            for k in range(self.n_streams):
+                residual = self._piece(computed_outs[k], s) - self._piece(passthrough[k], s)
+                old, new = slot.ladders[k], [residual]
+                for i in range(min(len(old), self.ladder_length(k) - 1)):
+                    new.append((new[i] - old[i]) / (step - slot.last_computed))
+                slot.ladders[k] = new
+            slot.prev = self._piece(fn_res, s).clone()
+            slot.last_computed = step
+            slot.run = 0
+
+        entry = dict(request=self.request, branch=b, step=step, use_cache=use_cache,
+                     gate=[d[1] for d in decisions], diff=[d[2] for d in decisions])
+        branch.log.append(entry)
+        self.log.append(entry)
+        return use_cache, outs
+
+    # --------------------------------------------------------------- views of the log
+    def branch_log(self, b: int, key: str) -> list:
+        """Per step of branch ``b`` in the current request: the list (per slot) of ``key``."""
+        return [e[key] for e in self.branches[b].log] if self.branches else []
+
+
+# ------------------------------------------------------------------- whole chains, eagerly
+
+
+def run_chain(oracle: Oracle, fn, middle, bn, h, e=None, timestep=None):
+    """One transformer call of a block chain, eagerly, with the oracle deciding.
+
+    ``fn(h, e) -> (h_F, e_F)``, ``middle(h_F, e_F) -> (h_M, e_M)``, ``bn(h_M, e_M) -> anything``
+    (``e``/``e_F``/``e_M`` may be None when the chain has no E stream). The Fn residual is taken on H
+    only; the streams are (H,) or (H, E). Returns (bn's result, use_cache per slot).
+    """
+    h_f, e_f = fn(h, e)
+    has_e = e_f is not None
+    passthrough = [h_f, e_f] if has_e else [h_f]
+
+    def middle_outputs():
+        h_m, e_m = middle(h_f, e_f)
+        return [h_m, e_m] if has_e else [h_m]
+
+    use_cache, outs = oracle.call(h_f - h, middle_outputs, passthrough, timestep)
+    return bn(outs[0], outs[1] if has_e else None), use_cache
+
+
+def chain_callables(blocks: Sequence, n_fn: int, n_bn: int, call_block):
+    """Split ``blocks`` into Fn / middle / Bn callables for :func:`run_chain`.
+
+    ``call_block(block, h, e) -> (h, e)`` adapts a block's own signature/return layout.
+    """
+    n = len(blocks)
+    if not (1 <= n_fn and 0 <= n_bn and n_fn + n_bn <= n):
+        raise ValueError(f"need 1 <= Fn ({n_fn}), 0 <= Bn ({n_bn}), Fn + Bn <= {n}")
+
+    def segment(part):
+        def run(h, e):
+            for blk in part:
+                h, e = call_block(blk, h, e)
+            return h, e
+        return run
+
+    return segment(blocks[:n_fn]), segment(blocks[n_fn:n - n_bn]), segment(blocks[n - n_bn:])

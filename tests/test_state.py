@@ -1,0 +1,523 @@
+"""The real cache state/glue (cachedit_fx.state / cachedit_fx.step) against the eager oracle.
+
+A tiny driver loop plays the role of the rewritten graph: pre_step -> (forecast | middle) -> post_step.
+Synthetic Fn residuals are a fixed tensor times a per-step multiplier, so the relative L1 diff of
+two steps is exactly |m_prev - m_cur| / |m_prev| and every gate can be hit on purpose.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from cachedit_fx import config
+from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
+from cachedit_fx.state import ChainLayout, ChainState, StreamSpec, decide, params_from_config
+from cachedit_fx.step import forecast, post_step, pre_step
+
+from oracle import Oracle, run_chain
+
+H_SHAPE = (4, 8)   # per-sample shape of H (and of the Fn residual)
+E_SHAPE = (3, 8)   # per-sample shape of E
+TOL = dict(atol=1e-6, rtol=1e-6)
+
+
+def cfg(**kw) -> DBCacheConfig:
+    base = dict(Fn_compute_blocks=1, max_warmup_steps=0, residual_diff_threshold=0.08)
+    base.update(kw)
+    return DBCacheConfig(**base)
+
+
+def order_of(calib) -> int:
+    return calib.taylorseer_order if calib is not None and calib.enable_calibrator else 0
+
+
+class Glue:
+    """Drives the real pre_step / forecast / post_step the way the rewritten graph does."""
+
+    def __init__(self, cache_config, calib=None, n_branches=1, batch=1):
+        slots = batch if cache_config.per_sample else 1
+        ladder = order_of(calib) + 1
+        self.layout = ChainLayout(
+            n_branches, slots, (batch, *H_SHAPE), torch.float32,
+            (StreamSpec((batch, *H_SHAPE), torch.float32, ladder), StreamSpec((batch, *E_SHAPE), torch.float32, ladder)),
+            diff_shared=n_branches == 2 and not cache_config.cfg_diff_compute_separate)
+        self.state = ChainState(self.layout, cache_config)
+
+    def call(self, fn_res, middle_outputs_fn, passthrough, timestep=None):
+        st = self.state.ordered()
+        pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_step(
+            self.layout, fn_res, timestep, *st)
+        if bool(pred):
+            outs = forecast(self.layout, list(passthrough), n_valid, distance, ladders)
+        else:
+            outs = list(middle_outputs_fn())
+        outs = post_step(self.layout, use_cache, gate, recorded, step, branch, fn_res, outs, list(passthrough), *st)
+        return use_cache.tolist(), outs, gate.tolist(), recorded.tolist(), int(step), int(branch)
+
+
+# ----------------------------------------------------------------------------- synthetic calls
+
+
+class Calls:
+    """Synthetic inputs for one request: per (step, branch) an Fn residual, middle inputs and outputs.
+
+    ``mults[b][t]`` is a number (all samples) or a list (one per sample) scaling a fixed Fn residual.
+    The middle residual of each stream is a cubic in the step index, so TaylorSeer has something to fit.
+    """
+
+    def __init__(self, mults, batch=1, seed=0, t0=1000.0, nan_at=(), inf_at=()):
+        g = torch.Generator().manual_seed(seed)
+        self.n_branches, self.n_steps, self.batch = len(mults), len(mults[0]), batch
+        self.mults, self.t0, self.nan_at, self.inf_at = mults, t0, set(nan_at), set(inf_at)
+        self.base = [torch.rand(batch, *H_SHAPE, generator=g) + 0.5 for _ in mults]
+        self.poly = [[torch.randn(4, batch, *shape, generator=g) for shape in (H_SHAPE, E_SHAPE)] for _ in mults]
+        self.inputs = [[[torch.randn(batch, *shape, generator=g) for shape in (H_SHAPE, E_SHAPE)]
+                        for _ in range(self.n_steps)] for _ in mults]
+        self.middle_calls = 0
+
+    def fn_res(self, t, b):
+        m = torch.tensor(self.mults[b][t], dtype=torch.float32).reshape(-1, *([1] * len(H_SHAPE)))
+        r = self.base[b] * m
+        if (t, b) in self.nan_at or t in self.nan_at:
+            r = r.clone(); r[0, 0, 0] = math.nan
+        if (t, b) in self.inf_at or t in self.inf_at:
+            r = r.clone(); r[0, 1, 1] = math.inf
+        return r
+
+    def middle(self, t, b):
+        def run():
+            self.middle_calls += 1
+            x = t / 10.0
+            return [inp + c[0] + c[1] * x + c[2] * x ** 2 + c[3] * x ** 3
+                    for inp, c in zip(self.inputs[b][t], self.poly[b])]
+        return run
+
+    def __iter__(self):
+        """(fn_res, middle_fn, passthrough, timestep) per call, branches alternating within a step."""
+        for t in range(self.n_steps):
+            for b in range(self.n_branches):
+                yield self.fn_res(t, b), self.middle(t, b), self.inputs[b][t], torch.tensor([self.t0 - t])
+
+
+def walk(n, sizes, seed, start=1.0):
+    """A random multiplier walk whose per-step relative moves are drawn from ``sizes``."""
+    rnd, m, out = random.Random(seed), start, []
+    for _ in range(n):
+        out.append(m)
+        m *= 1 + rnd.choice(sizes) * rnd.choice((-1, 1))
+    return out
+
+
+def as_str(use_cache_per_step, slot=0):
+    """'C' computed, 'r' reused (cached)."""
+    return "".join("r" if u[slot] else "C" for u in use_cache_per_step)
+
+
+def same_diff(a, b):
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+
+
+def run_both(cache_config, calls, calib=None, glue=None, oracle=None, timesteps=True):
+    """Feed the same calls to the real glue and the oracle; assert they agree call by call.
+    Returns (glue, oracle)."""
+    glue = glue or Glue(cache_config, calib, calls.n_branches, calls.batch)
+    oracle = oracle or Oracle(cache_config, calib, n_branches=calls.n_branches, n_streams=2)
+    for i, (fn_res, middle, passthrough, t) in enumerate(calls):
+        t = t if timesteps else None
+        g_use, g_outs, g_gate, g_diff, g_step, g_branch = glue.call(fn_res, middle, passthrough, t)
+        o_use, o_outs = oracle.call(fn_res, middle, passthrough, t)
+        o = oracle.log[-1]
+        where = f"call {i} (step {o['step']}, branch {o['branch']})"
+        assert (g_step, g_branch) == (o["step"], o["branch"]), where
+        assert g_use == o_use, f"{where}: use_cache glue {g_use} oracle {o_use}"
+        assert g_gate == o["gate"], f"{where}: gate glue {g_gate} oracle {o['gate']}"
+        assert all(map(same_diff, g_diff, o["diff"])), f"{where}: diff glue {g_diff} oracle {o['diff']}"
+        for g_out, o_out in zip(g_outs, o_outs):
+            torch.testing.assert_close(g_out, o_out, **TOL, msg=lambda m: f"{where}: {m}")
+    check_logs(glue, oracle)
+    return glue, oracle
+
+
+def check_logs(glue, oracle):
+    """The on-device logs (gate/cached/diff per branch and step) match the oracle's."""
+    tensors = glue.state.tensors
+    for b in range(glue.layout.n_branches):
+        n = len(oracle.branch_log(b, "gate"))
+        assert tensors["gate_log"][b, :n].tolist() == oracle.branch_log(b, "gate")
+        assert tensors["cached_log"][b, :n].tolist() == oracle.branch_log(b, "use_cache")
+        for g_row, o_row in zip(tensors["diff_log"][b, :n].tolist(), oracle.branch_log(b, "diff")):
+            assert all(map(same_diff, g_row, o_row)), (g_row, o_row)
+        assert (tensors["gate_log"][b, n:] == 0).all()
+
+
+def decisions(oracle, branch=0, slot=0):
+    return as_str(oracle.branch_log(branch, "use_cache"), slot)
+
+
+def gates(oracle, branch=0, slot=0):
+    return [g[slot] for g in oracle.branch_log(branch, "gate")]
+
+
+# ----------------------------------------------------------------------------- gates
+
+
+def test_first_step_has_no_reference_then_diff_test():
+    # m: 1, 1.05 (diff .05 < .08 cache), 1.2 (diff .2 vs step 0: compute), 1.26 (.05 cache)
+    _, o = run_both(cfg(), Calls([[1.0, 1.05, 1.2, 1.26]]))
+    assert decisions(o) == "CrCr"
+    assert gates(o) == [7, 9, 9, 9]
+    diffs = [d[0] for d in o.branch_log(0, "diff")]
+    assert math.isnan(diffs[0]) and diffs[1] == pytest.approx(0.05, rel=1e-5)
+
+
+def test_diff_reference_is_last_computed_step_not_previous_step():
+    # step 2 is 0.10 away from step 0 (last computed) but only 0.048 from step 1 (cached).
+    _, o = run_both(cfg(), Calls([[1.0, 1.05, 1.10, 1.10 * 1.05]]))
+    assert decisions(o) == "CrCr"
+    assert o.branch_log(0, "diff")[2][0] == pytest.approx(0.10, rel=1e-5)
+
+
+def test_warmup_with_interval():
+    # warmup range(0, 6, 2) -> steps 0, 2, 4 forced; 1, 3, 5 go through the diff test (tiny diffs).
+    mults = [[1.0 + 0.01 * t for t in range(8)]]
+    _, o = run_both(cfg(max_warmup_steps=6, warmup_interval=2), Calls(mults))
+    assert decisions(o) == "CrCrCrrr"
+    assert gates(o)[:6] == [1, 9, 1, 9, 1, 9]
+
+
+@pytest.mark.parametrize("policy", ["static", "dynamic"])
+def test_steps_computation_mask(policy):
+    mask = [1, 1, 0, 0, 1, 0, 0]
+    # Big diffs at steps 3 and 6 (would compute under the diff test); steps 7+ are past the mask.
+    mults = [[1.0, 1.01, 1.02, 2.0, 2.01, 2.02, 4.0, 4.01, 8.0, 8.05]]
+    _, o = run_both(cfg(steps_computation_mask=mask, steps_computation_policy=policy), Calls(mults))
+    if policy == "static":
+        assert decisions(o) == "CCrrCrrrrr"
+        assert gates(o) == [2] * 10
+    else:
+        assert decisions(o) == "CCrCCrCrCr"
+        assert gates(o) == [2, 2, 9, 9, 2, 9, 9, 9, 9, 9]
+
+
+def test_max_cached_steps():
+    _, o = run_both(cfg(max_cached_steps=2), Calls([[1.0 + 0.001 * t for t in range(6)]]))
+    assert decisions(o) == "CrrCCC"
+    assert gates(o)[3:] == [3, 3, 3]
+
+
+def test_max_continuous_cached_steps():
+    _, o = run_both(cfg(max_continuous_cached_steps=2), Calls([[1.0 + 0.001 * t for t in range(8)]]))
+    assert decisions(o) == "CrrCrrCr"
+    assert gates(o)[3] == 4 and gates(o)[6] == 4
+
+
+def test_max_accumulated_residual_diff_threshold():
+    # recorded diffs .05, .04, .03 accumulate to .12 >= .1: from step 4 on every step computes (gate 5).
+    mults = [[1.0, 1.05, 0.96, 1.03, 1.02, 1.021, 1.022]]
+    _, o = run_both(cfg(max_accumulated_residual_diff_threshold=0.1), Calls(mults))
+    assert decisions(o) == "CrrrCCC"
+    assert gates(o) == [7, 9, 9, 9, 5, 5, 5]
+    # computed steps record their diff too (and it counts): .2 at step 1 computes, then .04 + .04
+    mults = [[1.0, 1.2, 1.248, 1.152, 1.153]]
+    _, o = run_both(cfg(max_accumulated_residual_diff_threshold=0.25), Calls(mults))
+    assert decisions(o) == "CCrrC"
+    assert gates(o)[-1] == 5
+
+
+def test_max_accumulated_none_or_zero_is_off():
+    mults = [[1.0 + 0.05 * (t % 2) for t in range(6)]]
+    for acc in (None, 0.0):
+        _, o = run_both(cfg(max_accumulated_residual_diff_threshold=acc), Calls(mults))
+        assert decisions(o) == "Crrrrr"
+
+
+def test_threshold_le_zero_always_computes():
+    for thr in (0.0, -1.0):
+        _, o = run_both(cfg(residual_diff_threshold=thr), Calls([[1.0] * 5]))
+        assert decisions(o) == "CCCCC"
+        assert gates(o) == [6] * 5
+
+
+def test_threshold_ge_one_always_caches_and_records_minus_one():
+    _, o = run_both(cfg(residual_diff_threshold=1.0), Calls([[1.0, 5.0, 0.1, 9.0]]))
+    assert decisions(o) == "Crrr"
+    assert gates(o) == [7, 8, 8, 8]
+    assert [d[0] for d in o.branch_log(0, "diff")][1:] == [-1.0] * 3
+
+
+def test_threshold_ge_one_with_max_continuous_and_accumulated():
+    # -1 is not a positive diff: it never accumulates.
+    c = cfg(residual_diff_threshold=1.5, max_continuous_cached_steps=2, max_accumulated_residual_diff_threshold=0.01)
+    _, o = run_both(c, Calls([[1.0 + t for t in range(7)]]))
+    assert decisions(o) == "CrrCrrC"
+
+
+def test_non_finite_diffs_compute():
+    mults = [[1.0 + 0.001 * t for t in range(9)]]
+    # NaN at step 3 (computes; it becomes the reference, so step 4 computes too), inf at step 7.
+    _, o = run_both(cfg(), Calls(mults, nan_at=[3], inf_at=[7]))
+    assert decisions(o) == "CrrCCrrCC"
+    assert gates(o)[3] == 9 and not math.isfinite(o.branch_log(0, "diff")[3][0])
+
+
+def test_all_gates_random_sequences():
+    """Many random walks x config combinations: decisions, diffs, gates and outputs agree."""
+    combos = [
+        dict(),
+        dict(max_warmup_steps=5, warmup_interval=2, max_cached_steps=6),
+        dict(max_continuous_cached_steps=1, residual_diff_threshold=0.12),
+        dict(max_accumulated_residual_diff_threshold=0.3, max_warmup_steps=2),
+        dict(steps_computation_mask=[1, 0, 0, 1, 0, 1, 0, 0, 0, 1], steps_computation_policy="dynamic"),
+        dict(steps_computation_mask=[1, 0, 0, 1, 0, 0], steps_computation_policy="static", max_cached_steps=3),
+        dict(max_warmup_steps=3, max_continuous_cached_steps=3, max_cached_steps=9,
+             max_accumulated_residual_diff_threshold=0.5, residual_diff_threshold=0.1),
+    ]
+    for i, kw in enumerate(combos):
+        for seed in range(3):
+            mults = [walk(24, (0.01, 0.03, 0.05, 0.12), seed=100 * i + seed)]
+            run_both(cfg(**kw), Calls(mults, seed=seed, nan_at=[17] if seed == 2 else ()))
+
+
+# ----------------------------------------------------------------------------- TaylorSeer
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylorseer_forecast_matches_oracle(order):
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=order)
+    # warmup fills the ladder; then computes every 2nd-4th step with varying windows
+    c = cfg(max_warmup_steps=4, residual_diff_threshold=0.5, max_continuous_cached_steps=3)
+    mults = [walk(20, (0.01, 0.02, 0.6), seed=order)]
+    calls = Calls(mults, seed=order)
+    _, o = run_both(c, calls, calib)
+    used = decisions(o)
+    assert "rr" in used and used.count("C") >= 7
+    # with no calibrator, a cached step reuses the last computed residual (and it differs from TaylorSeer)
+    run_both(c, Calls(mults, seed=order), None)
+
+
+def test_taylorseer_order1_is_exact_on_linear_residuals():
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=1)
+    # warmup computes steps 0, 1 (so d1 exists); then C every 3rd step: CC rr C rr C r
+    c = cfg(residual_diff_threshold=1.0, max_warmup_steps=2, max_continuous_cached_steps=2)
+    calls = Calls([[1.0] * 9])
+    for p in calls.poly[0]:
+        p[2:] = 0  # residual = a + b * t / 10
+    glue = Glue(c, calib)
+    for t, (fn_res, middle, passthrough, ts) in enumerate(calls):
+        use, outs, *_ = glue.call(fn_res, middle, passthrough, ts)
+        exact = middle()
+        for got, want in zip(outs, exact):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls.middle_calls == 9 + 4  # 4 computed steps + the 9 reference evaluations above
+
+
+def test_ladder_length_one_is_plain_reuse():
+    c = cfg(residual_diff_threshold=1.0)
+    calls = Calls([[1.0] * 4])
+    glue = Glue(c, None)
+    outs = [glue.call(f, m, p, t)[1] for f, m, p, t in calls]
+    first_res = [o - p for o, p in zip(outs[0], calls.inputs[0][0])]
+    for t in (1, 2, 3):
+        for k in range(2):
+            torch.testing.assert_close(outs[t][k], calls.inputs[0][t][k] + first_res[k], **TOL)
+
+
+# ----------------------------------------------------------------------------- separate CFG
+
+
+def test_separate_cfg_branches_have_their_own_state():
+    # branch 0 barely moves (caches); branch 1 jumps every step (computes)
+    mults = [[1.0 + 0.001 * t for t in range(6)], [2.0 ** t for t in range(6)]]
+    c = cfg(enable_separate_cfg=True)
+    glue, o = run_both(c, Calls(mults, batch=2), TaylorSeerCalibratorConfig())
+    assert decisions(o, 0) == "Crrrrr"
+    assert decisions(o, 1) == "CCCCCC"
+    assert [e["branch"] for e in o.log] == [0, 1] * 6 and [e["step"] for e in o.log] == [t for t in range(6) for _ in (0, 1)]
+
+
+def test_separate_cfg_shared_diff():
+    # cfg_diff_compute_separate=False: branch 1 uses branch 0's diff of the same step, own counters.
+    mults = [[1.0 + 0.001 * t for t in range(7)], [2.0 ** t for t in range(7)]]
+    c = cfg(enable_separate_cfg=True, cfg_diff_compute_separate=False)
+    _, o = run_both(c, Calls(mults))
+    assert decisions(o, 0) == decisions(o, 1) == "Crrrrrr"
+    assert all(same_diff(a[0], b[0]) for a, b in zip(o.branch_log(0, "diff"), o.branch_log(1, "diff")))
+    # with the same diffs and the same config, branch 1's own counters give the same decisions
+    mults = [[1.0, 1.2, 1.21, 1.22, 1.5, 1.51], [1.0] * 6]
+    c = cfg(enable_separate_cfg=True, cfg_diff_compute_separate=False, max_continuous_cached_steps=1)
+    _, o = run_both(c, Calls(mults, seed=3))
+    assert decisions(o, 0) == "CCrCCr"
+    assert decisions(o, 1) == "CCrCCr"
+
+
+def test_separate_cfg_random():
+    for shared in (True, False):
+        for seed in range(3):
+            mults = [walk(16, (0.01, 0.05, 0.15), seed=seed), walk(16, (0.02, 0.04, 0.2), seed=seed + 50)]
+            c = cfg(enable_separate_cfg=True, cfg_diff_compute_separate=not shared, max_warmup_steps=2,
+                    max_continuous_cached_steps=3)
+            run_both(c, Calls(mults, seed=seed), TaylorSeerCalibratorConfig(taylorseer_order=2))
+
+
+# ----------------------------------------------------------------------------- per-sample
+
+
+def test_per_sample_decisions_are_independent():
+    # sample 0 still, sample 1 jumps at step 2, sample 2 jumps every step
+    mults = [[[1.0, 1.0, 1.0], [1.01, 1.0, 2.0], [1.02, 1.5, 4.0], [1.03, 1.51, 8.0], [1.04, 1.52, 16.0]]]
+    c = cfg(per_sample=True)
+    calls = Calls(mults, batch=3)
+    _, o = run_both(c, calls, TaylorSeerCalibratorConfig())
+    assert [decisions(o, 0, s) for s in range(3)] == ["Crrrr", "CrCrr", "CCCCC"]
+    assert calls.middle_calls == 2 * 5  # some sample computes at every step (glue + oracle)
+
+
+def test_per_sample_all_cached_uses_forecast_without_middle():
+    mults = [[[1.0, 1.0], [1.01, 1.0], [1.02, 1.01]]]
+    calls = Calls(mults, batch=2)
+    _, o = run_both(cfg(per_sample=True), calls)
+    assert [decisions(o, 0, s) for s in range(2)] == ["Crr", "Crr"]
+    assert calls.middle_calls == 2
+
+
+def test_per_sample_random_with_counters():
+    for seed in range(3):
+        mults = [list(zip(*[walk(18, (0.01, 0.04, 0.1), seed=seed * 10 + s) for s in range(3)]))]
+        c = cfg(per_sample=True, max_warmup_steps=3, warmup_interval=2, max_cached_steps=8,
+                max_continuous_cached_steps=2, max_accumulated_residual_diff_threshold=0.4)
+        run_both(c, Calls(mults, batch=3, seed=seed, nan_at=[(9, 0)] if seed else ()),
+                 TaylorSeerCalibratorConfig(taylorseer_order=2))
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def test_timestep_going_up_starts_a_new_request():
+    mults = [walk(12, (0.01, 0.05, 0.12), seed=7), walk(12, (0.02, 0.06), seed=8)]
+    c = cfg(enable_separate_cfg=True, max_cached_steps=4, max_accumulated_residual_diff_threshold=0.3)
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=2)
+    glue, o = run_both(c, Calls(mults), calib)
+    first = [(e["branch"], e["step"], e["use_cache"], e["gate"]) for e in o.log]
+    assert "r" in decisions(o, 0)
+    run_both(c, Calls(mults), calib, glue=glue, oracle=o)
+    second = [(e["branch"], e["step"], e["use_cache"], e["gate"]) for e in o.log[len(first):]]
+    assert second == first
+    assert len({e["request"] for e in o.log}) == 2
+
+
+def test_chainstate_reset_without_timesteps():
+    mults = [walk(10, (0.01, 0.05, 0.12), seed=3)]
+    c = cfg(max_cached_steps=3)
+    glue, o = run_both(c, Calls(mults), timesteps=False)
+    first = decisions(o)
+    # without a reset the second run continues the request (steps 10.., max_cached already hit)
+    glue.state.reset()
+    o.reset()
+    run_both(c, Calls(mults), glue=glue, oracle=o, timesteps=False)
+    assert decisions(o) == first
+    assert int(glue.state.tensors["calls"][0]) == 10
+
+
+def test_no_reset_without_timesteps_continues_the_request():
+    mults = [[1.0 + 0.001 * t for t in range(4)]]
+    c = cfg(max_cached_steps=3)
+    glue, o = run_both(c, Calls(mults), timesteps=False)
+    run_both(c, Calls(mults), glue=glue, oracle=o, timesteps=False)
+    assert decisions(o) == "CrrrCCCC"
+
+
+def test_configure_changes_threshold_between_requests():
+    mults = [[1.0, 1.05, 1.15, 1.2, 1.24, 1.5]]
+    c1, c2 = cfg(residual_diff_threshold=0.08), cfg(residual_diff_threshold=0.2, max_warmup_steps=2)
+    glue, o = run_both(c1, Calls(mults))
+    assert decisions(o) == "CrCrrC"
+    glue.state.configure(c2)
+    o.configure(c2)
+    run_both(c2, Calls(mults), glue=glue, oracle=o)  # timestep goes back up: new request
+    assert decisions(o) == "CCrrrC"
+
+
+# ----------------------------------------------------------------------------- the chain helper
+
+
+def test_run_chain_helper_matches_glue():
+    torch.manual_seed(0)
+    w = [torch.randn(8, 8) * 0.3 for _ in range(4)]
+    fn = lambda h, e: (torch.tanh(h @ w[0]) + h, e)
+    middle = lambda h, e: (torch.tanh(h @ w[1]) + h, e + h[:, :3] * 0.1)
+    bn = lambda h, e: (h @ w[3], e)
+    c = cfg(residual_diff_threshold=0.3, max_continuous_cached_steps=2)
+    o = Oracle(c, n_streams=2)
+    glue = Glue(c)
+    h = torch.randn(1, *H_SHAPE)
+    e = torch.randn(1, *E_SHAPE)
+    for t in range(6):
+        h_t, e_t = h * (1 + 0.02 * t), e
+        (out_o, _), use = run_chain(o, fn, middle, bn, h_t, e_t, torch.tensor([1000.0 - t]))
+        h_f, e_f = fn(h_t, e_t)
+        g_use, g_outs, *_ = glue.call(h_f - h_t, lambda: list(middle(h_f, e_f)), [h_f, e_f], torch.tensor([1000.0 - t]))
+        assert g_use == use
+        torch.testing.assert_close(bn(*g_outs)[0], out_o, **TOL)
+    assert "r" in decisions(o)
+
+
+# ----------------------------------------------------------------------------- no host sync
+
+
+def test_decide_compiles_without_graph_breaks():
+    import torch._dynamo
+
+    c = cfg(max_warmup_steps=2, max_cached_steps=5, steps_computation_mask=[1, 0, 1])
+    params, mask = params_from_config(c)
+    params, mask = torch.tensor(params, dtype=torch.float64), torch.tensor(mask, dtype=torch.int8)
+
+    def f(step, diff, has_ref, cached, run, acc, params, mask):
+        return decide(step, diff, has_ref, cached, run, acc, params, mask)
+
+    args = lambda s, d: (torch.tensor(s), torch.tensor([d], dtype=torch.float32), torch.tensor([True]),
+                         torch.tensor([1]), torch.tensor([0]), torch.tensor([0.0]), params, mask)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(*args(3, 0.01))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    for s, d in ((0, 0.01), (1, 0.01), (3, 0.01), (3, 0.5), (4, math.nan)):
+        got, want = compiled(*args(s, d)), f(*args(s, d))
+        for g, w_ in zip(got, want):
+            torch.testing.assert_close(g, w_, equal_nan=True)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(Fn_compute_blocks=0), "Fn_compute_blocks"),
+    (dict(residual_diff_threshold=math.nan), "residual_diff_threshold"),
+    (dict(steps_computation_policy="sometimes"), "steps_computation_policy"),
+    (dict(steps_computation_mask=[1, 2, 0]), "steps_computation_mask"),
+    (dict(steps_computation_mask=[]), "steps_computation_mask"),
+    (dict(steps_computation_mask=[0, 1], steps_computation_policy="static", max_warmup_steps=0),
+     "steps_computation_mask"),
+])
+def test_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DBCacheConfig(**kwargs)
+
+
+def test_calibrator_config_validation():
+    with pytest.raises(ValueError, match="taylorseer_order"):
+        TaylorSeerCalibratorConfig(taylorseer_order=0)
+
+
+def test_strify():
+    assert DBCacheConfig().strify() == "DBCache_F8B0_W8I1M0MC0_R0.08"
+    assert config.strify(DBCacheConfig()) == "DBCache_F8B0_W8I1M0MC0_R0.08"
+    assert config.strify(DBCacheConfig(), TaylorSeerCalibratorConfig()).endswith("_T1O1")
