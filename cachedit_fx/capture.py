@@ -43,3 +43,20 @@ def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.Gra
         torch.compile(module, backend=record, fullgraph=True, dynamic=False)(*args, **(kwargs or {}))
     torch._dynamo.reset()
     return graphs[0]
+
+
+def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a Dynamo graph that passes may edit, keeping what AOTAutograd reads from Dynamo
+    graphs (``meta``, parameter sources, each placeholder's ``_dynamo_source``)."""
+    graph = torch.fx.Graph()
+    val_map: dict = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, node in val_map.items():
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
+    return new

@@ -59,6 +59,7 @@ class ChainLayout:
             "params": ((len(PARAM_NAMES),), torch.float64),
             "mask": ((cap,), torch.int8),
             "last_t": ((1,), torch.float64),
+            "t_dir": ((1,), torch.float64),
             "calls_total": ((1,), torch.int64),
             "calls": ((nb,), torch.int64),
             "cached_count": ((nb, s), torch.int64),
@@ -114,7 +115,7 @@ class ChainState:
 def initial_values(layout: ChainLayout) -> dict[str, float]:
     """Values a fresh request starts from (params, mask, reference and ladders are left alone:
     their validity is carried by has_ref / n_computed)."""
-    return {"last_t": -math.inf, "calls_total": 0, "calls": 0, "cached_count": 0, "run": 0, "n_computed": 0,
+    return {"last_t": -math.inf, "t_dir": 0.0, "calls_total": 0, "calls": 0, "cached_count": 0, "run": 0, "n_computed": 0,
             "last_computed": 0, "has_ref": False, "acc_diff": 0.0, "shared_diff": math.nan,
             "diff_log": math.nan, "gate_log": 0, "cached_log": False, "ref": 0.0,
             **{f"ladder_{k}": 0.0 for k in range(len(layout.streams))}}
@@ -138,7 +139,9 @@ def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
     thr, warmup, interval, max_cached, max_cont, max_acc, has_mask, static = params.unbind(0)
     stepf = step.to(torch.float64)
     in_mask = step < mask.shape[0]
-    mask_bit = torch.where(in_mask, mask[step.clamp(0, mask.shape[0] - 1)], torch.zeros_like(mask[0])) == 1
+    # index_select, not mask[step]: indexing with a 0-dim tensor calls __index__ (a host read)
+    bit = mask.index_select(0, step.clamp(0, mask.shape[0] - 1).reshape(1)).reshape(())
+    mask_bit = torch.where(in_mask, bit, torch.zeros_like(bit)) == 1
     fired = [  # (condition, use_cache when it fires)
         ((stepf < warmup) & (torch.remainder(stepf, interval) == 0), False),
         ((has_mask > 0) & mask_bit, False),

@@ -37,13 +37,20 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
     """
     st = _state(layout, state)
     if timestep is not None:
+        # A request ends when the timestep turns back against the direction it has been moving
+        # (down for most samplers, up for Lumina2 / Mochi); equal timesteps are CFG pairs.
         now = timestep.reshape(-1)[:1].to(torch.float64)
-        new_request = now > st["last_t"]
+        last, direction = st["last_t"], st["t_dir"]
+        delta = now - last
+        new_request = (direction != 0) & (delta * direction < 0)
         init = initial_values(layout)
         for name in RESETTABLE:
             fresh = torch.full_like(st[name], init[name])
             st[name].copy_(torch.where(new_request, fresh, st[name]))
-        st["last_t"].copy_(now)
+        learn = (direction == 0) & torch.isfinite(last) & (delta != 0)
+        direction.copy_(torch.where(new_request, torch.zeros_like(direction),
+                                    torch.where(learn, torch.sign(delta), direction)))
+        last.copy_(now)
     branch = torch.remainder(st["calls_total"], layout.n_branches)
     st["calls_total"].add_(1)
     calls = st["calls"].index_select(0, branch) + 1

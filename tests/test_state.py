@@ -495,6 +495,27 @@ def test_decide_compiles_without_graph_breaks():
     torch._dynamo.reset()
 
 
+def test_glue_compiles_without_graph_breaks():
+    """pre_step + post_step (two branches, shared diff, per-sample slots) trace as one graph."""
+    import torch._dynamo
+
+    c = cfg(per_sample=True, enable_separate_cfg=True, cfg_diff_compute_separate=False, max_cached_steps=3)
+    glue = Glue(c, TaylorSeerCalibratorConfig(taylorseer_order=2), n_branches=2, batch=2)
+    layout = glue.layout
+
+    def f(fn_res, t, out_h, out_e, base_h, base_e, *state):
+        pred, use, gate, rec, step, br, n_valid, dist, *ladders = pre_step(layout, fn_res, t, *state)
+        outs = post_step(layout, use, gate, rec, step, br, fn_res, [out_h, out_e], [base_h, base_e], *state)
+        return pred, outs
+
+    args = [torch.randn(2, *H_SHAPE), torch.tensor([5.0]), torch.randn(2, *H_SHAPE), torch.randn(2, *E_SHAPE),
+            torch.randn(2, *H_SHAPE), torch.randn(2, *E_SHAPE)]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(*args, *glue.state.ordered())
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
 # ----------------------------------------------------------------------------- config
 
 

@@ -39,14 +39,16 @@ class FullBranch(torch.nn.Module):
 
 
 class CachedBranch(torch.nn.Module):
-    def __init__(self, layout: ChainLayout, n_inputs: int):
+    """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
+    passthrough from the operands rather than taking it as operands, which would alias them."""
+
+    def __init__(self, layout: ChainLayout, passthrough: GraphModule, n_inputs: int):
         super().__init__()
-        self.layout, self.n_inputs = layout, n_inputs
+        self.layout, self.passthrough, self.n_inputs = layout, passthrough, n_inputs
 
     def forward(self, *operands):
-        k = len(self.layout.streams)
-        rest = operands[self.n_inputs:]
-        base, (n_valid, distance), ladders = rest[:k], rest[k:k + 2], rest[k + 2:]
+        base = self.passthrough(*operands[: self.n_inputs])
+        n_valid, distance, *ladders = operands[self.n_inputs:]
         return _contiguous(forecast(self.layout, base, n_valid, distance, ladders))
 
 
@@ -117,7 +119,7 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
     passthrough = passthrough_module(gm, split)
     n_in = len(split.middle_inputs)
-    names = {f"cachedit_full_{idx}": FullBranch(full, n_in), f"cachedit_cached_{idx}": CachedBranch(layout, n_in),
+    names = {f"cachedit_full_{idx}": FullBranch(full, n_in), f"cachedit_cached_{idx}": CachedBranch(layout, passthrough, n_in),
              f"cachedit_passthrough_{idx}": passthrough}
     for name, mod in names.items():
         gm.add_submodule(name, mod)
@@ -128,6 +130,7 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
         state_nodes = [graph.placeholder(f"cachedit_state_{idx}_{n}") for n in layout.names()]
     for node, tensor in zip(state_nodes, state.ordered()):
         node.meta["example_value"] = tensor
+        node._dynamo_source = None  # caller-owned state, not a user input Dynamo guards on
     timestep = find_timestep(gm)
     k = len(split.middle_outputs)
     inserted: list[Node] = []
@@ -148,7 +151,7 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_out
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*split.middle_inputs, *base, n_valid, distance, *ladders)
+    operands = (*split.middle_inputs, n_valid, distance, *ladders)
     cond = add("call_function", torch.ops.higher_order.cond, (pred, t_attr, f_attr, operands))
     outs = [add("call_function", operator.getitem, (cond, i)) for i in range(k)]
     post = add("call_function", post_fn, (use_cache, gate, recorded, step, branch, fn_res, outs, base,

@@ -91,7 +91,7 @@ def denoise(transformer, family: Family | str, inputs: dict, num_steps: int = 8,
     latent and the per-call model outputs.
     """
     fam = get(family) if isinstance(family, str) else family
-    call = call or transformer
+    call = transformer if call is None else call
     x = inputs[fam.latent_arg]
     ref_t = inputs[fam.timestep_arg]
     outputs = []

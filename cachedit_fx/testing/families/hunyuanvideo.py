@@ -56,7 +56,7 @@ def build_pipeline():
 
 def pipeline_kwargs():
     return dict(prompt="a photo of a cat", prompt_template=_prompt_template(), height=32, width=32, num_frames=5,
-                guidance_scale=4.5, max_sequence_length=16, output_type="pt")
+                guidance_scale=4.5, max_sequence_length=32, output_type="pt")
 
 
 def transformer_inputs(transformer, seed=0):

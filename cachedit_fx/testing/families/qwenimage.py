@@ -38,7 +38,7 @@ def build_pipeline():
 
 
 def pipeline_kwargs():
-    return dict(prompt="a photo of a cat", negative_prompt="blurry", true_cfg_scale=4.0, height=32, width=32,
+    return dict(prompt="a photo of a cat", negative_prompt="blurry", true_cfg_scale=4.0, height=64, width=64,
                 max_sequence_length=32, output_type="pt")
 
 
