@@ -60,6 +60,7 @@ class ChainLayout:
             "mask": ((cap,), torch.int8),
             "last_t": ((1,), torch.float64),
             "t_dir": ((1,), torch.float64),
+            "branch_hint": ((1,), torch.int64),
             "calls_total": ((1,), torch.int64),
             "calls": ((nb,), torch.int64),
             "cached_count": ((nb, s), torch.int64),
@@ -115,7 +116,7 @@ class ChainState:
 def initial_values(layout: ChainLayout) -> dict[str, float]:
     """Values a fresh request starts from (params, mask, reference and ladders are left alone:
     their validity is carried by has_ref / n_computed)."""
-    return {"last_t": -math.inf, "t_dir": 0.0, "calls_total": 0, "calls": 0, "cached_count": 0, "run": 0, "n_computed": 0,
+    return {"last_t": -math.inf, "t_dir": 0.0, "branch_hint": -1, "calls_total": 0, "calls": 0, "cached_count": 0, "run": 0, "n_computed": 0,
             "last_computed": 0, "has_ref": False, "acc_diff": 0.0, "shared_diff": math.nan,
             "diff_log": math.nan, "gate_log": 0, "cached_log": False, "ref": 0.0,
             **{f"ladder_{k}": 0.0 for k in range(len(layout.streams))}}

@@ -51,7 +51,10 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
         direction.copy_(torch.where(new_request, torch.zeros_like(direction),
                                     torch.where(learn, torch.sign(delta), direction)))
         last.copy_(now)
-    branch = torch.remainder(st["calls_total"], layout.n_branches)
+    # The caller may say which CFG branch this call is (diffusers' cache_context); else alternate.
+    hint = st["branch_hint"]
+    branch = torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1),
+                         torch.remainder(st["calls_total"], layout.n_branches))
     st["calls_total"].add_(1)
     calls = st["calls"].index_select(0, branch) + 1
     st["calls"].index_copy_(0, branch, calls)

@@ -51,6 +51,18 @@ def families() -> list[Family]:
     return [get(n) for n in FAMILY_NAMES]
 
 
+def pipeline_class_name(name: str) -> str:
+    """The diffusers pipeline class a family builds, read from its module without building it."""
+    import inspect
+    import re
+
+    src = inspect.getsource(get(name).build_pipeline)
+    found = re.findall(r"\b(\w+Pipeline)\(", src)
+    if not found:
+        raise ValueError(f"zoo family {name!r}: no pipeline constructor found in build_pipeline")
+    return found[0]
+
+
 def build_pipeline(name: str):
     return get(name).build_pipeline()
 

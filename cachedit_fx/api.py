@@ -1,0 +1,210 @@
+"""One-line pipeline API with cache-dit's names: enable_cache / disable_cache / summary / reset.
+
+``enable_cache`` compiles each transformer's forward with the ``cachedit`` backend and installs it on
+the *instance* (the pipeline and transformer classes stay untouched, so two pipelines in one process
+keep separate state). Every pipeline call starts a new request (state reset).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .backend import CacheHandle, cachedit_backend, handles_for, parse_options
+from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, strify as config_strify
+
+TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+
+
+@dataclass
+class ParamsModifier:
+    """Per-transformer overrides (e.g. Wan 2.2's low-noise expert): fields of DBCacheConfig."""
+
+    cache_config: DBCacheConfig | dict | None = None
+    calibrator_config: TaylorSeerCalibratorConfig | dict | None = None
+
+
+@dataclass(eq=False)
+class _Installed:
+    module: torch.nn.Module
+    handle: CacheHandle
+    branch_of_call: list = field(default_factory=lambda: [None])
+
+
+def _transformers(obj) -> list[tuple[str | None, torch.nn.Module]]:
+    if isinstance(obj, torch.nn.Module):
+        return [(None, obj)]
+    found = [(a, getattr(obj, a)) for a in TRANSFORMER_ATTRS if isinstance(getattr(obj, a, None), torch.nn.Module)]
+    if not found:
+        raise ValueError(f"enable_cache: {type(obj).__name__} has no transformer; pass a diffusers pipeline with "
+                         f"one of {TRANSFORMER_ATTRS} or a transformer module")
+    return found
+
+
+def _uses_separate_cfg(pipe) -> bool:
+    """Pipelines whose denoising loop runs an 'uncond' transformer call of its own."""
+    try:
+        return 'cache_context("uncond"' in inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return False
+
+
+def _install(module, cache, calib, separate: bool, inner: str) -> _Installed:
+    handle = CacheHandle(cache, calib)
+    options = dict(cache_config=cache, calibrator_config=calib, inner=inner, separate_cfg=separate, handle=handle)
+    parse_options(options)  # fail now, not at the first call
+    original = module.forward
+    compiled = torch.compile(original, backend=lambda gm, ex: cachedit_backend(gm, ex, options), dynamic=False)
+    inst = _Installed(module, handle)
+
+    def forward(*args, **kwargs):
+        branch = inst.branch_of_call[0]
+        for chain in handle.chains:
+            chain.state.tensors["branch_hint"].fill_(-1 if branch is None else branch)
+        return compiled(*args, **kwargs)
+
+    if hasattr(module, "cache_context"):
+        original_context = module.cache_context
+
+        @contextlib.contextmanager
+        def cache_context(name, **kw):
+            inst.branch_of_call[0] = {"cond": 0, "uncond": 1}.get(name) if separate else None
+            if cache.cfg_compute_first and inst.branch_of_call[0] is not None:
+                inst.branch_of_call[0] = 1 - inst.branch_of_call[0]
+            try:
+                with original_context(name, **kw):
+                    yield
+            finally:
+                inst.branch_of_call[0] = None
+
+        module.cache_context = cache_context
+    module.forward = forward
+    module._cachedit = inst
+    return inst
+
+
+def enable_cache(obj, cache_config=None, calibrator_config=None, params_modifiers=None, compile: bool = True,
+                 inner: str = "inductor"):
+    """Cache ``obj`` (a diffusers pipeline or a transformer) in place and return it.
+
+    ``compile=False`` runs the rewritten graph without an inner compiler (fast start, same decisions).
+    ``params_modifiers``: a ParamsModifier, or a list with one per transformer (transformer, transformer_2).
+    """
+    cache = coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig()
+    calib = coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config")
+    if not compile:
+        inner = "eager"
+    targets = _transformers(obj)
+    modifiers = params_modifiers if isinstance(params_modifiers, (list, tuple)) else [params_modifiers] * len(targets)
+    if len(modifiers) != len(targets):
+        raise ValueError(f"params_modifiers: got {len(modifiers)} for {len(targets)} transformer(s)")
+    if getattr(obj, "_cachedit", None) is not None:
+        disable_cache(obj)
+    is_pipe = not isinstance(obj, torch.nn.Module)
+    installed = []
+    for (attr, module), mod in zip(targets, modifiers):
+        c, k = cache, calib
+        if mod is not None:
+            c = coerce(mod.cache_config, DBCacheConfig, "params_modifiers.cache_config") or cache
+            k = coerce(mod.calibrator_config, TaylorSeerCalibratorConfig, "params_modifiers.calibrator_config") or calib
+        separate = c.enable_separate_cfg
+        if separate is None:
+            separate = _uses_separate_cfg(obj) if is_pipe else False
+        installed.append(_install(module, c, k, bool(separate), inner))
+    if is_pipe:
+        _wrap_pipeline_call(obj, installed)
+    return obj
+
+
+def _wrap_pipeline_call(pipe, installed):
+    base = type(pipe)
+
+    def __call__(self, *args, **kwargs):
+        for inst in installed:
+            inst.handle.reset()
+        return base.__call__(self, *args, **kwargs)
+
+    # A per-instance subclass: the pipeline class itself is never patched.
+    pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_cachedit_base": base})
+    pipe._cachedit = installed
+
+
+def disable_cache(obj):
+    """Restore the original modules; outputs afterwards equal a never-cached run bit for bit."""
+    for _, module in _transformers(obj):
+        inst = module.__dict__.pop("_cachedit", None)
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("cache_context", None)
+        if inst is not None:
+            inst.handle.graphs.clear()
+    if not isinstance(obj, torch.nn.Module):
+        base = type(obj).__dict__.get("_cachedit_base")
+        if base is not None:
+            obj.__class__ = base
+        obj.__dict__.pop("_cachedit", None)
+    return obj
+
+
+def _handles(obj) -> list[tuple[str, CacheHandle]]:
+    out = []
+    for attr, module in _transformers(obj):
+        inst = module.__dict__.get("_cachedit")
+        hs = [inst.handle] if inst is not None else handles_for(module)
+        out.extend((attr or type(module).__name__, h) for h in hs)
+    return out
+
+
+def reset(obj) -> None:
+    """Start a new request: clear counters, references and logs (serving code driving the transformer)."""
+    for _, h in _handles(obj):
+        h.reset()
+
+
+def strify(obj) -> str:
+    from .stats import collect
+
+    parts = []
+    for _, h in _handles(obj):
+        cached = sum(s.cached_steps for s in collect(h))
+        parts.append(f"{config_strify(h.cache_config, h.calibrator_config)}_S{cached}")
+    return ",".join(parts)
+
+
+def summary(obj, details: bool = False, plot: str | None = None) -> list[dict]:
+    """Per transformer, chain and CFG branch: pattern, blocks, Fn/Bn, cached steps, diff percentiles
+    (and per-step diffs with ``details=True``). Prints a table and returns the rows."""
+    from .stats import collect, plot_diffs
+
+    rows, all_stats, threshold = [], [], None
+    for name, h in _handles(obj):
+        threshold = h.cache_config.residual_diff_threshold
+        for g in h.graphs:
+            if g.unmatched:
+                rows.append({"transformer": name, "unmatched": g.unmatched})
+        for s in collect(h):
+            all_stats.append(s)
+            row = {"transformer": name, "chain": s.chain, "pattern": s.pattern, "blocks": s.n_blocks,
+                   "Fn": s.fn, "Bn": s.bn, "branch": s.branch, "steps": s.steps, "cached_steps": s.cached_steps,
+                   "diffs": s.diff_percentiles()}
+            if details:
+                row["per_step"] = [{"diff": d, "cached": c, "gate": g} for d, c, g in zip(s.diffs, s.cached, s.gates)]
+            rows.append(row)
+    for r in rows:
+        if "unmatched" in r:
+            print(f"{r['transformer']}: uncached graph ({r['unmatched']})")
+            continue
+        p = ", ".join(f"{k}={v:.3f}" for k, v in r["diffs"].items())
+        print(f"{r['transformer']} {r['chain']} pattern {r['pattern']} F{r['Fn']}B{r['Bn']} branch {r['branch']}: "
+              f"cached {r['cached_steps']}/{r['steps']} steps; diff {p}")
+    if plot and all_stats:
+        plot_diffs(all_stats, threshold, plot)
+    return rows
+
+
+def supported_pipelines() -> list[str]:
+    """The diffusers pipelines of the offline zoo, which the test suite runs through enable_cache."""
+    from .testing import zoo
+
+    return sorted({zoo.pipeline_class_name(name) for name in zoo.FAMILY_NAMES})
