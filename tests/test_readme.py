@@ -1,0 +1,44 @@
+"""The README's used-by snippets really run (with the fast inner compilers they name)."""
+import pathlib
+import re
+
+import pytest
+import torch
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def test_readme_snippet_runs(index):
+    torch._dynamo.reset()
+    scope: dict = {}
+    exec(compile(_python_blocks()[index], f"README-snippet-{index}", "exec"), scope)
+    if "outputs" in scope:
+        assert len(scope["outputs"]) == 8
+    if "image" in scope:
+        assert torch.isfinite(scope["image"]).all()
+
+
+def test_cli_diff_json_lists_chain(capsys):
+    import json
+
+    from cachedit_fx.cli import main
+
+    assert main(["diff", "flux", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    chain = report["chains"][0]
+    assert chain["pattern"] == "1→1" and chain["n_blocks"] == 8
+    assert chain["cut"] == {"Fn": [0, 0], "middle": [1, 7], "Bn": None}
+    targets = {i["target"] for i in chain["inserted"]}
+    assert {"cond", "cachedit_pre_step_0", "cachedit_post_step_0"} <= targets
+
+
+def test_cli_diff_bad_model_exits_nonzero(capsys):
+    from cachedit_fx.cli import main
+
+    assert main(["diff", "no-such-model"]) == 2
+    assert "unknown zoo model" in capsys.readouterr().err
