@@ -31,6 +31,12 @@ class _Installed:
     module: torch.nn.Module
     handle: CacheHandle
     branch_of_call: list = field(default_factory=lambda: [None])
+    separate: bool = False
+    calls: int = 0  # transformer calls in this request (pipelines without cache_context alternate on it)
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.handle.reset()
 
 
 def _transformers(obj) -> list[tuple[str | None, torch.nn.Module]]:
@@ -43,26 +49,56 @@ def _transformers(obj) -> list[tuple[str | None, torch.nn.Module]]:
     return found
 
 
+# Pipelines whose denoising loop calls the transformer once for cond and once for uncond per step without
+# saying so through ``cache_context`` (cache-dit's list of adapters with a separate CFG), by class-name prefix.
+SEPARATE_CFG_PREFIXES = ("QwenImage", "Wan", "CogView4", "Cosmos", "SkyReelsV2", "Chroma", "Lumina2", "Kandinsky5")
+
+
 def _uses_separate_cfg(pipe) -> bool:
     """Pipelines whose denoising loop runs an 'uncond' transformer call of its own."""
+    cls = type(pipe)
+    base = cls.__dict__.get("_cachedit_base", cls)
+    if base.__name__.startswith(SEPARATE_CFG_PREFIXES):
+        return True
     try:
-        return 'cache_context("uncond"' in inspect.getsource(type(pipe).__call__)
+        return 'cache_context("uncond"' in inspect.getsource(base.__call__)
     except (OSError, TypeError):
         return False
 
 
-def _install(module, cache, calib, separate: bool, inner: str) -> _Installed:
+def _install(module, cache, calib, separate: bool, inner: str, count_calls: bool = False) -> _Installed:
     handle = CacheHandle(cache, calib)
     options = dict(cache_config=cache, calibrator_config=calib, inner=inner, separate_cfg=separate, handle=handle)
     parse_options(options)  # fail now, not at the first call
     original = module.forward
-    compiled = torch.compile(original, backend=lambda gm, ex: cachedit_backend(gm, ex, options), dynamic=False)
-    inst = _Installed(module, handle)
+    inst = _Installed(module, handle, separate=separate)
+    hint = [None]
+
+    def set_hints(chains):
+        branch = hint[0]
+        for chain in chains:
+            chain.state.tensors["branch_hint"].fill_(-1 if branch is None else branch)
+
+    def backend(gm, example_inputs):
+        # A graph compiled during this call (a new shape, e.g. the uncond call's text length) runs right
+        # after compiling: give its fresh state the current call's branch too, not the default -1.
+        before = len(handle.chains)
+        fn = cachedit_backend(gm, example_inputs, options)
+        set_hints(handle.chains[before:])
+        return fn
+
+    compiled = torch.compile(original, backend=backend, dynamic=False)
 
     def forward(*args, **kwargs):
         branch = inst.branch_of_call[0]
-        for chain in handle.chains:
-            chain.state.tensors["branch_hint"].fill_(-1 if branch is None else branch)
+        if branch is None and separate and count_calls:
+            # No cache_context (Chroma, Lumina2): cond and uncond alternate, counted here rather than
+            # per graph, since the two calls may compile to different graphs (different text lengths).
+            # Only under a pipeline, whose call resets the count; a bare transformer alternates per graph.
+            branch = inst.calls % 2
+        inst.calls += 1
+        hint[0] = branch
+        set_hints(handle.chains)
         return compiled(*args, **kwargs)
 
     if hasattr(module, "cache_context"):
@@ -112,7 +148,7 @@ def enable_cache(obj, cache_config=None, calibrator_config=None, params_modifier
         separate = c.enable_separate_cfg
         if separate is None:
             separate = _uses_separate_cfg(obj) if is_pipe else False
-        installed.append(_install(module, c, k, bool(separate), inner))
+        installed.append(_install(module, c, k, bool(separate), inner, count_calls=is_pipe))
     if is_pipe:
         _wrap_pipeline_call(obj, installed)
     return obj
@@ -123,7 +159,7 @@ def _wrap_pipeline_call(pipe, installed):
 
     def __call__(self, *args, **kwargs):
         for inst in installed:
-            inst.handle.reset()
+            inst.reset()
         return base.__call__(self, *args, **kwargs)
 
     # A per-instance subclass: the pipeline class itself is never patched.
@@ -158,6 +194,10 @@ def _handles(obj) -> list[tuple[str, CacheHandle]]:
 
 def reset(obj) -> None:
     """Start a new request: clear counters, references and logs (serving code driving the transformer)."""
+    for _, module in _transformers(obj):
+        inst = module.__dict__.get("_cachedit")
+        if inst is not None:
+            inst.calls = 0
     for _, h in _handles(obj):
         h.reset()
 

@@ -30,8 +30,23 @@ def module_path(node: torch.fx.Node) -> list[tuple[str, type | None]]:
     return out
 
 
-def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.GraphModule, list]:
-    """Run Dynamo over ``module(*args, **kwargs)`` and return the (single) graph and example inputs."""
+class CaptureError(RuntimeError):
+    """The forward cannot be captured as ONE Dynamo graph (data-dependent control flow, an op Dynamo
+    cannot trace). The cachedit backend rewrites one whole graph, so such a model is not cacheable."""
+
+
+def _user_frame(message: str) -> str:
+    """The innermost user-code location Dynamo reports (``file:line in fn`` and the line itself)."""
+    tail = message.split("from user code:")[-1]
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', tail)
+    frames = [f for f in frames if "/torch/" not in f[0]] or frames
+    if not frames:
+        return ""
+    path, line, fn, code = frames[-1]
+    return f" at {path.rsplit('/', 1)[-1]}:{line} in {fn}: `{code.strip()}`"
+
+
+def _capture_once(module, args, kwargs):
     graphs = []
 
     def record(gm, example_inputs):
@@ -39,10 +54,37 @@ def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.Gra
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(module, backend=record, fullgraph=True, dynamic=False)(*args, **(kwargs or {}))
-    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(module, backend=record, fullgraph=True, dynamic=False)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
     return graphs[0]
+
+
+def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.GraphModule, list]:
+    """Run Dynamo over ``module(*args, **kwargs)`` and return the (single) graph and example inputs.
+
+    A first failure may come from state a model builds lazily on its first call (Z-Image builds its
+    RoPE table under ``with torch.device(...)``, which Dynamo cannot enter): the module is then run
+    once eagerly and traced again. A forward that still does not fit one graph raises
+    :class:`CaptureError` naming the model and the line that breaks it.
+    """
+    kwargs = kwargs or {}
+    try:
+        return _capture_once(module, args, kwargs)
+    except torch._dynamo.exc.TorchDynamoException:
+        with torch.no_grad():
+            module(*args, **kwargs)
+    try:
+        return _capture_once(module, args, kwargs)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        message = str(e)
+        first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        raise CaptureError(
+            f"{type(module).__name__}.forward cannot be captured as one graph ({type(e).__name__}: {first})"
+            f"{_user_frame(message)}. The cachedit pass needs the whole forward in one graph; this model "
+            "is not cacheable by it.") from e
 
 
 def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

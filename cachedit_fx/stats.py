@@ -38,10 +38,12 @@ def collect(handle: CacheHandle) -> list[ChainStats]:
     out = []
     for chain in handle.chains:
         t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log")}
-        for b in range(chain.layout.n_branches):
-            steps = min(int(t["calls"][b]), chain.layout.capacity)
-            if b > 0 and steps == 0:
-                continue  # a CFG branch the pipeline never called (guidance off)
+        called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
+        for b, steps in enumerate(called):
+            if steps == 0 and (b > 0 or any(called)):
+                # A CFG branch the pipeline never called on this graph: guidance off, or the cond and
+                # uncond calls compiled to graphs of their own (different text lengths).
+                continue
             slot_cached = t["cached_log"][b, :steps]
             out.append(ChainStats(
                 chain=chain.info.name, pattern=chain.info.pattern, n_blocks=chain.info.n_blocks,

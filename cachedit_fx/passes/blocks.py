@@ -61,19 +61,33 @@ def _block_key(node: Node):
     return None
 
 
+def _node_keys(gm: GraphModule) -> dict[Node, tuple | None]:
+    """Each compute node's block key. A node with no module stack (``_enter_autocast`` / ``_exit_autocast``
+    of an ``autocast`` region inside a block, as in Z-Image) between two nodes of the same block is
+    part of that block."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    keys = {n: _block_key(n) for n in nodes}
+    last, pending = None, []
+    for n in nodes:
+        if not module_path(n):
+            pending.append(n)
+            continue
+        if keys[n] is not None and last is not None and keys[last] is not None and keys[last][:2] == keys[n][:2]:
+            for p in pending:
+                keys[p] = keys[n]
+        last, pending = n, []
+    return keys
+
+
 def find_blocks(gm: GraphModule) -> list[Block]:
     blocks: list[Block] = []
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        key = _block_key(node)
+    for node, key in _node_keys(gm).items():
         if key is None:
             continue
         path, index, cls = key
-        if blocks and (blocks[-1].list_path, blocks[-1].index) == (path, index) and blocks[-1].nodes[-1].next is node:
-            blocks[-1].nodes.append(node)
-        elif blocks and (blocks[-1].list_path, blocks[-1].index) == (path, index):
-            # The same block resumed after foreign nodes: not a clean call site.
+        if blocks and (blocks[-1].list_path, blocks[-1].index) == (path, index):
+            # Contiguous, or the same block resumed after foreign nodes (not a clean call site:
+            # find_chains drops it).
             blocks[-1].nodes.append(node)
         else:
             blocks.append(Block(path, index, cls, [node]))
@@ -112,8 +126,35 @@ def _feeds(prev: Block, nxt: Block, glue: list[Node]) -> bool:
     return any(i in derived for i in nxt.inputs)
 
 
+def _merges_foreign_stream(chain: Chain, nxt: Block, latent: Node | None, foreign: set[Node],
+                           weights: set[Node]) -> bool:
+    """At a list boundary: does ``nxt`` take an activation that does not come through the chain — the
+    latent stream entering afresh (HunyuanVideo's token refiner feeding the double blocks' E) or
+    another block list's output merged in (Lumina2 / Z-Image's context refiner joining the noise
+    refiner's stream)? Then ``nxt`` starts a new chain. Inputs that the previous block takes as
+    well (timestep embedding, rotary tables, masks, text context) are shared conditioning."""
+    prev = chain.blocks[-1]
+    stop = {n for b in chain.blocks for n in b.nodes}
+    shared = set(prev.inputs)
+    todo = [i for i in nxt.inputs if i not in shared and i not in weights]
+    seen: set[Node] = set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stop:
+            continue
+        seen.add(n)
+        if n is latent or n in foreign:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
 def find_chains(gm: GraphModule, blocks: list[Block] | None = None) -> list[Chain]:
     blocks = find_blocks(gm) if blocks is None else blocks
+    latent = latent_input(gm)
+    args = set(user_inputs(gm))
+    weights = {n for n in gm.graph.nodes if n.op == "get_attr" or (n.op == "placeholder" and n not in args)}
+    attention_lists = {b.list_path for b in blocks if b.has_attention}
     chains: list[Chain] = []
     for b in blocks:
         if not _is_contiguous(b):
@@ -121,7 +162,12 @@ def find_chains(gm: GraphModule, blocks: list[Block] | None = None) -> list[Chai
         if chains:
             last = chains[-1].blocks[-1]
             glue = _between(last, b)
-            if _feeds(last, b, glue):
+            joins = _feeds(last, b, glue)
+            if joins and last.list_path != b.list_path:
+                foreign = {n for o in blocks if o.list_path in attention_lists and o.list_path not in
+                           {c.list_path for c in chains[-1].blocks} for n in o.nodes}
+                joins = not _merges_foreign_stream(chains[-1], b, latent, foreign, weights)
+            if joins:
                 chains[-1].blocks.append(b)
                 chains[-1].glue.append(glue)
                 continue
@@ -129,10 +175,66 @@ def find_chains(gm: GraphModule, blocks: list[Block] | None = None) -> list[Chai
     return [c for c in chains if len(c.blocks) >= 2 and any(b.has_attention for b in c.blocks)]
 
 
-def user_inputs(gm: GraphModule) -> list[Node]:
-    """Placeholders that are call arguments (not lifted parameters or buffers)."""
+def _root_local(source) -> str | None:
+    while source is not None and not hasattr(source, "local_name"):
+        source = getattr(source, "base", None)
+    return getattr(source, "local_name", None)
+
+
+def _call_args(graph: torch.fx.Graph) -> list[Node]:
     out = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and "_parameters_" not in n.name and "_buffers_" not in n.name:
-            out.append(n)
+    for n in graph.nodes:
+        if n.op != "placeholder" or "_parameters_" in n.name or "_buffers_" in n.name:
+            continue
+        if _root_local(getattr(n, "_dynamo_source", None)) == "self":
+            continue  # module state that is neither a parameter nor a buffer (Z-Image's RoPE tables)
+        out.append(n)
     return out
+
+
+def user_inputs(gm: GraphModule) -> list[Node]:
+    """Placeholders that are call arguments (not lifted parameters, buffers or other module state)."""
+    return _call_args(gm.graph)
+
+
+def _value(n: Node):
+    return n.meta.get("example_value", n.meta.get("val"))
+
+
+def _widened(inp: tuple, out: tuple) -> bool:
+    """Same shape except one dimension the output holds a multiple of (learned-sigma models predict
+    mean and variance channels)."""
+    if len(inp) != len(out):
+        return False
+    diff = [(a, b) for a, b in zip(inp, out) if a != b]
+    return len(diff) == 1 and diff[0][0] > 0 and diff[0][1] % diff[0][0] == 0
+
+
+def latent_input(gm: GraphModule) -> Node | None:
+    """The transformer's latent input (``hidden_states``): a denoiser predicts in latent space, so it
+    is the call argument whose shape the graph's output has (exactly, else up to a widened channel
+    dimension). Dynamo orders placeholders by first use, not by the signature, so position alone
+    does not tell."""
+    inputs = [i for i in user_inputs(gm) if isinstance(_value(i), torch.Tensor)]
+    if not inputs:
+        return None
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = [tuple(_value(o).shape) for o in output.all_input_nodes if isinstance(_value(o), torch.Tensor)]
+    for match in (lambda a, b: a == b, _widened):
+        for i in inputs:
+            if any(match(tuple(_value(i).shape), o) for o in outs):
+                return i
+    named = [i for i in inputs if getattr(getattr(i, "_dynamo_source", None), "local_name", None) == "hidden_states"
+             or getattr(getattr(i, "_dynamo_source", None), "index", None) == "hidden_states"]
+    return (named or inputs)[0]
+
+
+def derived_from(gm: GraphModule, root: Node | None) -> set[Node]:
+    """Every node whose value depends on ``root``."""
+    if root is None:
+        return set()
+    derived = {root}
+    for n in gm.graph.nodes:
+        if any(a in derived for a in n.all_input_nodes):
+            derived.add(n)
+    return derived

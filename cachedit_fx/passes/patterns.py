@@ -1,10 +1,16 @@
 """Classify a chain from dataflow: which block inputs/outputs are the streams H and E, which output
 continues which input, and the ForwardPattern (0–5) of each block list.
 
-H is the stream that derives from the transformer's latent input (its first user input); E is the
-other stream. A block output *continues* a stream input when a path of cheap ops (add, mul, cat,
-slice, view ...) leads back to it — the residual connection. Tuple order (pattern 0 vs 1, 4 vs 5) is
-not visible in a flat graph; it is read from the block class's ``return`` statement.
+The streams of a chain are the first block's inputs that some block output *continues*: a path of
+cheap, non-scaling ops (add, cat, slice, view ...) leads from the output back to the input — the
+residual connection. (A gate multiplies the update, never the stream, so paths through ``mul`` do
+not count: Chroma's per-block modulation would look like a stream otherwise.) Streams are followed
+from block to block through the glue. H is the stream that derives from the transformer's latent
+input (:func:`~.blocks.latent_input`) and flows on to the transformer's output; the other stream is
+E. A block reads a text *context* when a 3-d input, not mixed with H, goes through a projection
+into an attention op (cross-attention K/V): pattern 2; without one, pattern 3. Tuple order
+(pattern 0 vs 1, 4 vs 5) is not visible in a flat graph; it is read from the block class's
+``return`` statement.
 """
 from __future__ import annotations
 
@@ -18,12 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from .blocks import Block, Chain, find_chains, user_inputs
+from .blocks import Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
 _CHEAP = {
-    "add", "sub", "mul", "truediv", "div", "neg", "cat", "getitem", "view", "reshape", "contiguous", "clone",
+    "add", "sub", "neg", "cat", "getitem", "view", "reshape", "contiguous", "clone",
     "to", "float", "half", "bfloat16", "type_as", "type", "permute", "transpose", "flatten", "unflatten",
-    "squeeze", "unsqueeze", "chunk", "split", "narrow", "clip", "clamp", "iadd", "imul", "add_", "mul_",
+    "squeeze", "unsqueeze", "chunk", "split", "narrow", "clip", "clamp", "iadd", "add_",
     "repeat", "expand", "masked_fill", "where", "_assert_tensor_metadata",
 }
 
@@ -91,7 +97,8 @@ def _shape(node: Node):
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def _continues(block: Block, out: Node, stream_inputs: list[Node]) -> Node | None:
+def _continues(block: Block, out: Node, streams: dict[Node, frozenset]) -> Node | None:
+    """The stream input ``out`` continues (None: ``out`` is created inside the block)."""
     inside = set(block.nodes)
     found, seen, todo = [], set(), [out]
     while todo:
@@ -99,17 +106,43 @@ def _continues(block: Block, out: Node, stream_inputs: list[Node]) -> Node | Non
         if n in seen:
             continue
         seen.add(n)
-        if n in stream_inputs:
+        if n in streams:
             found.append(n)
             continue
         if n in inside and _op_name(n) in _CHEAP:
             todo.extend(n.all_input_nodes)
     if len(found) > 1:
         found = [f for f in found if _shape(f) == _shape(out)] or found
-    if len(found) > 1:
+    if len({streams[f] for f in found}) > 1:
         raise ValueError(f"{block.name}: output {out.name} continues several streams "
                          f"({', '.join(f.name for f in found)}); cannot tell them apart")
     return found[0] if found else None
+
+
+_ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "baddbmm", "bmm")
+
+
+def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node]) -> bool:
+    """Does ``inp`` reach an attention op through a projection (an op with a weight input) without
+    mixing with H first? That is cross-attention to a read-only context (K/V from ``inp``); masks
+    reach attention without a projection, modulation vectors mix with H before any attention."""
+    inside = set(block.nodes)
+    todo = [(u, False) for u in inp.users if u in inside]
+    seen = set()
+    while todo:
+        n, projected = todo.pop()
+        if (n, projected) in seen:
+            continue
+        seen.add((n, projected))
+        projected = projected or any(a in weights for a in n.all_input_nodes)
+        if any(op in str(n.target) for op in _ATTENTION_OPS):
+            if projected:
+                return True
+            continue
+        if n in h_side:
+            continue
+        todo.extend((u, projected) for u in n.users if u in inside)
+    return False
 
 
 def _return_order(cls: type | None) -> list[str] | None:
@@ -128,17 +161,6 @@ def _return_order(cls: type | None) -> list[str] | None:
     return None
 
 
-def _latent_derived(gm: GraphModule) -> set[Node]:
-    inputs = user_inputs(gm)
-    if not inputs:
-        return set()
-    derived = {inputs[0]}
-    for n in gm.graph.nodes:
-        if any(a in derived for a in n.all_input_nodes):
-            derived.add(n)
-    return derived
-
-
 def _pattern(bs: BlockStreams) -> ForwardPattern:
     ins, outs = sorted(set(bs.inputs.values())), list(bs.outputs.values())
     created = any(src is None for src in bs.continues.values())
@@ -151,32 +173,61 @@ def _pattern(bs: BlockStreams) -> ForwardPattern:
     return ForwardPattern.H_CONTEXT_TO_H if bs.takes_context else ForwardPattern.H_TO_H
 
 
+def _reaches_output(gm: GraphModule) -> set[Node]:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    seen, todo = set(), [output]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
 def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
-    latent = _latent_derived(gm)
+    latent = derived_from(gm, latent_input(gm))
+    args = set(user_inputs(gm))
+    weights = {n for n in gm.graph.nodes if n.op == "get_attr" or (n.op == "placeholder" and n not in args)}
     blocks = chain.blocks
-    other_inputs = set().union(*(set(b.inputs) for b in blocks[1:]))
-    results: list[BlockStreams] = []
+    # 1. Follow the streams. A stream is named by the first block's input it starts from (or by the
+    #    output that creates it); origin[v] = the streams value v carries (a cat carries both).
+    later_inputs = set().union(*(set(b.inputs) for b in blocks[1:]))
+    cand = [i for i in blocks[0].inputs if i not in later_inputs and i not in weights and _shape(i) is not None]
+    origin: dict[Node, frozenset] = {i: frozenset([i]) for i in cand}
+    steps: list[tuple[dict[Node, frozenset], dict[Node, Node | None]]] = []
     for k, block in enumerate(blocks):
-        if k == 0:
-            cand = [i for i in block.inputs if i not in other_inputs and _shape(i) is not None
-                    and not (i.op == "placeholder" and ("_parameters_" in i.name or "_buffers_" in i.name))]
-            roles = {i: ("H" if i in latent else "E") for i in cand}
-            if "H" not in roles.values():
-                raise ValueError(f"{block.name}: no block input derives from the latent input")
-        else:
-            prev = results[-1]
-            origin: dict[Node, set[str]] = {o: {r} for o, r in prev.outputs.items()}
+        if k:
             for n in chain.glue[k - 1]:
-                src = set().union(*(origin.get(a, set()) for a in n.all_input_nodes))
+                src = frozenset().union(*(origin.get(a, frozenset()) for a in n.all_input_nodes))
                 if src:
                     origin[n] = src
-            roles = {i: ("H" if "H" in origin[i] else "E") for i in block.inputs if i in origin}
-        stream_inputs = list(roles)
-        continues = {o: _continues(block, o, stream_inputs) for o in block.outputs}
-        out_roles = {o: (roles[src] if src is not None else "E") for o, src in continues.items()}
-        h_dim = next((_shape(i)[-1] for i, r in roles.items() if r == "H" and _shape(i)), None)
-        context = any(i not in roles and i.op != "placeholder" and _shape(i) is not None and len(_shape(i)) == 3
-                      and _shape(i)[-1] == h_dim and i not in latent for i in block.inputs)
+        ins = {i: origin[i] for i in block.inputs if i in origin}
+        continues = {o: _continues(block, o, ins) for o in block.outputs}
+        if k == 0:  # an input no output continues is conditioning (modulation, mask), not a stream
+            ins = {i: s for i, s in ins.items() if i in set(continues.values())}
+        for o, src in continues.items():
+            origin[o] = ins[src] if src is not None else frozenset([o])
+        steps.append((ins, continues))
+    # 2. H: the latent-derived stream that flows on to the transformer's output.
+    first = [next(iter(s)) for s in steps[0][0].values()]
+    from_latent = [s for s in first if s in latent]
+    if not from_latent:
+        raise ValueError(f"{blocks[0].name}: no block input derives from the latent input")
+    if len(from_latent) > 1:  # e.g. CogVideoX: text and video tokens are both slices of one embedding
+        reaching = _reaches_output(gm)
+        last = blocks[-1].outputs
+        flows = [s for s in from_latent if any(s in origin[o] and o in reaching for o in last)]
+        # Last resort when both flow on: the larger stream (image/video tokens outnumber text tokens).
+        from_latent = flows if len(flows) == 1 else sorted(flows or from_latent, key=lambda s: -_numel(s))
+    h = from_latent[0]
+    # 3. Roles and context per block.
+    results: list[BlockStreams] = []
+    for block, (ins, continues) in zip(blocks, steps):
+        roles = {i: ("H" if h in s else "E") for i, s in ins.items()}
+        out_roles = {o: ("H" if h in origin[o] else "E") for o in continues}
+        h_side = derived_from_within(block, [i for i, r in roles.items() if r == "H"])
+        context = any(i not in roles and i not in weights and _shape(i) is not None and len(_shape(i)) == 3
+                      and _reads_context(block, i, h_side, weights) for i in block.inputs)
         results.append(BlockStreams(block, roles, out_roles, continues, context))
     if "H" not in results[-1].outputs.values():
         raise ValueError(f"{blocks[-1].name}: the last block returns no H stream")
@@ -187,6 +238,22 @@ def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
         path, n, p = info.list_patterns[-1]
         info.list_patterns[-1] = (path, n + 1, p)
     return info
+
+
+def _numel(n: Node) -> int:
+    shape = _shape(n) or ()
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def derived_from_within(block: Block, roots: list[Node]) -> set[Node]:
+    derived = set(roots)
+    for n in block.nodes:
+        if any(a in derived for a in n.all_input_nodes):
+            derived.add(n)
+    return derived
 
 
 def analyze(gm: GraphModule) -> list[ChainInfo] | Unmatched:
@@ -203,4 +270,7 @@ def analyze(gm: GraphModule) -> list[ChainInfo] | Unmatched:
             reasons.append(str(e))
     if not infos:
         return Unmatched("; ".join(reasons))
-    return sorted(infos, key=lambda i: -i.n_blocks)
+    # Longest first; between equally long chains the one nearer the output first (refiner lists that
+    # prepare a stream run before the backbone, e.g. Z-Image's noise_refiner before its layers).
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    return sorted(infos, key=lambda i: (-i.n_blocks, -order[i.blocks[0].nodes[0]]))

@@ -24,32 +24,45 @@ from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module, split_chain
 
 
-def _contiguous(outs):
-    # Branch outputs must not alias operands or each other (Flux single blocks return slices).
-    return tuple(o.clone(memory_format=torch.contiguous_format) for o in outs)
+def inline(graph: torch.fx.Graph, sub: GraphModule, args) -> list[Node]:
+    """Copy ``sub``'s nodes into ``graph`` at the current insertion point, fed by ``args``."""
+    val_map = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], args))
+    out = graph.graph_copy(sub.graph, val_map)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-class FullBranch(torch.nn.Module):
-    def __init__(self, middle: GraphModule, n_inputs: int):
-        super().__init__()
-        self.middle, self.n_inputs = middle, n_inputs
+def _branch(n_operands: int, body) -> GraphModule:
+    """A flat cond branch (no submodules, so torch.export can trace it) returning fresh tensors:
+    branch outputs must not alias operands or each other (Flux single blocks return slices)."""
+    graph = torch.fx.Graph()
+    operands = [graph.placeholder(f"operand_{i}") for i in range(n_operands)]
+    outs = body(graph, operands)
+    graph.output(tuple(graph.call_method("clone", (o,), {"memory_format": torch.contiguous_format}) for o in outs))
+    return GraphModule(torch.nn.Module(), graph)
 
-    def forward(self, *operands):
-        return _contiguous(self.middle(*operands[: self.n_inputs]))
+
+def full_branch(middle: GraphModule, n_operands: int) -> GraphModule:
+    return _branch(n_operands, lambda g, ops: inline(g, middle, ops[: len(_placeholders(middle))]))
 
 
-class CachedBranch(torch.nn.Module):
+def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_operands: int) -> GraphModule:
     """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
     passthrough from the operands rather than taking it as operands, which would alias them."""
+    n_in, k = len(_placeholders(passthrough)), len(layout.streams)
+    forecast_fn = _named(lambda base, n_valid, distance, ladders: tuple(forecast(layout, base, n_valid, distance,
+                                                                                 ladders)), "cachedit_forecast")
 
-    def __init__(self, layout: ChainLayout, passthrough: GraphModule, n_inputs: int):
-        super().__init__()
-        self.layout, self.passthrough, self.n_inputs = layout, passthrough, n_inputs
+    def body(g, ops):
+        base = inline(g, passthrough, ops[:n_in])
+        n_valid, distance, *ladders = ops[n_in:]
+        fc = g.call_function(forecast_fn, (base, n_valid, distance, ladders))
+        return [g.call_function(operator.getitem, (fc, i)) for i in range(k)]
 
-    def forward(self, *operands):
-        base = self.passthrough(*operands[: self.n_inputs])
-        n_valid, distance, *ladders = operands[self.n_inputs:]
-        return _contiguous(forecast(self.layout, base, n_valid, distance, ladders))
+    return _branch(n_operands, body)
+
+
+def _placeholders(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 @dataclass(eq=False)
@@ -118,11 +131,9 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
 
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
     passthrough = passthrough_module(gm, split)
-    n_in = len(split.middle_inputs)
-    names = {f"cachedit_full_{idx}": FullBranch(full, n_in), f"cachedit_cached_{idx}": CachedBranch(layout, passthrough, n_in),
-             f"cachedit_passthrough_{idx}": passthrough}
-    for name, mod in names.items():
-        gm.add_submodule(name, mod)
+    n_operands = len(split.middle_inputs) + 2 + len(layout.streams)
+    gm.add_submodule(f"cachedit_full_{idx}", full_branch(full, n_operands))
+    gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_operands))
 
     graph = gm.graph
     first_compute = next(n for n in graph.nodes if n.op != "placeholder")
@@ -135,8 +146,10 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     k = len(split.middle_outputs)
     inserted: list[Node] = []
 
+    after_middle = split.middle_nodes[-1].next  # everything is inserted before it, in order
+
     def add(op, target, args, kwargs=None):
-        with graph.inserting_after(inserted[-1] if inserted else split.middle_nodes[-1]):
+        with graph.inserting_before(after_middle):
             node = graph.create_node(op, target, args, kwargs or {})
         inserted.append(node)
         return node
@@ -144,8 +157,12 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     pre_fn = _named(lambda fn_res, t, *st: pre_step(layout, fn_res, t, *st), f"cachedit_pre_step_{idx}")
     post_fn = _named(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
-    pt = add("call_module", f"cachedit_passthrough_{idx}", tuple(split.middle_inputs))
-    base = [add("call_function", operator.getitem, (pt, i)) for i in range(k)]
+    with graph.inserting_before(after_middle):
+        base = inline(graph, passthrough, split.middle_inputs)
+    node = fn_res.next
+    while node is not after_middle:
+        inserted.append(node)
+        node = node.next
     pre = add("call_function", pre_fn, (fn_res, timestep, *state_nodes))
     pre_out = [add("call_function", operator.getitem, (pre, i)) for i in range(8 + k)]
     pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_out
