@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,25 @@ def _uses_separate_cfg(pipe) -> bool:
         return False
 
 
+def _own_code(method):
+    """``method`` rebound on a private copy of its function's code object.
+
+    Dynamo keeps compiled entries, and counts ``recompile_limit`` (8), per code object. The code compiled
+    here is shared by every transformer of a class, and by all diffusers transformers whose forward is
+    wrapped by its peft ``apply_lora_scale`` decorator; compiling it directly made the 9th enable_cache in
+    a process hit the limit and silently run eager (uncached, no warning). A private copy gives each
+    install its own entries, freed with it.
+    """
+    if not isinstance(method, types.MethodType) or not isinstance(method.__func__, types.FunctionType):
+        return method
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__dict__.update(f.__dict__)
+    g.__qualname__, g.__module__, g.__doc__ = f.__qualname__, f.__module__, f.__doc__
+    return types.MethodType(g, method.__self__)
+
+
 def _install(module, cache, calib, separate: bool, inner: str, count_calls: bool = False) -> _Installed:
     handle = CacheHandle(cache, calib)
     options = dict(cache_config=cache, calibrator_config=calib, inner=inner, separate_cfg=separate, handle=handle)
@@ -87,7 +107,7 @@ def _install(module, cache, calib, separate: bool, inner: str, count_calls: bool
         set_hints(handle.chains[before:])
         return fn
 
-    compiled = torch.compile(original, backend=backend, dynamic=False)
+    compiled = torch.compile(_own_code(original), backend=backend, dynamic=False)
 
     def forward(*args, **kwargs):
         branch = inst.branch_of_call[0]

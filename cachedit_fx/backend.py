@@ -134,7 +134,9 @@ def _is_static(example_inputs) -> bool:
 
 def _fallback(gm, example_inputs, opts, reason: str):
     warnings.warn(f"cachedit: caching disabled for this graph, compiling it uncached: {reason}", stacklevel=3)
-    opts["handle"].graphs.append(CompiledGraph([], frozenset(), unmatched=reason))
+    # Record the parameters too, so handles_for(module) / summary() find the uncached graph and its reason.
+    ptrs = frozenset(x.data_ptr() for x in example_inputs if isinstance(x, torch.Tensor))
+    opts["handle"].graphs.append(CompiledGraph([], ptrs, unmatched=reason))
     compiled = inner_compile(gm, example_inputs, opts["inner"], opts["inner_options"])
 
     def run(*args):

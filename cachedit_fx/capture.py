@@ -73,18 +73,24 @@ def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.Gra
     kwargs = kwargs or {}
     try:
         return _capture_once(module, args, kwargs)
-    except torch._dynamo.exc.TorchDynamoException:
+    except torch._dynamo.exc.Unsupported:
         with torch.no_grad():
             module(*args, **kwargs)
-    try:
-        return _capture_once(module, args, kwargs)
-    except torch._dynamo.exc.TorchDynamoException as e:
-        message = str(e)
-        first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-        raise CaptureError(
-            f"{type(module).__name__}.forward cannot be captured as one graph ({type(e).__name__}: {first})"
-            f"{_user_frame(message)}. The cachedit pass needs the whole forward in one graph; this model "
-            "is not cacheable by it.") from e
+        try:
+            return _capture_once(module, args, kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise _capture_error(module, e) from e
+    except torch._dynamo.exc.TorchDynamoException as e:  # data-dependent (UserError): a rerun cannot help
+        raise _capture_error(module, e) from e
+
+
+def _capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
+    message = str(e)
+    first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+    return CaptureError(
+        f"{type(module).__name__}.forward cannot be captured as one graph ({type(e).__name__}: {first})"
+        f"{_user_frame(message)}. The cachedit pass needs the whole forward in one graph; this model "
+        "is not cacheable by it.")
 
 
 def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -1,8 +1,10 @@
-"""``cachedit-fx`` command line: demo | diff."""
+"""``cachedit-fx`` command line: demo | diff | trace | metrics."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 
@@ -62,17 +64,32 @@ def demo(args) -> int:
     return 0 if n_cached > 0 else 1
 
 
-def diff(args) -> int:
-    from cachedit_fx.diff import describe, load_model, render_text
+# ----------------------------------------------------------------------------- diff
 
-    try:
-        transformer, inputs = load_model(args.model)
-        report = describe(transformer, inputs, fn=args.fn, bn=args.bn)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"cachedit-fx diff: {e}", file=sys.stderr)
-        return 2
-    if args.format == "json":
+DIFF_FORMATS = ("text", "json", "dot", "png", "svg")
+
+
+def diff(args) -> int:
+    from cachedit_fx.diff import describe, load_model, render_dot, render_figure, render_text
+
+    fmt = args.format
+    if fmt is None:
+        ext = os.path.splitext(args.out or "")[1].lstrip(".").lower()
+        fmt = ext if ext in DIFF_FORMATS else "text"
+    if fmt in ("png", "svg") and args.out and os.path.splitext(args.out)[1].lower() not in ("", f".{fmt}"):
+        raise ValueError(f"--out {args.out} does not end in .{fmt}")
+    _check_out_dir(args.out)
+    model = load_model(args.model, args.config)
+    report = describe(model.transformer, model.inputs, fn=args.fn, bn=args.bn, separate_cfg=args.separate_cfg)
+    if fmt in ("png", "svg"):
+        out = args.out or f"cachedit_diff_{_safe(args.model)}.{fmt}"
+        render_figure(report, out, fmt, title=model.label)
+        print(f"wrote {out}")
+        return 0
+    if fmt == "json":
         text = json.dumps(report, indent=2)
+    elif fmt == "dot":
+        text = render_dot(report, title=model.label)
     else:
         text = render_text(report)
     if args.out:
@@ -83,10 +100,167 @@ def diff(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cachedit-fx", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run a tiny Flux uncached and cached; print speedup, cached steps, PSNR")
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(name))).strip("_") or "model"
+
+
+def _check_out_dir(path: str | None) -> None:
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"output folder does not exist: {folder}")
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+def trace(args) -> int:
+    import warnings
+
+    import torch
+
+    from cachedit_fx.backend import CacheHandle
+    from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
+    from cachedit_fx.diff import load_model
+    from cachedit_fx.stats import collect, plot_diffs
+    from cachedit_fx.testing import zoo
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    cache = DBCacheConfig(Fn_compute_blocks=args.fn, Bn_compute_blocks=args.bn,
+                          residual_diff_threshold=args.threshold, max_warmup_steps=args.warmup)
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=args.taylorseer) if args.taylorseer else None
+    if args.plot:
+        _check_out_dir(args.plot)
+    model = load_model(args.model, args.config)
+    fam = model.family
+    uncond = None
+    if fam.separate_cfg and fam.uncond_inputs is not None and not args.no_cfg:
+        uncond = fam.uncond_inputs(model.transformer, 0)
+    handle = CacheHandle(cache, calib)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.transformer, backend="cachedit", dynamic=False, options={
+        "cache_config": cache, "calibrator_config": calib, "inner": "eager", "handle": handle,
+        "separate_cfg": uncond is not None})
+    timesteps: list[float] = []
+
+    def call(**kwargs):
+        t = kwargs.get(fam.timestep_arg)
+        timesteps.append(float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else math.nan)
+        return compiled(**kwargs)
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="cachedit: caching disabled")
+        zoo.denoise(model.transformer, fam, model.inputs, num_steps=args.steps, uncond=uncond, call=call)
+    elapsed = time.perf_counter() - t0
+    torch._dynamo.reset()
+    stats = collect(handle)
+    uncached = [g.unmatched for g in handle.graphs if g.unmatched]
+    if not stats:
+        reason = "; ".join(dict.fromkeys(uncached)) or "no graph was compiled"
+        raise _NothingCached(f"nothing cached for {args.model}: {reason}")
+    calls_per_step = 2 if uncond is not None else 1
+    names = {0: "cond", 1: "uncond"} if uncond is not None else {0: "-"}
+    thr = cache.residual_diff_threshold
+    chains = []
+    for s in stats:
+        rows = []
+        for i in range(s.steps):
+            d = s.diffs[i]
+            k = i * calls_per_step + s.branch
+            rows.append({"step": i, "branch": names.get(s.branch, str(s.branch)),
+                         "timestep": timesteps[k] if k < len(timesteps) else None,
+                         "diff": d if math.isfinite(d) and d >= 0 else None, "threshold": thr,
+                         "gate": s.gates[i], "cached": bool(s.cached[i])})
+        chains.append({"chain": s.chain, "pattern": s.pattern, "n_blocks": s.n_blocks, "Fn": s.fn, "Bn": s.bn,
+                       "branch": names.get(s.branch, str(s.branch)), "steps": s.steps,
+                       "cached_steps": s.cached_steps, "rows": rows})
+    plot = None
+    if args.plot:
+        plot = plot_diffs(stats, thr, args.plot)
+    if args.format == "json":
+        print(json.dumps({"model": args.model, "config": cache.strify(), "seconds": round(elapsed, 3),
+                          "uncached_graphs": uncached, "chains": chains, "plot": plot}, indent=2))
+        return 0
+    print(f"trace {model.label}: {cache.strify()}{'_' + calib.strify() if calib else ''}, {args.steps} steps"
+          f"{', separate CFG (cond + uncond calls)' if uncond is not None else ''}, inner eager, {elapsed:.2f}s")
+    for reason in dict.fromkeys(uncached):
+        print(f"note: a graph compiled uncached: {reason}")
+    seen = set()
+    for c in chains:
+        if c["chain"] not in seen:
+            seen.add(c["chain"])
+            print(f"chain {c['chain']}  pattern {c['pattern']}  {c['n_blocks']} blocks  "
+                  f"Fn {c['Fn']} | middle | Bn {c['Bn']}")
+    header = f"{'step':>4}  {'branch':<6}  {'timestep':>9}  {'diff':>8}  {'threshold':>9}  {'gate':<27}  cached"
+    print(header)
+    print("-" * len(header))
+    rows = sorted(((r, c) for c in chains for r in c["rows"]), key=lambda rc: (rc[0]["step"], rc[1]["chain"]))
+    for r, c in rows:
+        ts = "-" if r["timestep"] is None or not math.isfinite(r["timestep"]) else f"{r['timestep']:.4g}"
+        diff_s = "-" if r["diff"] is None else f"{r['diff']:.4f}"
+        print(f"{r['step']:>4}  {r['branch']:<6}  {ts:>9}  {diff_s:>8}  {r['threshold']:>9.4g}  {r['gate']:<27}  "
+              f"{'yes' if r['cached'] else 'no'}")
+    for c in chains:
+        label = "" if c["branch"] == "-" else f" ({c['branch']})"
+        print(f"cached {c['cached_steps']}/{c['steps']} steps{label}")
+    if plot:
+        print(f"wrote {plot}")
+    return 0
+
+
+class _NothingCached(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def metrics(args) -> int:
+    from cachedit_fx import metrics as m
+
+    result = m.compute(args.metric, args.ref, args.test, ssim_gaussian=args.ssim_gaussian,
+                       lpips_net=args.lpips_net, clip_model=args.clip_model)
+    m.print_notes(result)
+    if args.json:
+        print(json.dumps({"metric": result.metric, "mean": result.mean, "n": len(result.values),
+                          "values": result.values}, indent=2))
+    else:
+        print(m.render(result, per_pair=True if args.per_pair else None))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser and errors
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr (exit 2)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+MODEL_HELP = ("a zoo model name (flux, wan, ...: see cachedit_fx.testing.zoo.FAMILY_NAMES), package.module:Class "
+              "with --config cfg.json (random weights), or a local diffusers model folder (config.json with "
+              "_class_name; loaded with from_pretrained, no network)")
+CONFIG_HELP = ("a diffusers-style config JSON for a package.module:Class MODEL; example inputs come from the zoo "
+               "family with that transformer class")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cachedit_fx.metrics import LPIPS_BACKBONES, METRICS, DEFAULT_CLIP_MODEL, video_support
+
+    parser = _Parser(prog="cachedit-fx", description=__doc__,
+                     epilog="Errors print one line on stderr; set CACHEDIT_FX_TRACEBACK=1 for the traceback of an "
+                            "unexpected one.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,trace,metrics}")
+    p = sub.add_parser("demo", help="run a tiny Flux uncached and cached; print speedup, cached steps, PSNR",
+                       description="Run a tiny random Flux (built offline) uncached and cached; print the speedup, "
+                                   "cached steps and PSNR, and write a side-by-side image.")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--size", type=int, default=128, help="image side in pixels (multiple of 16)")
     p.add_argument("--threshold", type=float, default=0.8)
@@ -95,15 +269,124 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="cachedit_demo.png")
     p.set_defaults(func=demo)
-    p = sub.add_parser("diff", help="show what the passes do to a model's graph")
-    p.add_argument("model", help="a zoo model name (e.g. flux, wan)")
-    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks")
-    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--out")
+
+    p = sub.add_parser(
+        "diff", help="show what the passes do to a model's graph (text, json, dot, png, svg)",
+        description="Show what the passes do to a model's graph: the chain found, its pattern, the Fn | middle | Bn "
+                    "cut, the carried tensors, the inserted nodes (pre_step, cond, post_step) and the state. "
+                    "png/svg are drawn with matplotlib; dot emits Graphviz text (render with `dot -Tpng`, "
+                    "graphviz is not needed to emit it). Unmatched models print the reason and exit 0.")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
+    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
+    p.add_argument("--separate-cfg", action="store_true", help="state for two CFG branches")
+    p.add_argument("--format", choices=DIFF_FORMATS, default=None,
+                   help="default: from --out's extension, else text")
+    p.add_argument("--out", help="write to this file (png/svg default: cachedit_diff_MODEL.FORMAT)")
     p.set_defaults(func=diff)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+    p = sub.add_parser(
+        "trace", help="run a tiny cached denoising loop and print the per-step decision table",
+        description="Run a hand-written Euler loop (zoo.denoise) over MODEL's transformer compiled with "
+                    "backend='cachedit' (inner eager) and print, per step: diff of the Fn residual, threshold, "
+                    "the gate that settled the step and whether the middle was cached; write the diff plot. "
+                    "Separate-CFG families call the transformer twice per step (cond, uncond).")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
+    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
+    p.add_argument("--threshold", type=float, default=0.08, help="residual_diff_threshold (default 0.08)")
+    p.add_argument("--warmup", type=int, default=2, help="max_warmup_steps (default 2)")
+    p.add_argument("--taylorseer", type=int, default=0, metavar="ORDER",
+                   help="TaylorSeer order (default 0: off)")
+    p.add_argument("--no-cfg", action="store_true", help="separate-CFG families: call cond only")
+    p.add_argument("--plot", default="trace.png", help="diff plot PNG (default trace.png; '' for none)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=trace)
+
+    p = sub.add_parser(
+        "metrics", help="PSNR / SSIM / MSE / LPIPS / CLIP score between images, folders or videos",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Compare REF and TEST: image files, video files (every frame) or folders of images / videos.\n"
+            "Two folders pair files by name; otherwise frames pair by index (a folder of images is a sequence\n"
+            "of frames in natural order). Frames are read as 8-bit RGB and converted to float64 before any\n"
+            "arithmetic; PSNR/MSE use the 0..255 scale (PSNR prints inf for identical frames). The summary\n"
+            "is the mean over pairs.\n"
+            f"{video_support()}\n"
+            "psnr, ssim, mse: scikit-image (ssim: 7x7 uniform window; --ssim-gaussian: 11x11 Gaussian, sigma 1.5).\n"
+            "lpips: the `lpips` package or torchmetrics, with the torchvision backbone weights already in the\n"
+            "torch hub cache (TORCH_HOME); nothing is downloaded.\n"
+            f"clip_score: 100 * max(cos, 0) of CLIP embeddings, with a CLIP model available locally\n"
+            f"(--clip-model, default {DEFAULT_CLIP_MODEL} from the Hugging Face cache); REF may be a .txt file of\n"
+            "prompts (one, or one per test frame) for the text-image score; otherwise image-image.\n"
+            "Exit codes: 0 ok, 2 bad input, 3 metric unavailable here (the line says how to provide it)."))
+    p.add_argument("metric", choices=METRICS)
+    p.add_argument("ref", help="reference: image, video, folder (or a prompts .txt for clip_score)")
+    p.add_argument("test", help="test: image, video or folder")
+    p.add_argument("--json", action="store_true", help="print a JSON object (mean, per-pair values)")
+    p.add_argument("--per-pair", action="store_true", help="print every pair's value, even for a single pair")
+    p.add_argument("--ssim-gaussian", action="store_true", help="SSIM with Wang et al.'s Gaussian window")
+    p.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default="alex")
+    p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="local folder or Hugging Face cache id")
+    p.set_defaults(func=metrics)
+    return parser
+
+
+def _root_error(e: BaseException) -> BaseException:
+    """The user-facing cause of an error wrapped by Dynamo (BackendCompilerFailed) or re-raised."""
+    seen = set()
+    cur = e
+    while id(cur) not in seen:
+        seen.add(id(cur))
+        inner = getattr(cur, "inner_exception", None) or cur.__cause__
+        if inner is None:
+            break
+        cur = inner
+    return cur
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) and text.startswith("'"):
+        text = text.strip("'")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first
+
+
+def main(argv=None) -> int:
+    from cachedit_fx.metrics import MetricError, MetricUnavailable
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    prog = f"cachedit-fx {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure is one line on stderr, no traceback
+        if os.environ.get("CACHEDIT_FX_TRACEBACK"):
+            raise
+        root = _root_error(e)
+        if isinstance(root, MetricUnavailable):
+            print(f"{prog}: {_one_line(root)}", file=sys.stderr)
+            return 3
+        if isinstance(root, _NothingCached):
+            print(f"{prog}: {_one_line(root)}", file=sys.stderr)
+            return 1
+        if isinstance(root, (MetricError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+                             IsADirectoryError, PermissionError)):
+            print(f"{prog}: {_one_line(root)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: error: {type(root).__name__}: {_one_line(root)} "
+              f"(set CACHEDIT_FX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

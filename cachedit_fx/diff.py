@@ -136,7 +136,7 @@ def load_model(spec: str, config: str | None = None, seed: int = 0) -> LoadedMod
         if family is None:
             raise _no_inputs(cls)
         try:
-            model = cls.from_pretrained(spec, local_files_only=True)
+            model = cls.from_pretrained(spec, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError, EnvironmentError) as e:
             raise ValueError(f"model folder {spec}: {name}.from_pretrained failed: {str(e).splitlines()[0]}") from None
         label = f"{name} from {spec}"
@@ -283,7 +283,7 @@ def _block_labels(chain: dict) -> list[str]:
 
 
 def _q(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + text.replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _fmt_bytes(n: int) -> str:
@@ -296,6 +296,10 @@ def _fmt_bytes(n: int) -> str:
 
 def _carries(chain: dict, key: str) -> str:
     return ", ".join(f"{v['role']} {'x'.join(map(str, v['shape']))}" for v in chain[key]) or "-"
+
+
+_PRE = "pre_step: diff = rel-L1(Fn residual vs ref)\ngates: warmup, mask, limits, diff < threshold"
+_CACHED = "cached branch: passthrough glue\n+ cached / forecast middle residual"
 
 
 def render_dot(report: dict, title: str = "") -> str:
@@ -327,16 +331,14 @@ def render_dot(report: dict, title: str = "") -> str:
                    ' color="#2ca02c";')
         out += [block(i, "#c7e9c0") for i in range(0, fn_end + 1)]
         out.append("  }")
-        out.append(f"  {p}pre [label={_q('pre_step: diff = rel-L1(Fn residual vs ref)\\ngates: warmup, mask, limits, diff < threshold')},"
-                   ' fillcolor="#fff7bc"];')
+        out.append(f"  {p}pre [label={_q(_PRE)}, fillcolor=\"#fff7bc\"];")
         out.append(f"  {p}cond [label={_q('torch.cond(use_cache)')}, shape=diamond, fillcolor=\"#fee391\"];")
         text = _q(f"middle: blocks {mid[0]}..{mid[1]} (full branch)")
         out.append(f"  subgraph cluster_{p}mid {{ label={text};"
                    ' color="#ff7f0e";')
         out += [block(i, "#fdd0a2") for i in range(mid[0], mid[1] + 1)]
         out.append("  }")
-        out.append(f"  {p}cached [label={_q('cached branch: passthrough glue\\n+ cached / forecast middle residual')},"
-                   ' fillcolor="#dadaeb"];')
+        out.append(f"  {p}cached [label={_q(_CACHED)}, fillcolor=\"#dadaeb\"];")
         out.append(f"  {p}post [label={_q('post_step: update ref, ladders, counters, logs')}, fillcolor=\"#fff7bc\"];")
         if bn:
             text = _q(f"Bn: blocks {bn[0]}..{bn[1]} (always run)")
@@ -417,9 +419,10 @@ def render_figure(report: dict, path: str, fmt: str | None = None, title: str = 
                 slots += _shown(list(range(cut[seg][0], cut[seg][1] + 1)), keep)
 
     w, gap = 1.0, 0.35
-    x0 = 1.6
-    xs = [x0 + k * (w + gap) for k in range(len(slots))]
-    width = xs[-1] + w + 1.8
+    chain_width = 1.6 + len(slots) * (w + gap) - gap + 1.8
+    width = max(chain_width, 14.5)
+    off = (width - chain_width) / 2
+    xs = [off + 1.6 + k * (w + gap) for k in range(len(slots))]
     fig_w = min(max(9.0, width * 0.62), 30.0)
     fig, ax = plt.subplots(figsize=(fig_w, 5.6))
     ax.set_xlim(-0.2, width + 0.2)
@@ -439,16 +442,15 @@ def render_figure(report: dict, path: str, fmt: str | None = None, title: str = 
         if text:
             ax.text((p[0] + q[0]) / 2, (p[1] + q[1]) / 2 + 0.08, text, fontsize=7, ha="center", color=color)
 
-    box(0.0, y, 1.2, h, "inputs", "io", fontsize=8)
-    arrow((1.2, y + h / 2), (xs[0], y + h / 2))
+    box(off, y, 1.2, h, "inputs", "io", fontsize=8)
+    arrow((off + 1.2, y + h / 2), (xs[0], y + h / 2))
     for k, (x, i) in enumerate(zip(xs, slots)):
         if i is None:
             ax.text(x + w / 2, y + h / 2, "…", ha="center", va="center", fontsize=14)
         else:
             seg = seg_of[i]
-            short = names[i].rsplit(".", 1)
-            label = f"{i}\n{short[0][:14]}\n.{short[1]}" if len(short) == 2 else f"{i}\n{names[i][:14]}"
-            box(x, y, w, h, label, seg, fontsize=6, hatch="//" if seg == "middle" else None)
+            local = names[i].rsplit(".", 1)[-1]
+            box(x, y, w, h, f"{i}\n[{local}]", seg, fontsize=7, hatch="//" if seg == "middle" else None)
         if k + 1 < len(xs):
             arrow((x + w, y + h / 2), (xs[k + 1], y + h / 2), color="#999999")
     box(xs[-1] + w + gap, y, 1.2, h, "output", "io", fontsize=8)
@@ -459,16 +461,16 @@ def render_figure(report: dict, path: str, fmt: str | None = None, title: str = 
         return (xs[ks[0]], xs[ks[-1]] + w) if ks else None
 
     # segment brackets and the cut lines
-    for seg, text in (("Fn", "Fn (always run)"), ("middle", "middle (skipped on cached steps)"),
-                      ("Bn", "Bn (always run)")):
+    for seg, note in (("Fn", "always run"), ("middle", "skipped on cached steps"), ("Bn", "always run")):
         sp = span(seg)
         if sp is None:
             continue
         edge = _COLORS[seg][1]
         rng = cut[seg]
         ax.plot([sp[0], sp[0], sp[1], sp[1]], [y + h + 0.15, y + h + 0.3, y + h + 0.3, y + h + 0.15], color=edge)
-        ax.text((sp[0] + sp[1]) / 2, y + h + 0.4, f"{text}\nblocks {rng[0]}..{rng[1]}", ha="center",
-                fontsize=8, color=edge, weight="bold")
+        narrow = sp[1] - sp[0] < 3.0
+        text = f"{seg}\n{rng[0]}..{rng[1]}" if narrow else f"{seg}: blocks {rng[0]}..{rng[1]}\n({note})"
+        ax.text((sp[0] + sp[1]) / 2, y + h + 0.4, text, ha="center", fontsize=8, color=edge, weight="bold")
     for seg in ("middle", "Bn"):
         sp = span(seg)
         if sp is not None:
@@ -487,8 +489,7 @@ def render_figure(report: dict, path: str, fmt: str | None = None, title: str = 
     mid = span("middle")
     fn_sp = span("Fn")
     bn_sp = span("Bn")
-    mx = (mid[0] + mid[1]) / 2
-    pre_x, post_x = fn_sp[1] - 0.4, (bn_sp[0] if bn_sp else xs[-1] + w + gap) - 0.6
+    pre_x, mx, post_x = width * 0.22, width * 0.5, width * 0.78
     by = -1.25
     box(pre_x - 0.9, by - 0.35, 1.8, 0.7, "pre_step\ndiff = relL1(Fn residual)\nfirst gate that fires", "glue",
         fontsize=6)
@@ -498,15 +499,17 @@ def render_figure(report: dict, path: str, fmt: str | None = None, title: str = 
                          facecolor="#fee391", edgecolor="#b8860b"))
     ax.text(mx, by, "torch.cond\n(use_cache)", ha="center", va="center", fontsize=6)
     arrow((pre_x + 0.9, by), (mx - dx, by))
-    arrow((mx, by + dy), ((mid[0] + mid[1]) / 2, y - 0.5), text="False: run middle", color=_COLORS["middle"][1],
+    arrow((mx, by + dy), ((mid[0] + mid[1]) / 2, y - 0.5), text="False: run middle blocks", color=_COLORS["middle"][1],
           ls="--")
     cb_y = by - 1.55
-    box(mx - 1.6, cb_y - 0.35, 3.2, 0.7, "True: cached branch\npassthrough glue + cached / forecast residual",
+    box(mx - 1.9, cb_y - 0.35, 3.8, 0.7, "True: cached branch\npassthrough glue + cached / forecast residual",
         "cached", fontsize=6)
     arrow((mx, by - dy), (mx, cb_y + 0.35), color=_COLORS["cached"][1])
     box(post_x - 0.9, by - 0.35, 1.8, 0.7, "post_step\nupdate ref, ladders,\ncounters, logs", "glue", fontsize=6)
     arrow((mx + dx, by), (post_x - 0.9, by))
-    arrow((mx + 1.6, cb_y), (post_x, by - 0.35), color=_COLORS["cached"][1])
+    arrow((mx + 1.9, cb_y), (post_x, by - 0.35), color=_COLORS["cached"][1])
+    arrow((mid[1] - 0.2, y - 0.5), (post_x - 0.3, by + 0.35), text="middle outputs", color=_COLORS["middle"][1],
+          ls="--")
     arrow((post_x, by + 0.35), ((bn_sp[0] + 0.2) if bn_sp else xs[-1] + w + gap + 0.3, y))
 
     total = sum(v["bytes"] for v in c["state"].values())

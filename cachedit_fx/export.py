@@ -68,15 +68,13 @@ def _layout_from(d: dict) -> ChainLayout:
                        d["diff_shared"], d["capacity"])
 
 
-def export(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
-           calibrator_config=None, path: str = "model.pt2", separate_cfg: bool | None = None,
-           inductor_configs: dict | None = None) -> str:
-    """Export ``transformer`` with the cache decision inside the program and package it for AOTInductor."""
+def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
+                   calibrator_config=None, separate_cfg: bool | None = None):
+    """torch.export of the rewritten transformer. Returns (ExportedProgram, metadata for load())."""
     cache = coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig()
     calib = coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config")
     separate = cache.enable_separate_cfg if separate_cfg is None else separate_cfg
-    example_kwargs = dict(example_kwargs or {})
-    gm, example_inputs = capture(transformer, tuple(example_args), example_kwargs)
+    gm, example_inputs = capture(transformer, tuple(example_args), dict(example_kwargs or {}))
     found = analyze(gm)
     if isinstance(found, Unmatched):
         raise ValueError(f"export: nothing to cache in {type(transformer).__name__}: {found.reason}")
@@ -89,18 +87,31 @@ def export(transformer: torch.nn.Module, example_args=(), example_kwargs=None, c
     states = [t for c in chains for t in c.state.ordered()]
     with torch.no_grad():
         ep = torch.export.export(program, tuple(user + states))
-        for c in chains:
-            c.state.reset()
-        torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=inductor_configs or {})
     meta = {
         "user_sources": [s for s in sources if s is not None],
-        "cache_config": {k: v for k, v in vars(cache).items()},
-        "calibrator_config": vars(calib) if calib else None,
+        "user_shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in user],
+        "cache_config": dict(vars(cache)),
+        "calibrator_config": dict(vars(calib)) if calib else None,
         "chains": [{"name": c.info.name, "pattern": c.info.pattern, "n_blocks": c.info.n_blocks, "fn": c.split.fn,
                     "bn": c.split.bn, "layout": _layout_json(c.layout)} for c in chains],
         "config": dict(getattr(transformer, "config", {}) or {}),
         "dtype": str(next(transformer.parameters()).dtype),
     }
+    return ep, meta
+
+
+def export(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
+           calibrator_config=None, path: str = "model.pt2", separate_cfg: bool | None = None,
+           inductor_configs: dict | None = None) -> str:
+    """Export ``transformer`` with the cache decision inside the program and package it for AOTInductor.
+
+    The package is static in shape: it serves calls with the example's shapes (export again per
+    resolution / batch size).
+    """
+    ep, meta = export_program(transformer, example_args, example_kwargs, cache_config, calibrator_config,
+                              separate_cfg)
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=inductor_configs or {})
     with zipfile.ZipFile(path, "a") as z:
         z.writestr(f"{_archive_root(z)}/{METADATA}", json.dumps(meta, default=str))
     return path
@@ -127,6 +138,7 @@ class CachedTransformer(torch.nn.Module):
             meta = json.loads(z.read(f"{_archive_root(z)}/{METADATA}"))
         self._runner = torch._inductor.aoti_load_package(path)
         self._sources = meta["user_sources"]
+        self._shapes = meta["user_shapes"]
         cache = DBCacheConfig(**meta["cache_config"])
         calib = TaylorSeerCalibratorConfig(**meta["calibrator_config"]) if meta["calibrator_config"] else None
         chains = []
@@ -147,6 +159,10 @@ class CachedTransformer(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.handle.chains[0].state.tensors["params"].device
+
     @contextlib.contextmanager
     def cache_context(self, name, **kwargs):
         self._branch = {"cond": 0, "uncond": 1}.get(name)
@@ -161,6 +177,10 @@ class CachedTransformer(torch.nn.Module):
     def forward(self, *args, **kwargs):
         scope = {"L": {"self": None, "args": args, "kwargs": kwargs}}
         inputs = [eval(src, scope) for src in self._sources]  # noqa: S307 - our own Dynamo source names
+        for src, shape, x in zip(self._sources, self._shapes, inputs):
+            if isinstance(x, torch.Tensor) and shape is not None and list(x.shape) != shape:
+                raise ValueError(f"{src}: shape {list(x.shape)} differs from the exported {shape}; the package is "
+                                 "static in shape, export again for this size")
         for c in self.handle.chains:
             c.state.tensors["branch_hint"].fill_(-1 if self._branch is None else self._branch)
         states = [t for c in self.handle.chains for t in c.state.ordered()]

@@ -1,0 +1,95 @@
+"""AOT export: the packaged cached transformer reproduces the compiled path, in a loop and in a pipeline."""
+import pytest
+import torch
+
+import cachedit_fx
+from cachedit_fx.backend import handles_for
+from cachedit_fx.export import export, export_program, load
+from cachedit_fx.testing import zoo
+
+CACHE = dict(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
+STEPS = 20
+
+
+def _pipeline_call_kwargs(pipe):
+    """The kwargs of the pipeline's first transformer call, to export for exactly those shapes."""
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    zoo.run_pipeline(pipe, "flux", num_inference_steps=1)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    return zoo.build_pipeline("flux")
+
+
+@pytest.fixture(scope="module", params=[None, {"taylorseer_order": 1}], ids=["dbcache", "taylorseer"])
+def package(request, flux_pipe, tmp_path_factory):
+    kwargs = _pipeline_call_kwargs(flux_pipe)
+    path = str(tmp_path_factory.mktemp("pkg") / "flux.pt2")
+    export(flux_pipe.transformer, example_kwargs=kwargs, cache_config=CACHE, calibrator_config=request.param,
+           path=path)
+    return path, kwargs, request.param
+
+
+def _loop(call, inputs):
+    with torch.no_grad():
+        return zoo.denoise(None, "flux", inputs, num_steps=STEPS, call=call)
+
+
+def test_package_matches_compiled_path(package, flux_pipe):
+    path, kwargs, calib = package
+    loaded = load(path)
+    torch._dynamo.reset()
+    compiled = torch.compile(flux_pipe.transformer, backend="cachedit", dynamic=False,
+                             options=dict(cache_config=CACHE, calibrator_config=calib, inner="aot_eager"))
+    _, out_pkg = _loop(loaded, kwargs)
+    _, out_cmp = _loop(compiled, kwargs)
+    pkg_log = loaded.handle.chains[0].state.tensors["cached_log"][0, :STEPS, 0]
+    cmp_log = handles_for(flux_pipe.transformer)[-1].chains[0].state.tensors["cached_log"][0, :STEPS, 0]
+    assert pkg_log.sum() > 0
+    assert torch.equal(pkg_log, cmp_log)
+    for a, b in zip(out_pkg, out_cmp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # A second request resets on device (the timestep turns back up) and decides the same again.
+    _, again = _loop(loaded, kwargs)
+    assert torch.equal(loaded.handle.chains[0].state.tensors["cached_log"][0, :STEPS, 0], pkg_log)
+    assert all(torch.equal(a, b) for a, b in zip(out_pkg, again))
+
+
+def test_package_runs_inside_pipeline(package):
+    path, _, calib = package
+    if calib is not None:
+        pytest.skip("one pipeline run is enough")
+    pipe = zoo.build_pipeline("flux")
+    reference = zoo.run_pipeline(pipe, "flux", num_inference_steps=8)
+    pipe.transformer = load(path)
+    first = zoo.run_pipeline(pipe, "flux", num_inference_steps=8)
+    second = zoo.run_pipeline(pipe, "flux", num_inference_steps=8)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, reference)  # it cached something
+    rows = cachedit_fx.summary(pipe.transformer)
+    assert rows[0]["cached_steps"] > 0
+
+
+def test_loaded_package_rejects_other_shapes(package):
+    path, kwargs, _ = package
+    loaded = load(path)
+    bad = dict(kwargs, hidden_states=torch.cat([kwargs["hidden_states"]] * 2))
+    with pytest.raises(ValueError, match="static in shape"):
+        loaded(**bad)
+
+
+def test_exported_program_holds_cond_and_no_host_sync(flux_pipe):
+    kwargs = _pipeline_call_kwargs(flux_pipe)
+    ep, _ = export_program(flux_pipe.transformer, example_kwargs=kwargs, cache_config=CACHE)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert any("cond" in t for t in targets)
+    assert not [t for t in targets if "_local_scalar_dense" in t or t.endswith(".item") or "is_nonzero" in t]
+
+
+def test_load_missing_file():
+    with pytest.raises(FileNotFoundError, match="no such package"):
+        load("/nonexistent/model.pt2")
