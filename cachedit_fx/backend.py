@@ -169,6 +169,11 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
         if "do not fit chain" in str(e):
             raise
         return _fallback(original, example_inputs, opts, str(e))
+    if handle.cache_config is not opts["cache"]:
+        # handle.configure() may have run before this graph compiled (compiles are lazy, and a new
+        # shape compiles a new graph later): new graphs start from the handle's current numbers.
+        for c in chains:
+            c.state.configure(handle.cache_config)
     states = [t for c in chains for t in c.state.ordered()]
     ptrs = frozenset(x.data_ptr() for x in example_inputs if isinstance(x, torch.Tensor))
     handle.graphs.append(CompiledGraph(chains, ptrs))

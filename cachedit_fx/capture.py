@@ -65,10 +65,11 @@ def _capture_once(module, args, kwargs):
 def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.GraphModule, list]:
     """Run Dynamo over ``module(*args, **kwargs)`` and return the (single) graph and example inputs.
 
-    A first failure may come from state a model builds lazily on its first call (Z-Image builds its
-    RoPE table under ``with torch.device(...)``, which Dynamo cannot enter): the module is then run
-    once eagerly and traced again. A forward that still does not fit one graph raises
-    :class:`CaptureError` naming the model and the line that breaks it.
+    An ``Unsupported`` construct may sit on a path a model takes only on its first call (Z-Image builds
+    its RoPE table lazily under ``with torch.device(...)``, which Dynamo cannot enter): the module is
+    then run once eagerly and traced again. A forward that still does not fit one graph — or that
+    fails on data-dependent values (Lumina2's mask lengths, HiDream's MoE routing), which no rerun
+    fixes — raises :class:`CaptureError` naming the model and the line that breaks it.
     """
     kwargs = kwargs or {}
     try:

@@ -121,7 +121,7 @@ def trace(args) -> int:
 
     import torch
 
-    from cachedit_fx.backend import CacheHandle
+    from cachedit_fx.backend import CacheHandle, cachedit_backend
     from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
     from cachedit_fx.diff import load_model
     from cachedit_fx.stats import collect, plot_diffs
@@ -139,16 +139,38 @@ def trace(args) -> int:
     uncond = None
     if fam.separate_cfg and fam.uncond_inputs is not None and not args.no_cfg:
         uncond = fam.uncond_inputs(model.transformer, 0)
+    n_branches = 2 if uncond is not None else 1
     handle = CacheHandle(cache, calib)
+    options = {"cache_config": cache, "calibrator_config": calib, "inner": "eager", "handle": handle,
+               "separate_cfg": n_branches == 2}
+    branch = [None]
+
+    def set_hints(chains):
+        # Which CFG branch this call is (cond 0, uncond 1), as enable_cache does: the cond and uncond
+        # calls may compile to different graphs (different text lengths), each with its own state.
+        for chain in chains:
+            hint = chain.state.tensors.get("branch_hint")
+            if hint is not None:
+                hint.fill_(-1 if branch[0] is None else branch[0])
+
+    def backend(gm, example_inputs):  # the function backend="cachedit" resolves to, plus the hints
+        before = len(handle.chains)
+        fn = cachedit_backend(gm, example_inputs, options)
+        set_hints(handle.chains[before:])
+        return fn
+
     torch._dynamo.reset()
-    compiled = torch.compile(model.transformer, backend="cachedit", dynamic=False, options={
-        "cache_config": cache, "calibrator_config": calib, "inner": "eager", "handle": handle,
-        "separate_cfg": uncond is not None})
-    timesteps: list[float] = []
+    compiled = torch.compile(model.transformer, backend=backend, dynamic=False)
+    timesteps: list[list[float]] = [[] for _ in range(n_branches)]
+    n_calls = [0]
 
     def call(**kwargs):
+        b = n_calls[0] % n_branches
+        n_calls[0] += 1
+        branch[0] = b if n_branches == 2 else None
+        set_hints(handle.chains)
         t = kwargs.get(fam.timestep_arg)
-        timesteps.append(float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else math.nan)
+        timesteps[b].append(float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else math.nan)
         return compiled(**kwargs)
 
     t0 = time.perf_counter()
@@ -157,45 +179,48 @@ def trace(args) -> int:
         zoo.denoise(model.transformer, fam, model.inputs, num_steps=args.steps, uncond=uncond, call=call)
     elapsed = time.perf_counter() - t0
     torch._dynamo.reset()
-    stats = collect(handle)
     uncached = [g.unmatched for g in handle.graphs if g.unmatched]
-    if not stats:
+    cached_graphs = [g for g in handle.graphs if g.chains]
+    per_graph = [(k, s) for k, g in enumerate(cached_graphs)
+                 for s in collect(CacheHandle(cache, calib, [g])) if s.steps > 0]
+    if not per_graph:
         reason = "; ".join(dict.fromkeys(uncached)) or "no graph was compiled"
         raise _NothingCached(f"nothing cached for {args.model}: {reason}")
-    calls_per_step = 2 if uncond is not None else 1
-    names = {0: "cond", 1: "uncond"} if uncond is not None else {0: "-"}
+    names = {0: "cond", 1: "uncond"} if n_branches == 2 else {0: "-"}
     thr = cache.residual_diff_threshold
+    from collections import Counter
+
+    per_branch = Counter(s.branch for _, s in per_graph)  # graphs serving each branch
+    clash = Counter((s.chain, s.branch) for _, s in per_graph)
     chains = []
-    for s in stats:
+    for k, s in per_graph:
         rows = []
         for i in range(s.steps):
             d = s.diffs[i]
-            k = i * calls_per_step + s.branch
+            ts = timesteps[s.branch] if s.branch < n_branches else []
             rows.append({"step": i, "branch": names.get(s.branch, str(s.branch)),
-                         "timestep": timesteps[k] if k < len(timesteps) else None,
+                         "timestep": ts[i] if i < len(ts) and per_branch[s.branch] == 1 else None,
                          "diff": d if math.isfinite(d) and d >= 0 else None, "threshold": thr,
                          "gate": s.gates[i], "cached": bool(s.cached[i])})
-        chains.append({"chain": s.chain, "pattern": s.pattern, "n_blocks": s.n_blocks, "Fn": s.fn, "Bn": s.bn,
+        chain = s.chain if clash[(s.chain, s.branch)] == 1 else f"{s.chain} (graph {k})"
+        chains.append({"chain": chain, "pattern": s.pattern, "n_blocks": s.n_blocks, "Fn": s.fn, "Bn": s.bn,
                        "branch": names.get(s.branch, str(s.branch)), "steps": s.steps,
                        "cached_steps": s.cached_steps, "rows": rows})
-    plot = None
-    if args.plot:
-        plot = plot_diffs(stats, thr, args.plot)
+    plot = plot_diffs([s for _, s in per_graph], thr, args.plot) if args.plot else None
     if args.format == "json":
         print(json.dumps({"model": args.model, "config": cache.strify(), "seconds": round(elapsed, 3),
                           "uncached_graphs": uncached, "chains": chains, "plot": plot}, indent=2))
         return 0
     print(f"trace {model.label}: {cache.strify()}{'_' + calib.strify() if calib else ''}, {args.steps} steps"
-          f"{', separate CFG (cond + uncond calls)' if uncond is not None else ''}, inner eager, {elapsed:.2f}s")
+          f"{', separate CFG (cond + uncond calls)' if n_branches == 2 else ''}, inner eager, {elapsed:.2f}s")
     for reason in dict.fromkeys(uncached):
         print(f"note: a graph compiled uncached: {reason}")
-    seen = set()
-    for c in chains:
-        if c["chain"] not in seen:
-            seen.add(c["chain"])
-            print(f"chain {c['chain']}  pattern {c['pattern']}  {c['n_blocks']} blocks  "
-                  f"Fn {c['Fn']} | middle | Bn {c['Bn']}")
-    header = f"{'step':>4}  {'branch':<6}  {'timestep':>9}  {'diff':>8}  {'threshold':>9}  {'gate':<27}  cached"
+    for c in {c["chain"]: c for c in chains}.values():
+        print(f"chain {c['chain']}  pattern {c['pattern']}  {c['n_blocks']} blocks  "
+              f"Fn {c['Fn']} | middle | Bn {c['Bn']}")
+    multi = len({c["chain"] for c in chains}) > 1
+    header = (f"{'step':>4}  {'branch':<6}  {'timestep':>9}  {'diff':>8}  {'threshold':>9}  {'gate':<27}  cached"
+              + ("  chain" if multi else ""))
     print(header)
     print("-" * len(header))
     rows = sorted(((r, c) for c in chains for r in c["rows"]), key=lambda rc: (rc[0]["step"], rc[1]["chain"]))
@@ -203,10 +228,11 @@ def trace(args) -> int:
         ts = "-" if r["timestep"] is None or not math.isfinite(r["timestep"]) else f"{r['timestep']:.4g}"
         diff_s = "-" if r["diff"] is None else f"{r['diff']:.4f}"
         print(f"{r['step']:>4}  {r['branch']:<6}  {ts:>9}  {diff_s:>8}  {r['threshold']:>9.4g}  {r['gate']:<27}  "
-              f"{'yes' if r['cached'] else 'no'}")
+              f"{'yes' if r['cached'] else 'no'}" + (f"{'':<{4 if r['cached'] else 5}}{c['chain']}" if multi else ""))
     for c in chains:
-        label = "" if c["branch"] == "-" else f" ({c['branch']})"
-        print(f"cached {c['cached_steps']}/{c['steps']} steps{label}")
+        label = [c["chain"]] if multi else []
+        label += [] if c["branch"] == "-" else [c["branch"]]
+        print(f"cached {c['cached_steps']}/{c['steps']} steps" + (f" ({', '.join(label)})" if label else ""))
     if plot:
         print(f"wrote {plot}")
     return 0

@@ -178,32 +178,39 @@ def capture_graphs(transformer, inputs: dict) -> tuple[list, str | None]:
         gm, _ = capture(transformer, kwargs=inputs)
         return [gm], None
     except Exception as e:  # noqa: BLE001 - any Dynamo failure under fullgraph=True means a break
-        reason = _first_line(e)
+        reason = str(e).strip().split(" The cachedit pass needs")[0].strip() or type(e).__name__
+        reason = (reason.splitlines()[0] if "\n" in reason else reason).rstrip(".")
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    import logging
+
+    log = logging.getLogger("torch._dynamo")
+    level = log.level
+    log.setLevel(logging.ERROR)  # recompile-limit warnings of loops split into many graphs
     torch._dynamo.reset()
     try:
         with torch.no_grad():
             torch.compile(transformer, backend=record, dynamic=False)(**inputs)
     finally:
         torch._dynamo.reset()
+        log.setLevel(level)
     return graphs, reason
 
 
 def describe(transformer, inputs: dict, fn: int = 1, bn: int = 0, separate_cfg: bool = False) -> dict:
     cfg = DBCacheConfig(Fn_compute_blocks=fn, Bn_compute_blocks=bn)  # validates fn / bn first
     graphs, graph_break = capture_graphs(transformer, inputs)
-    found, gm, reasons = None, None, []
-    for i, g in enumerate(graphs):
+    found, gm, reasons = None, None, Counter()
+    for g in graphs:
         f = analyze(g)
         if not isinstance(f, Unmatched):
             found, gm = f, g
             break
-        reasons.append(f.reason if len(graphs) == 1 else f"graph {i}: {f.reason}")
+        reasons[f.reason] += 1
     gm = gm if gm is not None else max(graphs, key=lambda g: len(g.graph.nodes))
     before = {"nodes": len(gm.graph.nodes), "ops": dict(_ops(gm))}
     head = {"fn": fn, "bn": bn}
@@ -211,7 +218,11 @@ def describe(transformer, inputs: dict, fn: int = 1, bn: int = 0, separate_cfg: 
         head["graphs"] = len(graphs)
         head["graph_break"] = graph_break
     if found is None:
-        return {"matched": False, "reason": "; ".join(reasons) or "no graph captured", **head, "before": before}
+        why = "; ".join(r if k == 1 else f"{r} ({k} graphs)" for r, k in reasons.items()) or "no graph captured"
+        if graph_break is not None:
+            why = (f"{graph_break}; none of the {len(graphs)} graphs Dynamo splits it into has a cacheable chain: "
+                   f"{why}")
+        return {"matched": False, "reason": why, **head, "before": before}
     work = clone_graph_module(gm)
     infos = analyze(work)
     with torch.no_grad():
@@ -247,8 +258,9 @@ def describe(transformer, inputs: dict, fn: int = 1, bn: int = 0, separate_cfg: 
 
 def render_text(report: dict) -> str:
     lines = []
-    if report.get("graph_break"):
-        lines.append(f"graph break: {report['graphs']} graphs ({report['graph_break']})")
+    if report.get("graph_break") and report["matched"]:
+        lines.append(f"graph break: {report['graph_break']}; without fullgraph=True Dynamo splits the forward "
+                     f"into {report['graphs']} graphs, and the one below has a cacheable chain")
     lines.append(f"before: {report['before']['nodes']} nodes {report['before']['ops']}")
     if not report["matched"]:
         lines.append(f"unmatched: {report['reason']}")

@@ -2,7 +2,9 @@
 on the offline zoo's diffusers pipelines (tiny random models, CPU, compile=False unless stated)."""
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -81,9 +83,23 @@ def flux():
     cf.disable_cache(pipe)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=XFAIL[n], strict=False))
-                                  if n in XFAIL else n for n in zoo.FAMILY_NAMES])
-def test_family_caches_and_disable_restores(name):
+@dataclass
+class FamilyRun:
+    ref: torch.Tensor
+    out: torch.Tensor
+    again: torch.Tensor
+    restored: torch.Tensor
+    rows: list
+    warned: list
+
+    @property
+    def cached(self) -> int:
+        return sum(r["cached_steps"] for r in chain_rows(self.rows))
+
+
+@functools.lru_cache(maxsize=None)
+def family_run(name: str) -> FamilyRun:
+    """Uncached, cached (twice) and disabled runs of one family; shared by the tests that read them."""
     pipe = zoo.build_pipeline(name)
     ref = run(pipe, name)
     try:
@@ -91,52 +107,70 @@ def test_family_caches_and_disable_restores(name):
         again = run(pipe, name)
     finally:
         cf.disable_cache(pipe)
-    cached = sum(r["cached_steps"] for r in chain_rows(rows))
-    value = psnr(out, ref)
-    print(f"{name}: cached {cached} steps ({[r.get('cached_steps') for r in rows]}), PSNR {value:.2f} dB")
-    assert cached > 0, f"{name}: no cached step; summary {rows}; warnings {warned}"
-    assert not torch.equal(out, ref), f"{name}: cached steps but the output equals the uncached one"
+    return FamilyRun(ref, out, again, run(pipe, name), rows, warned)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=XFAIL[n], strict=False))
+                                  if n in XFAIL else n for n in zoo.FAMILY_NAMES])
+def test_family_caches_and_disable_restores(name):
+    r = family_run(name)
+    value = psnr(r.out, r.ref)
+    print(f"{name}: cached {r.cached} steps ({[x.get('cached_steps') for x in r.rows]}), PSNR {value:.2f} dB")
+    assert r.cached > 0, f"{name}: no cached step; summary {r.rows}; warnings {r.warned}"
+    assert not torch.equal(r.out, r.ref), f"{name}: cached steps but the output equals the uncached one"
     assert np.isfinite(value), f"{name}: PSNR {value}"
-    assert torch.isfinite(out.float()).all()
-    assert torch.equal(out, again), f"{name}: a second call differs (state not reset per request)"
-    assert torch.equal(run(pipe, name), ref), f"{name}: disable_cache did not restore the uncached output"
+    assert torch.isfinite(r.out.float()).all()
+    assert torch.equal(r.out, r.again), f"{name}: a second call differs (state not reset per request)"
+    assert torch.equal(r.restored, r.ref), f"{name}: disable_cache did not restore the uncached output"
 
 
-def test_same_pipeline_twice_is_identical(flux):
+@pytest.mark.parametrize("name", SEPARATE_CFG)
+def test_separate_cfg_has_two_branches(name):
+    assert zoo.get(name).separate_cfg
+    r = family_run(name)
+    used = [x for x in chain_rows(r.rows) if x["steps"] > 0]
+    assert sorted({x["branch"] for x in used}) == [0, 1], f"{name}: {r.rows}; warnings {r.warned}"
+    for x in used:
+        assert x["steps"] == STEPS, x
+        assert x["diffs"], f"{name}: branch {x['branch']} has no diff stats: {x}"
+        assert len(x["per_step"]) == x["steps"]
+        assert x["cached_steps"] > 0, x
+
+
+def test_twice_reset_summary_plot_strify(flux, tmp_path):
+    """The same pipeline twice gives the same output and decisions; reset clears the logs; summary
+    plots to a PNG; strify names the config."""
     pipe, _ = flux
+    path = tmp_path / "d.png"
     try:
-        out, _, _ = cached_runs(pipe, "flux")
-        first = cf.summary(pipe, details=True)
+        out, first, _ = cached_runs(pipe, "flux")
         out2 = run(pipe, "flux")
-        second = cf.summary(pipe, details=True)
-    finally:
-        cf.disable_cache(pipe)
-    assert torch.equal(out, out2)
-    assert per_step_cached(first) == per_step_cached(second)
-    assert sum(per_step_cached(second)) > 0
-
-
-def test_reset_starts_a_new_request(flux):
-    pipe, _ = flux
-    try:
-        out, _, _ = cached_runs(pipe, "flux")
+        second = cf.summary(pipe, details=True, plot=path)
+        tag = cf.strify(pipe)
         cf.reset(pipe)
-        assert all(r["steps"] == 0 for r in chain_rows(cf.summary(pipe)))
-        again = run(pipe, "flux")
+        after_reset = cf.summary(pipe)
+        out3 = run(pipe, "flux")
     finally:
         cf.disable_cache(pipe)
-    assert torch.equal(out, again)
+    assert torch.equal(out, out2) and torch.equal(out, out3)
+    assert per_step_cached(first) == per_step_cached(second)
+    assert sum(per_step_cached(second)) == 6
+    assert all(r["steps"] == 0 and r["cached_steps"] == 0 for r in chain_rows(after_reset)), after_reset
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tag.startswith("DBCache_F1B0"), tag
+    assert tag.endswith("_S6"), tag
 
 
-def test_two_pipelines_interleaved_match_each_alone():
-    """Flux and SD3, and a second Flux with other settings: each alone, then one run inside another's
-    denoising loop (from its step callback) and alternating calls; outputs must not change."""
-    a, b, c = zoo.build_pipeline("flux"), zoo.build_pipeline("sd3"), zoo.build_pipeline("flux")
+def test_two_pipelines_interleaved_match_each_alone(flux):
+    """Flux and SD3, and a second, separately built Flux with other settings: each alone, then run
+    inside the first Flux's denoising loop (from its step callback) and in alternating calls."""
+    a, _ = flux
+    b, c = zoo.build_pipeline("sd3"), zoo.build_pipeline("flux")
     try:
         cf.enable_cache(a, cache_config=config("flux"), compile=False)
         cf.enable_cache(b, cache_config=config("sd3"), compile=False)
         cf.enable_cache(c, cache_config=config("flux", max_warmup_steps=4, max_cached_steps=2), compile=False)
-        assert type(a) is not type(c) and type(a).__name__ == "FluxPipeline"
+        assert type(a) is not type(c) and type(a).__name__ == type(c).__name__ == "FluxPipeline"
         alone = {"a": run(a, "flux"), "b": run(b, "sd3"), "c": run(c, "flux")}
         assert not torch.equal(alone["a"], alone["c"]), "the two Flux configs should decide differently"
 
@@ -156,76 +190,30 @@ def test_two_pipelines_interleaved_match_each_alone():
             assert torch.equal(run(c, "flux"), alone["c"])
             assert torch.equal(run(b, "sd3"), alone["b"])
             assert torch.equal(run(a, "flux"), alone["a"])
+        assert sum(per_step_cached(cf.summary(c, details=True))) == 2
         assert cf.strify(a) != cf.strify(c)
     finally:
         for p in (a, b, c):
             cf.disable_cache(p)
 
 
-@pytest.mark.parametrize("name", SEPARATE_CFG)
-def test_separate_cfg_has_two_branches(name):
-    assert zoo.get(name).separate_cfg
-    pipe = zoo.build_pipeline(name)
-    try:
-        _, rows, warned = cached_runs(pipe, name)
-    finally:
-        cf.disable_cache(pipe)
-    used = [r for r in chain_rows(rows) if r["steps"] > 0]
-    assert sorted({r["branch"] for r in used}) == [0, 1], f"{name}: {rows}; warnings {warned}"
-    for r in used:
-        assert r["steps"] == STEPS, r
-        assert r["diffs"], f"{name}: branch {r['branch']} has no diff stats: {r}"
-        assert len(r["per_step"]) == r["steps"]
-    assert all(r["cached_steps"] > 0 for r in used), rows
-
-
-def test_max_cached_steps(flux):
+@pytest.mark.parametrize("limits, warmup", [(dict(max_cached_steps=2), 3), (dict(max_continuous_cached_steps=1), 1)])
+def test_cache_limits_on_flux(flux, limits, warmup):
+    """Without limits Flux caches 6 of 8 steps (2..7). max_cached_steps=2 caches exactly 2,
+    max_continuous_cached_steps=1 never two in a row, and no step below the warmup W caches."""
     pipe, _ = flux
     try:
-        _, rows, _ = cached_runs(pipe, "flux", max_cached_steps=2)
-    finally:
-        cf.disable_cache(pipe)
-    cached = per_step_cached(rows)
-    assert sum(cached) == 2, cached  # 6 of 8 cache without the limit
-
-
-def test_max_continuous_cached_steps(flux):
-    pipe, _ = flux
-    try:
-        _, rows, _ = cached_runs(pipe, "flux", max_continuous_cached_steps=1)
-    finally:
-        cf.disable_cache(pipe)
-    cached = per_step_cached(rows)
-    assert sum(cached) > 0, cached
-    assert not any(x and y for x, y in zip(cached, cached[1:])), cached
-
-
-@pytest.mark.parametrize("warmup", [1, 4])
-def test_warmup_steps_never_cache(flux, warmup):
-    pipe, _ = flux
-    try:
-        _, rows, _ = cached_runs(pipe, "flux", max_warmup_steps=warmup)
+        _, rows, _ = cached_runs(pipe, "flux", max_warmup_steps=warmup, **limits)
     finally:
         cf.disable_cache(pipe)
     cached = per_step_cached(rows)
     gates = [s["gate"] for s in chain_rows(rows)[0]["per_step"]]
-    assert not any(cached[:warmup]), cached
-    assert gates[:warmup] == ["warmup"] * warmup, gates
-    assert any(cached[warmup:]), cached
-
-
-def test_summary_plot_and_strify(flux, tmp_path):
-    pipe, _ = flux
-    path = tmp_path / "d.png"
-    try:
-        cached_runs(pipe, "flux")
-        cf.summary(pipe, plot=path)
-        tag = cf.strify(pipe)
-    finally:
-        cf.disable_cache(pipe)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert tag.startswith("DBCache_F1B0"), tag
-    assert tag.endswith("_S6"), tag
+    assert not any(cached[:warmup]) and gates[:warmup] == ["warmup"] * warmup, (cached, gates)
+    if "max_cached_steps" in limits:
+        assert sum(cached) == limits["max_cached_steps"], cached
+    if "max_continuous_cached_steps" in limits:
+        assert sum(cached) > 1, cached
+        assert not any(x and y for x, y in zip(cached, cached[1:])), cached
 
 
 def test_inductor_makes_the_same_decisions(flux):

@@ -80,9 +80,17 @@ def _configs(name: str) -> dict[str, dict]:
     fam = zoo.get(name)
     for key, o in out.items():
         o["inner"] = "aot_eager" if ALL_AOT or key == aot_config(name) else "eager"
-        if fam.separate_cfg:
-            o["separate_cfg"] = True
+        if fam.separate_cfg:  # both spellings: the backend option, and the cache-dit config field
+            if key == "dbcache":
+                o["separate_cfg"] = True
+            else:
+                o["cache_config"] = {**o["cache_config"], "enable_separate_cfg": True}
     return out
+
+
+def _n_branches(options: dict) -> int:
+    separate = options.get("separate_cfg", options["cache_config"].get("enable_separate_cfg"))
+    return 2 if separate else 1
 
 
 CASES = [(name, key) for name in FAMILIES for key in _configs(name)]
@@ -207,7 +215,7 @@ def reference_run(name, transformer, inputs, chain, options, steps=STEPS):
     cache = DBCacheConfig(**options["cache_config"])
     calib = options.get("calibrator_config")
     calib = TaylorSeerCalibratorConfig(**calib) if calib else None
-    n_branches = 2 if options.get("separate_cfg") else 1
+    n_branches = _n_branches(options)
     paths = [f"{b.list_path}.{b.index}" for b in chain.info.blocks]
     ref = Reference(transformer, paths, cache.Fn_compute_blocks, cache.Bn_compute_blocks, fam.timestep_arg,
                     lambda n_streams: Oracle(cache, calib, n_branches=n_branches, n_streams=n_streams))
@@ -500,7 +508,7 @@ def measure_host_reads(name: str, steps: int = 6) -> dict:
                 for kw in calls:
                     run(*switch.flat_args(kw))
             per_step.append(dict(mode.ops))
-    n_branches = 2 if fam.separate_cfg else 1
+    n_branches = _n_branches(switch.configs[key])
     cached = [graph_log(c, "cached_log", b, steps) for c in handle.chains for b in range(n_branches)]
     return dict(per_step=per_step, reads=[_reads(d) for d in per_step], cached=cached,
                 bound=len(handle.chains) * n_branches)

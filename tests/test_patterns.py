@@ -86,8 +86,11 @@ def test_family_chain_and_patterns(name):
     assert [(path, n, int(p)) for path, n, p in info.list_patterns] == expected
     assert [b.name for b in info.blocks] == [f"{attr}.{i}" for attr, n, _ in expected for i in range(n)]
     assert info.pattern == "→".join(str(p) for _, _, p in expected)
-    # Every block has an H stream in, and the chain hands an H stream on.
-    assert all("H" in bs.inputs.values() for bs in info.streams)
+    # Every block takes the H stream; only two-stream patterns (0, 1) take E as a stream too.
+    pattern_of = dict(EXPECTED[name])
+    for bs in info.streams:
+        assert "H" in bs.inputs.values(), bs.block.name
+        assert ("E" in bs.inputs.values()) == (pattern_of[bs.block.list_path] in (0, 1)), bs.block.name
     assert "H" in info.streams[-1].outputs.values()
 
 

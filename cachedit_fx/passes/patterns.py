@@ -225,7 +225,7 @@ def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
     for block, (ins, continues) in zip(blocks, steps):
         roles = {i: ("H" if h in s else "E") for i, s in ins.items()}
         out_roles = {o: ("H" if h in origin[o] else "E") for o in continues}
-        h_side = derived_from_within(block, [i for i, r in roles.items() if r == "H"])
+        h_side = _derived_within(block, [i for i, r in roles.items() if r == "H"])
         context = any(i not in roles and i not in weights and _shape(i) is not None and len(_shape(i)) == 3
                       and _reads_context(block, i, h_side, weights) for i in block.inputs)
         results.append(BlockStreams(block, roles, out_roles, continues, context))
@@ -248,7 +248,7 @@ def _numel(n: Node) -> int:
     return out
 
 
-def derived_from_within(block: Block, roots: list[Node]) -> set[Node]:
+def _derived_within(block: Block, roots: list[Node]) -> set[Node]:
     derived = set(roots)
     for n in block.nodes:
         if any(a in derived for a in n.all_input_nodes):
