@@ -32,8 +32,8 @@ class _Installed:
     module: torch.nn.Module
     handle: CacheHandle
     branch_of_call: list = field(default_factory=lambda: [None])
-    separate: bool = False
-    calls: int = 0  # transformer calls in this request (pipelines without cache_context alternate on it)
+    separate: bool | str = False
+    calls: int = 0  # transformer calls in this request
 
     def reset(self) -> None:
         self.calls = 0
@@ -48,23 +48,6 @@ def _transformers(obj) -> list[tuple[str | None, torch.nn.Module]]:
         raise ValueError(f"enable_cache: {type(obj).__name__} has no transformer; pass a diffusers pipeline with "
                          f"one of {TRANSFORMER_ATTRS} or a transformer module")
     return found
-
-
-# Pipelines whose denoising loop calls the transformer once for cond and once for uncond per step without
-# saying so through ``cache_context`` (cache-dit's list of adapters with a separate CFG), by class-name prefix.
-SEPARATE_CFG_PREFIXES = ("QwenImage", "Wan", "CogView4", "Cosmos", "SkyReelsV2", "Chroma", "Lumina2", "Kandinsky5")
-
-
-def _uses_separate_cfg(pipe) -> bool:
-    """Pipelines whose denoising loop runs an 'uncond' transformer call of its own."""
-    cls = type(pipe)
-    base = cls.__dict__.get("_cachedit_base", cls)
-    if base.__name__.startswith(SEPARATE_CFG_PREFIXES):
-        return True
-    try:
-        return 'cache_context("uncond"' in inspect.getsource(base.__call__)
-    except (OSError, TypeError):
-        return False
 
 
 def _own_code(method):
@@ -86,7 +69,7 @@ def _own_code(method):
     return types.MethodType(g, method.__self__)
 
 
-def _install(module, cache, calib, separate: bool, inner: str, count_calls: bool = False) -> _Installed:
+def _install(module, cache, calib, separate, inner: str) -> _Installed:
     handle = CacheHandle(cache, calib)
     options = dict(cache_config=cache, calibrator_config=calib, inner=inner, separate_cfg=separate, handle=handle)
     parse_options(options)  # fail now, not at the first call
@@ -110,12 +93,9 @@ def _install(module, cache, calib, separate: bool, inner: str, count_calls: bool
     compiled = torch.compile(_own_code(original), backend=backend, dynamic=False)
 
     def forward(*args, **kwargs):
+        # diffusers' cache_context("cond"/"uncond") names the branch; without it (Chroma, Lumina2, a
+        # bare transformer) the graph tells a CFG pair's second call on device by its repeated timestep.
         branch = inst.branch_of_call[0]
-        if branch is None and separate and count_calls:
-            # No cache_context (Chroma, Lumina2): cond and uncond alternate, counted here rather than
-            # per graph, since the two calls may compile to different graphs (different text lengths).
-            # Only under a pipeline, whose call resets the count; a bare transformer alternates per graph.
-            branch = inst.calls % 2
         inst.calls += 1
         hint[0] = branch
         set_hints(handle.chains)
@@ -165,10 +145,11 @@ def enable_cache(obj, cache_config=None, calibrator_config=None, params_modifier
         if mod is not None:
             c = coerce(mod.cache_config, DBCacheConfig, "params_modifiers.cache_config") or cache
             k = coerce(mod.calibrator_config, TaylorSeerCalibratorConfig, "params_modifiers.calibrator_config") or calib
+        # None (detect) and, for pipelines, True: two state sets, the branch named by cache_context or
+        # found on device; True on a bare transformer: calls alternate, as cache-dit does.
         separate = c.enable_separate_cfg
-        if separate is None:
-            separate = _uses_separate_cfg(obj) if is_pipe else False
-        installed.append(_install(module, c, k, bool(separate), inner, count_calls=is_pipe))
+        separate = "auto" if separate is None or (separate and is_pipe) else separate
+        installed.append(_install(module, c, k, separate, inner))
     if is_pipe:
         _wrap_pipeline_call(obj, installed)
     return obj

@@ -2,8 +2,10 @@
 
 ``torch.compile(transformer, backend="cachedit", options={...})`` resolves through the
 ``torch_dynamo_backends`` entry point. Options: ``cache_config`` and ``calibrator_config`` (objects
-or dicts), ``inner`` (inductor | aot_eager | eager | tensorrt), ``separate_cfg`` (bool; default
-from cache_config.enable_separate_cfg, None meaning off for a bare transformer), ``chains``
+or dicts), ``inner`` (inductor | aot_eager | eager | tensorrt), ``separate_cfg`` (True: two state
+sets, calls alternate; "auto": two state sets, a call whose timestep repeats the previous call's is
+the second of a CFG pair, detected on device; False: one; default from
+cache_config.enable_separate_cfg, None meaning "auto"), ``chains``
 ("longest" | "all"), ``handle`` (a :class:`CacheHandle` that collects the state; enable_cache passes
 one). Anything the passes cannot handle compiles uncached with one warning.
 """
@@ -19,7 +21,7 @@ from torch.fx import GraphModule
 from .capture import clone_graph_module
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce
 from .passes.patterns import Unmatched, analyze
-from .passes.rewrite import RewrittenChain, rewrite
+from .passes.rewrite import RewrittenChain, find_timestep, rewrite
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager", "tensorrt")
 OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "handle", "inner_options")
@@ -50,6 +52,7 @@ class CacheHandle:
 
     def configure(self, cache_config: DBCacheConfig) -> None:
         """New thresholds / warmup / masks for the next request, with no recompile."""
+        cache_config = _validated(coerce(cache_config, DBCacheConfig, "cache_config"))
         self.cache_config = cache_config
         for g in self.graphs:
             for c in g.chains:
@@ -69,13 +72,21 @@ def handles_for(module: torch.nn.Module) -> list[CacheHandle]:
     return [h for h in list(_ALL_HANDLES) if any(g.param_ptrs & ptrs for g in h.graphs)]
 
 
+def _validated(config):
+    """Config objects are mutable dataclasses: check them again where they are used (a field set
+    after construction, e.g. ``cfg.residual_diff_threshold = float("nan")``, skipped the check)."""
+    if config is not None:
+        config.__post_init__()
+    return config
+
+
 def parse_options(options: dict | None) -> dict:
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"cachedit backend: unknown option(s) {unknown}; allowed: {list(OPTION_KEYS)}")
-    cache = coerce(options.get("cache_config"), DBCacheConfig, "cache_config") or DBCacheConfig()
-    calib = coerce(options.get("calibrator_config"), TaylorSeerCalibratorConfig, "calibrator_config")
+    cache = _validated(coerce(options.get("cache_config"), DBCacheConfig, "cache_config") or DBCacheConfig())
+    calib = _validated(coerce(options.get("calibrator_config"), TaylorSeerCalibratorConfig, "calibrator_config"))
     inner = options.get("inner", "inductor")
     if inner not in INNER_COMPILERS and not callable(inner):
         raise ValueError(f"inner must be one of {INNER_COMPILERS} or a callable, got {inner!r}")
@@ -85,8 +96,11 @@ def parse_options(options: dict | None) -> dict:
     if chains not in CHAIN_POLICIES:
         raise ValueError(f"chains must be one of {CHAIN_POLICIES}, got {chains!r}")
     separate = options.get("separate_cfg", cache.enable_separate_cfg)
+    separate = "auto" if separate is None else separate
+    if separate not in (True, False, "auto"):
+        raise ValueError(f"separate_cfg must be True, False or 'auto', got {separate!r}")
     handle = options.get("handle") or CacheHandle(cache, calib)
-    return dict(cache=cache, calib=calib, inner=inner, chains=chains, separate=bool(separate), handle=handle,
+    return dict(cache=cache, calib=calib, inner=inner, chains=chains, separate=separate, handle=handle,
                 inner_options=options.get("inner_options") or {})
 
 
@@ -163,8 +177,14 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     infos = found[:1] if opts["chains"] == "longest" else found
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
     n_branches = 2 if opts["separate"] else 1
+    if opts["separate"] == "auto" and find_timestep(gm) is None:
+        # A graph after a break (e.g. Lumina2's) may not see the timestep: it cannot tell a CFG pair's
+        # second call on device, so it keeps one state set (cond and uncond usually differ in text
+        # length and compile to separate graphs, each with its own state).
+        n_branches = 1
     try:
-        chains = rewrite(gm, infos, opts["cache"], opts["calib"], n_branches, device)
+        chains = rewrite(gm, infos, opts["cache"], opts["calib"], n_branches, device,
+                         branch_by="timestep" if opts["separate"] == "auto" else "parity")
     except ValueError as e:
         if "do not fit chain" in str(e):
             raise

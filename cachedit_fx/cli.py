@@ -66,6 +66,32 @@ def demo(args) -> int:
 
 # ----------------------------------------------------------------------------- diff
 
+
+class _quiet_libraries:
+    """Silence library chatter (transformers / diffusers warnings while the tiny zoo models build,
+    deprecation warnings, Dynamo's recompile notes) so stdout is the report and stderr stays for
+    this command's own one-line errors."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._levels = []
+        for name in ("transformers", "diffusers", "torch._dynamo"):
+            log = logging.getLogger(name)
+            self._levels.append((log, log.level))
+            log.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for log, level in self._levels:
+            log.setLevel(level)
+        self._warnings.__exit__(*exc)
+        return False
+
 DIFF_FORMATS = ("text", "json", "dot", "png", "svg")
 
 
@@ -79,8 +105,9 @@ def diff(args) -> int:
     if fmt in ("png", "svg") and args.out and os.path.splitext(args.out)[1].lower() not in ("", f".{fmt}"):
         raise ValueError(f"--out {args.out} does not end in .{fmt}")
     _check_out_dir(args.out)
-    model = load_model(args.model, args.config)
-    report = describe(model.transformer, model.inputs, fn=args.fn, bn=args.bn, separate_cfg=args.separate_cfg)
+    with _quiet_libraries():
+        model = load_model(args.model, args.config)
+        report = describe(model.transformer, model.inputs, fn=args.fn, bn=args.bn, separate_cfg=args.separate_cfg)
     if fmt in ("png", "svg"):
         out = args.out or f"cachedit_diff_{_safe(args.model)}.{fmt}"
         render_figure(report, out, fmt, title=model.label)
@@ -117,8 +144,6 @@ def _check_out_dir(path: str | None) -> None:
 
 
 def trace(args) -> int:
-    import warnings
-
     import torch
 
     from cachedit_fx.backend import CacheHandle, cachedit_backend
@@ -134,7 +159,8 @@ def trace(args) -> int:
     calib = TaylorSeerCalibratorConfig(taylorseer_order=args.taylorseer) if args.taylorseer else None
     if args.plot:
         _check_out_dir(args.plot)
-    model = load_model(args.model, args.config)
+    with _quiet_libraries():
+        model = load_model(args.model, args.config)
     fam = model.family
     uncond = None
     if fam.separate_cfg and fam.uncond_inputs is not None and not args.no_cfg:
@@ -174,8 +200,7 @@ def trace(args) -> int:
         return compiled(**kwargs)
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="cachedit: caching disabled")
+    with _quiet_libraries():  # also the backend's "caching disabled" warnings: listed below as notes
         zoo.denoise(model.transformer, fam, model.inputs, num_steps=args.steps, uncond=uncond, call=call)
     elapsed = time.perf_counter() - t0
     torch._dynamo.reset()

@@ -165,11 +165,6 @@ def _carry(node, role: str) -> dict:
     return {"name": node.name, "role": role, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def capture_graphs(transformer, inputs: dict) -> tuple[list, str | None]:
     """The graph(s) the backend would see: one with fullgraph capture, or, where the forward has a
     graph break (data-dependent Python, an unsupported context manager), every graph of the split
@@ -211,8 +206,9 @@ def describe(transformer, inputs: dict, fn: int = 1, bn: int = 0, separate_cfg: 
             found, gm = f, g
             break
         reasons[f.reason] += 1
-    gm = gm if gm is not None else max(graphs, key=lambda g: len(g.graph.nodes))
-    before = {"nodes": len(gm.graph.nodes), "ops": dict(_ops(gm))}
+    if gm is None and graphs:
+        gm = max(graphs, key=lambda g: len(g.graph.nodes))
+    before = {"nodes": len(gm.graph.nodes), "ops": dict(_ops(gm))} if gm is not None else {"nodes": 0, "ops": {}}
     head = {"fn": fn, "bn": bn}
     if graph_break is not None:
         head["graphs"] = len(graphs)

@@ -48,6 +48,8 @@ class ChainLayout:
     fn_dtype: torch.dtype
     streams: tuple[StreamSpec, ...]
     diff_shared: bool = False  # cfg_diff_compute_separate=False: the 2nd call of a step reuses the 1st's diff
+    branch_by: str = "parity"  # with 2 branches and no caller hint: "parity" alternates calls, "timestep"
+    # sends a call to branch 1 when its timestep equals the previous call's (a CFG pair's second call)
     capacity: int = LOG_CAPACITY
 
     def names(self) -> list[str]:

@@ -42,6 +42,7 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
         now = timestep.reshape(-1)[:1].to(torch.float64)
         last, direction = st["last_t"], st["t_dir"]
         delta = now - last
+        same_timestep = delta == 0
         new_request = (direction != 0) & (delta * direction < 0)
         init = initial_values(layout)
         for name in RESETTABLE:
@@ -53,8 +54,11 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
         last.copy_(now)
     # The caller may say which CFG branch this call is (diffusers' cache_context); else alternate.
     hint = st["branch_hint"]
-    branch = torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1),
-                         torch.remainder(st["calls_total"], layout.n_branches))
+    if layout.branch_by == "timestep" and timestep is not None:
+        auto = same_timestep.long()
+    else:
+        auto = torch.remainder(st["calls_total"], layout.n_branches)
+    branch = torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1), auto)
     st["calls_total"].add_(1)
     calls = st["calls"].index_select(0, branch) + 1
     st["calls"].index_copy_(0, branch, calls)

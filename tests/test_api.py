@@ -129,7 +129,9 @@ def test_separate_cfg_has_two_branches(name):
     assert zoo.get(name).separate_cfg
     r = family_run(name)
     used = [x for x in chain_rows(r.rows) if x["steps"] > 0]
-    assert sorted({x["branch"] for x in used}) == [0, 1], f"{name}: {r.rows}; warnings {r.warned}"
+    # Two state sets: branches 0 and 1 of one graph, or (cond and uncond texts of different lengths
+    # compile to two graphs; a graph after a break may not see the timestep) one per graph.
+    assert len(used) == 2, f"{name}: {r.rows}; warnings {r.warned}"
     for x in used:
         assert x["steps"] == STEPS, x
         assert x["diffs"], f"{name}: branch {x['branch']} has no diff stats: {x}"
@@ -235,3 +237,20 @@ def test_supported_pipelines():
     names = cf.supported_pipelines()
     assert "FluxPipeline" in names and "WanPipeline" in names
     assert names == sorted(set(names))
+
+
+def test_many_enables_in_one_process_keep_caching():
+    """Dynamo's recompile_limit (8) counts per code object; enable_cache compiles a private copy of the
+    forward's code, so the 9th+ enable_cache (of a transformer class, or any diffusers transformer behind
+    the shared peft wrapper) still caches instead of silently running eager. The limit is lowered to 2
+    here to hit it in 3 enables."""
+    pipe = zoo.build_pipeline("sd3")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for i in range(3):
+            try:
+                cf.enable_cache(pipe, cache_config=config("sd3"), compile=False)
+                zoo.run_pipeline(pipe, "sd3", num_inference_steps=4)
+                rows = chain_rows(cf.summary(pipe))
+            finally:
+                cf.disable_cache(pipe)
+            assert rows and rows[0]["cached_steps"] == 2, (i, rows)

@@ -88,7 +88,7 @@ def find_timestep(gm: GraphModule) -> Node | None:
 
 
 def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                n_branches: int) -> ChainLayout:
+                n_branches: int, branch_by: str = "parity") -> ChainLayout:
     def ladder(role: str) -> int:
         if calib is None or not calib.enable_calibrator:
             return 1
@@ -110,7 +110,7 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
     slots = h.shape[0] if cache.per_sample else 1
     return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=tuple(h.shape), fn_dtype=h.dtype,
                        streams=tuple(streams),
-                       diff_shared=n_branches == 2 and not cache.cfg_diff_compute_separate)
+                       diff_shared=n_branches == 2 and not cache.cfg_diff_compute_separate, branch_by=branch_by)
 
 
 def _named(fn, name):
@@ -119,14 +119,15 @@ def _named(fn, name):
 
 
 def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConfig,
-                  calib: TaylorSeerCalibratorConfig | None, n_branches: int, device=None) -> RewrittenChain:
+                  calib: TaylorSeerCalibratorConfig | None, n_branches: int, device=None,
+                  branch_by: str = "parity") -> RewrittenChain:
     split = split_chain(gm, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
     if not split.middle_nodes or not split.middle_outputs:
         raise ValueError(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
     for i in split.middle_inputs:
         if not isinstance(_val(i), torch.Tensor):
             raise ValueError(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
-    layout = make_layout(split, cache, calib, n_branches)
+    layout = make_layout(split, cache, calib, n_branches, branch_by)
     state = ChainState(layout, cache, device=device)
 
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
@@ -183,9 +184,10 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
 
 
 def rewrite(gm: GraphModule, infos: list[ChainInfo], cache: DBCacheConfig,
-            calib: TaylorSeerCalibratorConfig | None, n_branches: int = 1, device=None) -> list[RewrittenChain]:
+            calib: TaylorSeerCalibratorConfig | None, n_branches: int = 1, device=None,
+            branch_by: str = "parity") -> list[RewrittenChain]:
     """Rewrite ``gm`` in place for every chain in ``infos``; returns what each rewrite added."""
-    chains = [rewrite_chain(gm, info, i, cache, calib, n_branches, device) for i, info in enumerate(infos)]
+    chains = [rewrite_chain(gm, info, i, cache, calib, n_branches, device, branch_by) for i, info in enumerate(infos)]
     gm.graph.lint()
     gm.recompile()
     return chains
