@@ -80,6 +80,11 @@ class _quiet_libraries:
         self._warnings.__enter__()
         warnings.simplefilter("ignore")
         self._levels = []
+        for name in ("transformers", "diffusers"):
+            try:  # configures the library's root logger now, so a later lazy setup cannot reset it
+                __import__(f"{name}.utils.logging", fromlist=["get_logger"]).get_logger()
+            except ImportError:
+                pass
         for name in ("transformers", "diffusers", "torch._dynamo"):
             log = logging.getLogger(name)
             self._levels.append((log, log.level))
@@ -295,6 +300,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def export_cmd(args) -> int:
+    from cachedit_fx.diff import load_model
+    from cachedit_fx.export import export
+
+    with _quiet_libraries():
+        model = load_model(args.model, args.config)
+        inputs = {k: v for k, v in model.inputs.items()}
+        calib = {"taylorseer_order": args.taylorseer} if args.taylorseer else None
+        path = export(model.transformer, example_kwargs=inputs, path=args.out, calibrator_config=calib,
+                      cache_config={"Fn_compute_blocks": args.fn, "Bn_compute_blocks": args.bn,
+                                    "residual_diff_threshold": args.threshold, "max_warmup_steps": args.warmup})
+    print(f"wrote {path}")
+    return 0
+
+
 MODEL_HELP = ("a zoo model name (flux, wan, ...: see cachedit_fx.testing.zoo.FAMILY_NAMES), package.module:Class "
               "with --config cfg.json (random weights), or a local diffusers model folder (config.json with "
               "_class_name; loaded with from_pretrained, no network)")
@@ -308,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cachedit-fx", description=__doc__,
                      epilog="Errors print one line on stderr; set CACHEDIT_FX_TRACEBACK=1 for the traceback of an "
                             "unexpected one.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,trace,metrics}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,trace,metrics,export}")
     p = sub.add_parser("demo", help="run a tiny Flux uncached and cached; print speedup, cached steps, PSNR",
                        description="Run a tiny random Flux (built offline) uncached and cached; print the speedup, "
                                    "cached steps and PSNR, and write a side-by-side image.")
@@ -317,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--inner", choices=("inductor", "aot_eager", "eager"), default="inductor")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     p.add_argument("--out", default="cachedit_demo.png")
     p.set_defaults(func=demo)
 
@@ -383,6 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default="alex")
     p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="local folder or Hugging Face cache id")
     p.set_defaults(func=metrics)
+
+    p = sub.add_parser(
+        "export", help="export a cached transformer as an AOTInductor package (.pt2)",
+        description="torch.export the transformer with the cache decision inside the program and package it with "
+                    "AOTInductor. The package is static in shape (the example call's shapes); load it with "
+                    "cachedit_fx.export.load(path) and use it as pipe.transformer.")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--out", default="model.pt2")
+    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
+    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
+    p.add_argument("--threshold", type=float, default=0.08, help="residual_diff_threshold (default 0.08)")
+    p.add_argument("--warmup", type=int, default=8, help="max_warmup_steps (default 8)")
+    p.add_argument("--taylorseer", type=int, default=0, metavar="ORDER", help="TaylorSeer order (default 0: off)")
+    p.set_defaults(func=export_cmd)
     return parser
 
 

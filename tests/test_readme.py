@@ -13,7 +13,8 @@ def _python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
-def test_readme_snippet_runs(index):
+def test_readme_snippet_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # snippets write files (the export package)
     torch._dynamo.reset()
     scope: dict = {}
     exec(compile(_python_blocks()[index], f"README-snippet-{index}", "exec"), scope)

@@ -1,0 +1,84 @@
+"""Per-step latency: eager, Inductor, cachedit full step, cachedit cached step, ideal (Fn only).
+
+    python benchmarks/step_cost.py [--quick]
+
+F1B0. "full": threshold 0 (gate threshold<=0, every step computes all blocks). "cached": threshold 1e9,
+no warmup (the first call after reset computes, every later call is cached). "ideal": a copy of the
+model keeping only the first double block, compiled with the same inner compiler: what a cached step
+must cost at best. Calls are interleaved and each variant's median is reported.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from _common import build_model, first_block_only, parse_args, table, time_interleaved, write_json
+from cachedit_fx.backend import CacheHandle
+from cachedit_fx.config import DBCacheConfig
+
+
+def cachedit_model(model, threshold, inner):
+    cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                        max_warmup_steps=0, enable_separate_cfg=False)
+    handle = CacheHandle(cfg, None)
+    compiled = torch.compile(copy.deepcopy(model), backend="cachedit", dynamic=False,
+                             options={"cache_config": cfg, "inner": inner, "handle": handle, "separate_cfg": False})
+    return compiled, handle
+
+
+def main():
+    args = parse_args("step_cost")
+    quick = args.quick
+    inner = "eager" if quick else "inductor"
+    repeats, per = (3, 1) if quick else (15, 2)
+    torch.manual_seed(0)
+    model, inputs, info = build_model(quick)
+    plain = torch.compile(copy.deepcopy(model), backend=inner, dynamic=False)
+    full, h_full = cachedit_model(model, 0.0, inner)
+    cached, h_cached = cachedit_model(model, 1e9, inner)
+    ideal = torch.compile(first_block_only(model), backend=inner, dynamic=False)
+    variants = {"eager": model, f"plain {inner}": plain, "cachedit full step": full,
+                "cachedit cached step": cached, f"ideal (F1 only, {inner})": ideal}
+    fns = {k: (lambda m=m: m(**inputs)) for k, m in variants.items()}
+    import time
+    compile_s = {}
+    with torch.no_grad():
+        for k, fn in fns.items():  # warm-up: compiles, then 2 more calls
+            t0 = time.perf_counter()
+            fn()
+            compile_s[k] = time.perf_counter() - t0
+            fn(), fn()
+        res = time_interleaved(fns, repeats, per)
+        # check the gates did what the names say
+        from cachedit_fx.stats import collect
+        full_cached = sum(s.cached_steps for s in collect(h_full))
+        cached_steps = [s for s in collect(h_cached)]
+    assert full_cached == 0, f"full-step variant cached {full_cached} steps"
+    n_c = sum(s.cached_steps for s in cached_steps)
+    n_s = sum(s.steps for s in cached_steps)
+    assert n_s and n_c == n_s - 1, f"cached variant: {n_c} of {n_s} steps cached (expected all but the first)"
+    med = {k: v["median_s"] for k, v in res.items()}
+    rows = [{"variant": k, "median ms": med[k] * 1e3, "min ms": res[k]["min_s"] * 1e3,
+             "first call s": compile_s[k], "vs plain": med[k] / med[f"plain {inner}"]} for k in fns]
+    ratios = {
+        "cached / ideal": med["cachedit cached step"] / med[f"ideal (F1 only, {inner})"],
+        "full / plain": med["cachedit full step"] / med[f"plain {inner}"],
+        "plain / eager": med[f"plain {inner}"] / med["eager"],
+        "ideal speedup (plain / ideal)": med[f"plain {inner}"] / med[f"ideal (F1 only, {inner})"],
+        "cached speedup (plain / cached)": med[f"plain {inner}"] / med["cachedit cached step"],
+    }
+    targets = {"cached / ideal <= 1.05": ratios["cached / ideal"] <= 1.05,
+               "full / plain <= 1.02": ratios["full / plain"] <= 1.02}
+    print(f"## step_cost ({info['model']}; inner {inner}; {repeats}x{per} interleaved calls, medians)\n")
+    print(table(["variant", "median ms", "min ms", "first call s", "vs plain"], rows))
+    print()
+    print(table(["ratio", "value"], [{"ratio": k, "value": v} for k, v in ratios.items()]))
+    print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
+    write_json("step_cost", args, {"info": info, "inner": inner, "repeats": repeats, "calls_per_sample": per,
+                                   "results": res, "first_call_s": compile_s, "ratios": ratios,
+                                   "targets": targets, "cached_steps": [n_c, n_s]})
+
+
+if __name__ == "__main__":
+    main()
