@@ -27,9 +27,14 @@ def parse_args(name: str, extra=None):
     p = argparse.ArgumentParser(description=f"cachedit-fx benchmark: {name}")
     p.add_argument("--quick", action="store_true", help="tiny model, few repeats, inner aot_eager (smoke test)")
     p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared 2-core box, 2 threads wait on each "
+                        "other whenever another job holds a core, and medians swing by 10x)")
     if extra:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def build_model(quick: bool, seed: int = 0):

@@ -9,6 +9,10 @@ runs through Python, where a TorchDispatchMode counts the ops that read a device
 (aten._local_scalar_dense, aten.item, aten.is_nonzero). With inner="inductor" the cond predicate is
 also read on the host once per step by Inductor's wrapper (it calls ``if pred.item()``), the same one
 read counted here.
+
+The torch.cond higher-order op runs its predicate check below the TorchDispatchMode (the mode does not
+see it), so the table adds a structural count: the torch.cond nodes in cachedit's rewritten graph, each
+of which reads its (1-element) predicate on the host once per call on CPU with aot_eager / Inductor.
 """
 from __future__ import annotations
 
@@ -83,7 +87,12 @@ def main():
 
     def make_cachedit(counting):
         handle = CacheHandle(cfg(0.05), None)
-        opts = {"cache_config": cfg(0.05), "inner": "aot_eager", "handle": handle, "separate_cfg": False}
+
+        def inner(gm, ex):  # aot_eager, counting the torch.cond nodes of the rewritten graph
+            make_cachedit.conds = sum(1 for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
+            return aot_eager(gm, ex)
+
+        opts = {"cache_config": cfg(0.05), "inner": inner, "handle": handle, "separate_cfg": False}
         m = torch.compile(copy.deepcopy(model), backend=counting(lambda gm, ex: cachedit_backend(gm, ex, opts)),
                           dynamic=False, fullgraph=False)
         make_cachedit.handle = handle
@@ -104,14 +113,19 @@ def main():
     def make_plain(counting):
         return torch.compile(copy.deepcopy(model), backend=counting(aot_eager), dynamic=False), lambda: None
 
+    make_cachedit.conds = 0
     rows = [
         measure("plain torch.compile (no cache)", make_plain, model, inputs, steps_a, steps_b),
         measure("cachedit-fx", make_cachedit, model, inputs, steps_a, steps_b,
                 between=lambda: make_cachedit.handle.configure(cfg(0.2))),
         measure("diffusers FirstBlockCache", make_fbc, model, inputs, steps_a, steps_b),
     ]
+    for r in rows:
+        r["cond predicate reads / step"] = 0
+    rows[1]["cond predicate reads / step"] = make_cachedit.conds
     heads = ["method", "graph breaks", "graphs", "backend compilations (request 1)", "recompiles (request 2)",
-             "host syncs / step", "sync ops"]
+             "host syncs / step", "sync ops",
+             "cond predicate reads / step"]
     print(f"## compile_health ({info['model']}; inner aot_eager; requests of {steps_a} then {steps_b} steps)\n")
     print(table(heads, rows))
     c = rows[1]

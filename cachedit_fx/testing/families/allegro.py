@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..components import t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
@@ -15,13 +16,10 @@ FRAMES, SIDE = 8, 64  # -> 2 latent frames of 8x8, 2x2 patches: 32 video tokens
 
 def build_pipeline():
     from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
-    from transformers import T5Config, T5EncoderModel
-
+    
     tok = t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=TEXT_DIM, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok, d_model=TEXT_DIM, relative_attention_num_buckets=8)
     transformer = AllegroTransformer3DModel(
         num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=4,
         cross_attention_dim=24, caption_channels=TEXT_DIM, sample_width=8, sample_height=8, sample_frames=2)

@@ -4,19 +4,17 @@ Block contract: the single blocks take the concatenated text+image sequence (one
 """
 import torch
 
+from ..components import kl_vae, t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
 
 def build_pipeline():
-    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     tok = t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tok), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok, umt5=True)
     # caption_projection_dim must equal the inner width (heads * head_dim); the 16x16 latent in patches
     # of 2 is an 8x8 grid, cut from the centre of the learned sqrt(pos_embed_max_size)^2 table.
     transformer = AuraFlowTransformer2DModel(
@@ -28,10 +26,7 @@ def build_pipeline():
     for name, module in transformer.named_modules():
         if name.endswith(("norm1", "norm1_context")):
             module.linear.weight.data.mul_(20)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=64)
+    vae = kl_vae((8, 8, 16), sample_size=64)
     pipe = AuraFlowPipeline(tokenizer=tok, text_encoder=text_encoder.eval(), vae=vae.eval(),
                             transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)

@@ -5,6 +5,7 @@ The pipeline calls the transformer twice per step (cond, then uncond) -> separat
 """
 import torch
 
+from ..components import latent_image_ids, sd3_kl_vae, t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
@@ -12,24 +13,17 @@ TXT = 12
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     tok = t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok)
     # The "approximator" makes every block's modulation from the timestep alone (no pooled text).
     transformer = ChromaTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=4, num_single_layers=4, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
         approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=32, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    vae = sd3_kl_vae()
     pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                           tokenizer=tok, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
@@ -52,12 +46,10 @@ def _text(transformer, g, n_tokens):
 def transformer_inputs(transformer, seed=0):
     g = torch.Generator().manual_seed(seed)
     side = 8
-    grid = torch.arange(side).float()
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), grid, grid, indexing="ij"), -1)
     return dict(
         hidden_states=torch.randn(1, side * side, transformer.config.in_channels, generator=g),
         timestep=torch.tensor([1.0]),
-        img_ids=img_ids.reshape(-1, 3).float(),
+        img_ids=latent_image_ids(side),
         **_text(transformer, g, n_tokens=8),
         return_dict=False,
     )

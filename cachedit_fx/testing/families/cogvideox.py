@@ -4,6 +4,7 @@ Blocks keep two streams (hidden_states, encoder_hidden_states) in and out.
 """
 import torch
 
+from ..components import t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
@@ -12,13 +13,10 @@ TXT, FRAMES, SIZE = 16, 9, 32  # 9 frames -> 3 latent frames (4x temporal), 32 p
 
 def build_pipeline():
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     tok = t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok)
     # Sin-cos position table covers text + video tokens, so the prompt must be exactly
     # max_text_seq_length tokens (the pipeline pads to max_sequence_length: keep them equal).
     transformer = CogVideoXTransformer3DModel(

@@ -5,12 +5,13 @@ rather than batching the two, so the family is ``separate_cfg``.
 """
 import torch
 
+from ..components import kl_vae
 from ..tokenizers import glm_tokenizer
 from ..zoo import Family
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import GlmConfig, GlmForCausalLM
 
     tok = glm_tokenizer()
@@ -21,10 +22,7 @@ def build_pipeline():
     transformer = CogView4Transformer2DModel(
         patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
         text_embed_dim=32, time_embed_dim=8, condition_dim=4)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = kl_vae()
     # CogView4 passes `mu` (resolution-dependent shift) to the scheduler: dynamic shifting must be on
     scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
                                                 use_dynamic_shifting=True, time_shift_type="linear")

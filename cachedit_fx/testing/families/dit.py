@@ -6,21 +6,19 @@ into one transformer call, so CFG is not separate.
 """
 import torch
 
+from ..components import kl_vae
 from ..zoo import Family
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
     # sample_size is the latent side the pipeline samples at: 16x16 latents, 2x2 patches -> 64 tokens.
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
         sample_size=16, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = kl_vae()
     pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

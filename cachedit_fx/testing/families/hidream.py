@@ -7,6 +7,7 @@ block list.
 """
 import torch
 
+from ..components import clip_text_encoder, kl_vae, llama_encoder, t5_encoder
 from ..tokenizers import clip_tokenizer, llama_tokenizer, t5_tokenizer
 from ..zoo import Family
 
@@ -14,24 +15,16 @@ NUM_LAYERS, NUM_SINGLE_LAYERS, LLAMA_LAYERS = 4, 4, 2
 
 
 def build_pipeline():
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline,
                            HiDreamImageTransformer2DModel)
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM,
-                              T5Config, T5EncoderModel)
 
     tok, tok2, tok3, tok4 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer(), llama_tokenizer()
     torch.manual_seed(0)
-    clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                              num_hidden_layers=2, projection_dim=16, max_position_embeddings=77,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    text_encoder, text_encoder_2 = CLIPTextModelWithProjection(clip_cfg), CLIPTextModelWithProjection(clip_cfg)
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tok3), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = clip_text_encoder(tok, projection_dim=16, with_projection=True)
+    text_encoder_2 = clip_text_encoder(tok2, projection_dim=16, with_projection=True)
+    text_encoder_3 = t5_encoder(tok3)
     # eager attention: the pipeline asks the Llama for output_attentions, which sdpa warns about
-    text_encoder_4 = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok4), hidden_size=16, intermediate_size=37, num_hidden_layers=LLAMA_LAYERS,
-        num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="eager"))
+    text_encoder_4 = llama_encoder(tok4, LLAMA_LAYERS, causal_lm=True, attn_implementation="eager")
     transformer = HiDreamImageTransformer2DModel(
         patch_size=2, in_channels=4, out_channels=4, num_layers=NUM_LAYERS, num_single_layers=NUM_SINGLE_LAYERS,
         attention_head_dim=8, num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=32,
@@ -39,10 +32,7 @@ def build_pipeline():
         # Trap: one Llama hidden state per block, so len(llama_layers) == num_layers + num_single_layers;
         # the indices pick among the tiny Llama's layers and may repeat.
         llama_layers=[i % LLAMA_LAYERS for i in range(NUM_LAYERS + NUM_SINGLE_LAYERS)])
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = kl_vae(scaling_factor=0.3611, shift_factor=0.1159)
     pipe = HiDreamImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
         tokenizer=tok, text_encoder_2=text_encoder_2.eval(), tokenizer_2=tok2, text_encoder_3=text_encoder_3.eval(),

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import torch
 
+from ..components import clip_text_encoder, llama_encoder
 from ..tokenizers import clip_tokenizer, llama_tokenizer
 from ..zoo import Family
 
@@ -28,17 +29,12 @@ def _prompt_template():
 def build_pipeline():
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                            HunyuanVideoTransformer3DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     tok, tok2 = llama_tokenizer(_SPECIALS), clip_tokenizer()
     torch.manual_seed(0)
     # 3 layers: the pipeline takes hidden_states[-3], which with 2 layers is the bare embedding
-    text_encoder = LlamaModel(LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id))
-    text_encoder_2 = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok2), hidden_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    text_encoder = llama_encoder(tok, 3)
+    text_encoder_2 = clip_text_encoder(tok2, hidden_size=8, projection_dim=None)
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=4,
         num_single_layers=4, num_refiner_layers=4, patch_size=1, patch_size_t=1, guidance_embeds=True,

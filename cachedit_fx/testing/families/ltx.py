@@ -4,6 +4,7 @@ LTXPipeline batches cond and uncond into one transformer call, so CFG is not sep
 """
 import torch
 
+from ..components import t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
@@ -12,13 +13,10 @@ TEXT_DIM = 32
 
 def build_pipeline():
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     tok = t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=TEXT_DIM, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok, d_model=TEXT_DIM)
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
         attention_head_dim=8, cross_attention_dim=32, num_layers=4, caption_channels=TEXT_DIM)

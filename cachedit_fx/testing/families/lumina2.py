@@ -7,6 +7,7 @@ the reverse of the other flow-matching families.
 """
 import torch
 
+from ..components import gemma2_encoder, sd3_kl_vae
 from ..tokenizers import gemma_tokenizer
 from ..zoo import Family
 
@@ -14,24 +15,16 @@ TEXT_DIM, TXT = 16, 48
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
     tok = gemma_tokenizer()
     torch.manual_seed(0)
-    text_encoder = Gemma2Model(Gemma2Config(
-        vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        attn_implementation="eager"))
+    text_encoder = gemma2_encoder(tok, hidden_size=TEXT_DIM)
     transformer = Lumina2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=4, num_refiner_layers=4,
         num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 4, 4), cap_feat_dim=TEXT_DIM)
     # The pipeline hard-codes vae_scale_factor = 8, so the VAE needs 4 levels (3 downsamples) to agree.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = sd3_kl_vae((8, 8, 8, 8), norm_num_groups=4, sample_size=64)
     pipe = Lumina2Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
                            vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)

@@ -5,6 +5,7 @@ The attention processor drops padded text tokens with ``torch.nonzero`` (data-de
 """
 import torch
 
+from ..components import t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
@@ -13,13 +14,10 @@ TXT, FRAMES, SIZE = 16, 13, 32  # the pipeline hard-codes 8x spatial / 6x tempor
 
 def build_pipeline():
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     tok = t5_tokenizer(max_length=TXT)
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok)
     transformer = MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=6, pooled_projection_dim=16,
         in_channels=12, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4, activation_fn="swiglu",

@@ -4,29 +4,24 @@ The transformer predicts a learned sigma too (out_channels = 2 * latent channels
 """
 import torch
 
+from ..components import kl_vae, t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     tok = t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok)
     # sample_size != 128 turns the resolution/aspect-ratio conditioning off (PixArt-Sigma has none).
     transformer = PixArtTransformer2DModel(
         sample_size=16, num_layers=6, patch_size=2, attention_head_dim=16, num_attention_heads=2,
         caption_channels=32, in_channels=4, cross_attention_dim=32, out_channels=8, attention_bias=True,
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=64)
+    vae = kl_vae((8, 8, 16), sample_size=64)
     pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder.eval(), vae=vae.eval(),
                                transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)

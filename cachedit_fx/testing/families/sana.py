@@ -4,6 +4,7 @@ SanaPipeline batches cond and uncond into one transformer call, so CFG is not se
 """
 import torch
 
+from ..components import gemma2_encoder
 from ..tokenizers import gemma_tokenizer
 from ..zoo import Family
 
@@ -12,14 +13,10 @@ TEXT_DIM = 16
 
 def build_pipeline():
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
     tok = gemma_tokenizer()
     torch.manual_seed(0)
-    text_encoder = Gemma2Model(Gemma2Config(
-        vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        attn_implementation="eager"))
+    text_encoder = gemma2_encoder(tok, hidden_size=TEXT_DIM)
     transformer = SanaTransformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=4, num_attention_heads=2, attention_head_dim=8,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,

@@ -4,40 +4,26 @@ Block contract: the last joint block is ``context_pre_only`` and returns ``None`
 """
 import torch
 
+from ..components import clip_text_encoder, sd3_kl_vae, t5_encoder
 from ..tokenizers import clip_tokenizer, t5_tokenizer
 from ..zoo import Family
 
 
-def _clip(vocab_size):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    # eos/pad ids must match the in-code tokenizer: CLIP pools the hidden state at the eos token.
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=32, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-
-
 def build_pipeline():
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
-    from transformers import T5Config, T5EncoderModel
 
     tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(0)
-    text_encoder, text_encoder_2 = _clip(len(tok)), _clip(len(tok2))
+    text_encoder = clip_text_encoder(tok, with_projection=True).eval()
+    text_encoder_2 = clip_text_encoder(tok2, with_projection=True).eval()
     # The two CLIP streams (32 + 32) are zero-padded up to T5's width, so T5 d_model must be >= 64.
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tok3), d_model=64, d_ff=37, d_kv=16, num_heads=4, num_layers=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    text_encoder_3 = t5_encoder(tok3, d_model=64, d_kv=16).eval()
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
         pos_embed_max_size=32).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 16], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = sd3_kl_vae((8, 8, 16), sample_size=64).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=tok, text_encoder_2=text_encoder_2, tokenizer_2=tok2,

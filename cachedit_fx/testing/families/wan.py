@@ -5,6 +5,7 @@ WanPipeline runs CFG as two transformer calls per step (cond, then uncond), so t
 """
 import torch
 
+from ..components import t5_encoder
 from ..tokenizers import t5_tokenizer
 from ..zoo import Family
 
@@ -13,13 +14,10 @@ TEXT_DIM = 32
 
 def build_pipeline():
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     tok = t5_tokenizer()  # UMT5 reads the same SentencePiece-style vocabulary
     torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tok), d_model=TEXT_DIM, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    text_encoder = t5_encoder(tok, d_model=TEXT_DIM, umt5=True, relative_attention_num_buckets=8)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=4, rope_max_seq_len=32)

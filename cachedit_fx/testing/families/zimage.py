@@ -7,6 +7,7 @@ blocks name their input ``x`` too. CFG is batched (one call on cond + uncond lis
 """
 import torch
 
+from ..components import kl_vae
 from ..tokenizers import qwen2_tokenizer
 from ..zoo import Family
 
@@ -18,7 +19,7 @@ CHAT_TEMPLATE = (
 
 
 def build_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tok = qwen2_tokenizer(chat_template=CHAT_TEMPLATE)
@@ -30,10 +31,7 @@ def build_pipeline():
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=4, n_refiner_layers=4,
         n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-        latent_channels=16, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = kl_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
                           text_encoder=text_encoder.eval(), tokenizer=tok, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
