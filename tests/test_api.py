@@ -24,10 +24,6 @@ THRESHOLDS = {"auraflow": 1.5}
 # Families the passes cannot cache yet (they compile uncached with the warning quoted). Not strict: they
 # pass once the passes learn them.
 XFAIL = {
-    "hunyuanvideo": "passes/patterns.py: 'single_transformer_blocks.0: output ... continues several streams "
-                    "(encoder_hidden_states_.., hidden_states_..); cannot tell them apart' -- the single block "
-                    "cats [H, E] and splits its output; _continues breaks the tie by shape only, and in the tiny "
-                    "model both streams are (1, 32, C) (32 latent tokens = max_sequence_length 32)",
     "hidream": "graph breaks inside every block (MoE moe_infer: flat_expert_indices.bincount().cpu().numpy(), "
                "data-dependent shapes), so no graph holds >= 2 consecutive blocks: 'no repeated transformer "
                "blocks found' for each of the ~26 graphs",

@@ -97,20 +97,72 @@ def _shape(node: Node):
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def _slice_region(node: Node, region):
+    """``x[..., a:b, ...]`` as (dim, start, stop) in ``x``'s coordinates, composed with ``region``."""
+    index = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(index, tuple):
+        return None
+    cut = [(d, ix) for d, ix in enumerate(index) if isinstance(ix, slice) and ix != slice(None)]
+    if len(cut) != 1 or not all(isinstance(ix, slice) or ix is None for ix in index) or None in index:
+        return None
+    dim, ix = cut[0]
+    if ix.step not in (None, 1):
+        return None
+    src = _shape(node.args[0])
+    start, stop, _ = ix.indices(src[dim]) if src else (ix.start or 0, ix.stop, 1)
+    if region is not None:
+        if region[0] != dim:
+            return None
+        start, stop = start + region[1], start + region[2]
+    return (dim, start, stop)
+
+
+def _cat_inputs(node: Node, region):
+    """The inputs of ``torch.cat`` that hold ``region`` (all of them when it cannot tell)."""
+    tensors = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    out = _shape(node)
+    if region is None or out is None or dim % len(out) != region[0]:
+        return [(t, None) for t in tensors]
+    offset = 0
+    for t in tensors:
+        size = _shape(t)[region[0]] if _shape(t) else None
+        if size is None:
+            return [(t, None) for t in tensors]
+        if offset <= region[1] and region[2] <= offset + size:
+            return [(t, (region[0], region[1] - offset, region[2] - offset))]
+        offset += size
+    return [(t, None) for t in tensors]
+
+
 def _continues(block: Block, out: Node, streams: dict[Node, frozenset]) -> Node | None:
-    """The stream input ``out`` continues (None: ``out`` is created inside the block)."""
+    """The stream input ``out`` continues (None: ``out`` is created inside the block).
+
+    Walks back along cheap ops, following slices into the part of a ``cat`` they select, so that a
+    block which joins [E, H], transforms the joint sequence and splits it again maps each half back
+    to its own stream even when both halves have the same shape.
+    """
     inside = set(block.nodes)
-    found, seen, todo = [], set(), [out]
+    found, seen, todo = [], set(), [(out, None)]
     while todo:
-        n = todo.pop()
-        if n in seen:
+        n, region = todo.pop()
+        if (n, region) in seen:
             continue
-        seen.add(n)
+        seen.add((n, region))
         if n in streams:
             found.append(n)
             continue
-        if n in inside and _op_name(n) in _CHEAP:
-            todo.extend(n.all_input_nodes)
+        if n not in inside or _op_name(n) not in _CHEAP:
+            continue
+        name = _op_name(n)
+        if name == "getitem" and n.args and isinstance(n.args[0], Node) and _shape(n.args[0]) is not None:
+            todo.append((n.args[0], _slice_region(n, region)))
+        elif name == "cat":
+            todo.extend(_cat_inputs(n, region))
+        else:
+            same = region is not None and all(_shape(a) == _shape(n) for a in n.all_input_nodes)
+            todo.extend((a, region if same else None) for a in n.all_input_nodes)
+    found = list(dict.fromkeys(found))
     if len(found) > 1:
         found = [f for f in found if _shape(f) == _shape(out)] or found
     if len({streams[f] for f in found}) > 1:
