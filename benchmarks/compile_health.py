@@ -82,7 +82,7 @@ def measure(name, make, model, inputs, steps_a, steps_b, between=None):
 def main():
     args = parse_args("compile_health")
     model, inputs, info = build_model(args.quick)
-    steps_a, steps_b = (3, 5) if args.quick else (6, 9)
+    steps_a, steps_b = (2, 3) if args.quick else (6, 9)
     from torch._dynamo.backends.debugging import aot_eager
 
     def make_cachedit(counting):

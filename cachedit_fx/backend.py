@@ -80,6 +80,14 @@ def _validated(config):
     return config
 
 
+def _weight_ptrs(gm: GraphModule, example_inputs) -> frozenset:
+    """Storage of the graph's lifted parameters and buffers: how reset/summary find a module's graphs
+    (activations are left out, so a freed input's address can never match a later module)."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return frozenset(x.data_ptr() for name, x in zip(names, example_inputs)
+                     if isinstance(x, torch.Tensor) and ("_parameters_" in name or "_buffers_" in name))
+
+
 def parse_options(options: dict | None) -> dict:
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
@@ -149,7 +157,7 @@ def _is_static(example_inputs) -> bool:
 def _fallback(gm, example_inputs, opts, reason: str):
     warnings.warn(f"cachedit: caching disabled for this graph, compiling it uncached: {reason}", stacklevel=3)
     # Record the parameters too, so handles_for(module) / summary() find the uncached graph and its reason.
-    ptrs = frozenset(x.data_ptr() for x in example_inputs if isinstance(x, torch.Tensor))
+    ptrs = _weight_ptrs(gm, example_inputs)
     opts["handle"].graphs.append(CompiledGraph([], ptrs, unmatched=reason))
     compiled = inner_compile(gm, example_inputs, opts["inner"], opts["inner_options"])
 
@@ -195,7 +203,7 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
         for c in chains:
             c.state.configure(handle.cache_config)
     states = [t for c in chains for t in c.state.ordered()]
-    ptrs = frozenset(x.data_ptr() for x in example_inputs if isinstance(x, torch.Tensor))
+    ptrs = _weight_ptrs(gm, example_inputs)
     handle.graphs.append(CompiledGraph(chains, ptrs))
     compiled = inner_compile(gm, list(example_inputs) + states, opts["inner"], opts["inner_options"])
 
