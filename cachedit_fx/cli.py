@@ -322,6 +322,17 @@ CONFIG_HELP = ("a diffusers-style config JSON for a package.module:Class MODEL; 
                "family with that transformer class")
 
 
+def _split_args(p) -> None:
+    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
+    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
+
+
+def _cache_args(p, warmup: int) -> None:
+    p.add_argument("--threshold", type=float, default=0.08, help="residual_diff_threshold (default 0.08)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"max_warmup_steps (default {warmup})")
+    p.add_argument("--taylorseer", type=int, default=0, metavar="ORDER", help="TaylorSeer order (default 0: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cachedit_fx.metrics import LPIPS_BACKBONES, METRICS, DEFAULT_CLIP_MODEL, video_support
 
@@ -349,8 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "graphviz is not needed to emit it). Unmatched models print the reason and exit 0.")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--config", help=CONFIG_HELP)
-    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
-    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
+    _split_args(p)
     p.add_argument("--separate-cfg", action="store_true", help="state for two CFG branches")
     p.add_argument("--format", choices=DIFF_FORMATS, default=None,
                    help="default: from --out's extension, else text")
@@ -366,12 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
-    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
-    p.add_argument("--threshold", type=float, default=0.08, help="residual_diff_threshold (default 0.08)")
-    p.add_argument("--warmup", type=int, default=2, help="max_warmup_steps (default 2)")
-    p.add_argument("--taylorseer", type=int, default=0, metavar="ORDER",
-                   help="TaylorSeer order (default 0: off)")
+    _split_args(p)
+    _cache_args(p, warmup=2)
     p.add_argument("--no-cfg", action="store_true", help="separate-CFG families: call cond only")
     p.add_argument("--plot", default="trace.png", help="diff plot PNG (default trace.png; '' for none)")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -412,11 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--out", default="model.pt2")
-    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
-    p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
-    p.add_argument("--threshold", type=float, default=0.08, help="residual_diff_threshold (default 0.08)")
-    p.add_argument("--warmup", type=int, default=8, help="max_warmup_steps (default 8)")
-    p.add_argument("--taylorseer", type=int, default=0, metavar="ORDER", help="TaylorSeer order (default 0: off)")
+    _split_args(p)
+    _cache_args(p, warmup=8)
     p.set_defaults(func=export_cmd)
     return parser
 
