@@ -333,27 +333,20 @@ def render_dot(report: dict, title: str = "") -> str:
             text = _q(f"{i}: {names[i]}")
             return f"    {blk[i]} [label={text}, fillcolor=\"{color}\"];"
 
+        def cluster(key, label, border, fill, first, last):
+            out.append(f"  subgraph cluster_{p}{key} {{ label={_q(label)}; color=\"{border}\";")
+            out.extend(block(i, fill) for i in range(first, last + 1))
+            out.append("  }")
+
         out.append(f"  {p}in [label={_q('inputs')}, shape=ellipse];")
-        text = _q(f"Fn: blocks {cut['Fn'][0]}..{fn_end} (always run)")
-        out.append(f"  subgraph cluster_{p}fn {{ label={text};"
-                   ' color="#2ca02c";')
-        out += [block(i, "#c7e9c0") for i in range(0, fn_end + 1)]
-        out.append("  }")
+        cluster("fn", f"Fn: blocks {cut['Fn'][0]}..{fn_end} (always run)", "#2ca02c", "#c7e9c0", 0, fn_end)
         out.append(f"  {p}pre [label={_q(_PRE)}, fillcolor=\"#fff7bc\"];")
         out.append(f"  {p}cond [label={_q('torch.cond(use_cache)')}, shape=diamond, fillcolor=\"#fee391\"];")
-        text = _q(f"middle: blocks {mid[0]}..{mid[1]} (full branch)")
-        out.append(f"  subgraph cluster_{p}mid {{ label={text};"
-                   ' color="#ff7f0e";')
-        out += [block(i, "#fdd0a2") for i in range(mid[0], mid[1] + 1)]
-        out.append("  }")
+        cluster("mid", f"middle: blocks {mid[0]}..{mid[1]} (full branch)", "#ff7f0e", "#fdd0a2", *mid)
         out.append(f"  {p}cached [label={_q(_CACHED)}, fillcolor=\"#dadaeb\"];")
         out.append(f"  {p}post [label={_q('post_step: update ref, ladders, counters, logs')}, fillcolor=\"#fff7bc\"];")
         if bn:
-            text = _q(f"Bn: blocks {bn[0]}..{bn[1]} (always run)")
-            out.append(f"  subgraph cluster_{p}bn {{ label={text};"
-                       ' color="#1f77b4";')
-            out += [block(i, "#c6dbef") for i in range(bn[0], bn[1] + 1)]
-            out.append("  }")
+            cluster("bn", f"Bn: blocks {bn[0]}..{bn[1]} (always run)", "#1f77b4", "#c6dbef", *bn)
         out.append(f"  {p}out [label={_q('output')}, shape=ellipse];")
         chain = [f"{p}in"] + blk[: fn_end + 1] + [f"{p}pre", f"{p}cond"]
         out.append("  " + " -> ".join(chain) + ";")

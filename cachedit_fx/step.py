@@ -108,6 +108,5 @@ def post_step(layout: ChainLayout, use_cache, gate, recorded, step, branch, fn_r
         _write(st[name], branch, value)
     at = step.clamp(0, layout.capacity - 1).reshape(1)
     for name, value in (("diff_log", recorded.float()), ("gate_log", gate), ("cached_log", use_cache)):
-        row = st[name].index_select(0, branch)[0]
-        _write(st[name], branch, row.index_copy(0, at, value.unsqueeze(0)))
+        st[name].index_put_((branch, at), value.unsqueeze(0))  # one element per slot, not the whole row
     return mixed
