@@ -30,6 +30,15 @@ def module_path(node: torch.fx.Node) -> list[tuple[str, type | None]]:
     return out
 
 
+def concrete_shape(value) -> tuple[int, ...] | None:
+    """A tensor's shape with symbolic sizes (a capture with dynamic dims) read as their example values.
+    Passes decide on these; comparing the symbolic sizes themselves would add guards that specialise
+    the dims back to constants."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(d if isinstance(d, int) else int(d.node.hint) for d in value.shape)
+
+
 class CaptureError(RuntimeError):
     """The forward cannot be captured as ONE Dynamo graph (data-dependent control flow, an op Dynamo
     cannot trace). The cachedit backend rewrites one whole graph, so such a model is not cacheable."""

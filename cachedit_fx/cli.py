@@ -303,6 +303,7 @@ class _Parser(argparse.ArgumentParser):
 def export_cmd(args) -> int:
     from cachedit_fx.diff import load_model
     from cachedit_fx.export import export
+    from cachedit_fx.shapes import parse_cli
 
     with _quiet_libraries():
         model = load_model(args.model, args.config)
@@ -310,7 +311,8 @@ def export_cmd(args) -> int:
         calib = {"taylorseer_order": args.taylorseer} if args.taylorseer else None
         path = export(model.transformer, example_kwargs=inputs, path=args.out, calibrator_config=calib,
                       cache_config={"Fn_compute_blocks": args.fn, "Bn_compute_blocks": args.bn,
-                                    "residual_diff_threshold": args.threshold, "max_warmup_steps": args.warmup})
+                                    "residual_diff_threshold": args.threshold, "max_warmup_steps": args.warmup},
+                      dynamic_shapes=parse_cli(args.dynamic or []))
     print(f"wrote {path}")
     return 0
 
@@ -413,11 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="export a cached transformer as an AOTInductor package (.pt2)",
         description="torch.export the transformer with the cache decision inside the program and package it with "
-                    "AOTInductor. The package is static in shape (the example call's shapes); load it with "
-                    "cachedit_fx.export.load(path) and use it as pipe.transformer.")
+                    "AOTInductor. The package serves the example call's shapes, or any size along the --dynamic "
+                    "dims; load it with cachedit_fx.export.load(path) and use it as pipe.transformer.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--out", default="model.pt2")
+    p.add_argument("--dynamic", action="append", metavar="ARG:DIM[:NAME]",
+                   help="let dimension DIM of forward argument ARG vary (repeatable; items with the same NAME share "
+                        "one size, e.g. --dynamic hidden_states:1:tokens --dynamic img_ids:0:tokens)")
     _split_args(p)
     _cache_args(p, warmup=8)
     p.set_defaults(func=export_cmd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .capture import capture, clone_graph_module
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce
 from .passes.patterns import Unmatched, analyze
 from .passes.rewrite import rewrite
+from . import shapes
 from .state import ChainLayout, ChainState, StreamSpec
 
 METADATA = "extra/cachedit_metadata.json"  # under the archive's root folder, as the pt2 reader requires
@@ -33,22 +35,33 @@ def _is_param(node) -> bool:
 
 class _Program(torch.nn.Module):
     """The rewritten graph with the model's weights held as buffers, so that export embeds them and
-    the package's inputs are only the call's tensors plus the cache state."""
+    the package's inputs are only the call's tensors plus the cache state. Sizes a dynamic-shape
+    capture takes as graph inputs are read off the tensors they come from."""
 
-    def __init__(self, gm, example_inputs, n_user_slots):
+    def __init__(self, gm, example_inputs, placeholders, user_index):
         super().__init__()
         self.gm = gm
         self.kinds = []
-        for i, (node, value) in enumerate(zip(n_user_slots, example_inputs)):
+        for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+            size = None if _is_param(node) else shapes.size_source(node._dynamo_source.name)
             if _is_param(node):
                 self.register_buffer(f"w{i}", value, persistent=True)
                 self.kinds.append(("w", f"w{i}"))
+            elif size is not None:
+                self.kinds.append(("s", (user_index[size[0]], size[1])))
             else:
                 self.kinds.append(("u", None))
 
     def forward(self, *args):
         it = iter(args)
-        full = [getattr(self, name) if kind == "w" else next(it) for kind, name in self.kinds]
+        user = [next(it) if kind == "u" else None for kind, _ in self.kinds]
+        full = []
+        for (kind, ref), value in zip(self.kinds, user):
+            if kind == "w":
+                value = getattr(self, ref)
+            elif kind == "s":
+                value = args[ref[0]].size(ref[1])
+            full.append(value)
         return self.gm(*full, *it)
 
 
@@ -69,31 +82,47 @@ def _layout_from(d: dict) -> ChainLayout:
 
 
 def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
-                   calibrator_config=None, separate_cfg: bool | None = None):
-    """torch.export of the rewritten transformer. Returns (ExportedProgram, metadata for load())."""
+                   calibrator_config=None, separate_cfg: bool | None = None, dynamic_shapes: dict | None = None):
+    """torch.export of the rewritten transformer. Returns (ExportedProgram, metadata for load()).
+
+    ``dynamic_shapes``: {argument name: {dim: torch.export.Dim | Dim.AUTO | Dim.DYNAMIC}} for the
+    dimensions (batch, tokens) that may vary between calls; the others stay fixed.
+    """
     cache = coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig()
     calib = coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config")
     separate = cache.enable_separate_cfg if separate_cfg is None else separate_cfg
-    gm, example_inputs = capture(transformer, tuple(example_args), dict(example_kwargs or {}))
+    args, kwargs, spec = shapes.mark_dynamic(transformer, tuple(example_args), dict(example_kwargs or {}),
+                                             dynamic_shapes)
+    gm, example_inputs = capture(transformer, args, kwargs)
     found = analyze(gm)
     if isinstance(found, Unmatched):
         raise ValueError(f"export: nothing to cache in {type(transformer).__name__}: {found.reason}")
     work = clone_graph_module(gm)
     placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
-    sources = [None if _is_param(n) else n._dynamo_source.name for n in placeholders]
+    user_nodes = [n for n in placeholders if not _is_param(n) and shapes.size_source(n._dynamo_source.name) is None]
+    sources = [n._dynamo_source.name for n in user_nodes]
     chains = rewrite(work, analyze(work)[:1], cache, calib, 2 if separate else 1)
-    program = _Program(work, example_inputs, placeholders)
-    user = [x for n, x in zip(placeholders, example_inputs) if not _is_param(n)]
+    program = _Program(work, example_inputs, placeholders, {src: i for i, src in enumerate(sources)})
+    by_node = dict(zip(placeholders, example_inputs))
+    user = [by_node[n] for n in user_nodes]
     states = [t for c in chains for t in c.state.ordered()]
+    templates = [shapes.state_templates(c) for c in chains]
+    user_specs = [spec.get(shapes.source_arg_name(transformer, src)) for src in sources]
+    state_templates = [t.get(name) for c, t in zip(chains, templates) for name in c.layout.names()]
     with torch.no_grad():
-        ep = torch.export.export(program, tuple(user + states))
+        ep = torch.export.export(program, tuple(user + states),
+                                 dynamic_shapes=(shapes.export_spec(user_specs, state_templates),) if spec else None)
+    user_values = [n.meta["example_value"] for n in user_nodes]
     meta = {
-        "user_sources": [s for s in sources if s is not None],
-        "user_shapes": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in user],
+        "user_sources": sources,
+        "user_shapes": [shapes.template(v.shape) if isinstance(v, torch.Tensor) else None for v in user_values],
+        "symbols": shapes.symbols_of(user_values),
+        "bounds": shapes.bounds_of(user_values),
         "cache_config": dict(vars(cache)),
         "calibrator_config": dict(vars(calib)) if calib else None,
         "chains": [{"name": c.info.name, "pattern": c.info.pattern, "n_blocks": c.info.n_blocks, "fn": c.split.fn,
-                    "bn": c.split.bn, "layout": _layout_json(c.layout)} for c in chains],
+                    "bn": c.split.bn, "layout": _layout_json(c.layout), "state_shapes": t}
+                   for c, t in zip(chains, templates)],
         "config": dict(getattr(transformer, "config", {}) or {}),
         "dtype": str(next(transformer.parameters()).dtype),
     }
@@ -102,14 +131,15 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
 
 def export(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
            calibrator_config=None, path: str = "model.pt2", separate_cfg: bool | None = None,
-           inductor_configs: dict | None = None) -> str:
+           inductor_configs: dict | None = None, dynamic_shapes: dict | None = None) -> str:
     """Export ``transformer`` with the cache decision inside the program and package it for AOTInductor.
 
-    The package is static in shape: it serves calls with the example's shapes (export again per
-    resolution / batch size).
+    Without ``dynamic_shapes`` the package serves calls with the example's shapes only. With it, the
+    named dims may vary; the state is resized to each call's shapes and a call whose shapes differ
+    from the previous call's is a computed step.
     """
     ep, meta = export_program(transformer, example_args, example_kwargs, cache_config, calibrator_config,
-                              separate_cfg)
+                              separate_cfg, dynamic_shapes)
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=inductor_configs or {})
     with zipfile.ZipFile(path, "a") as z:
@@ -139,6 +169,9 @@ class CachedTransformer(torch.nn.Module):
         self._runner = torch._inductor.aoti_load_package(path)
         self._sources = meta["user_sources"]
         self._shapes = meta["user_shapes"]
+        self._symbols = meta["symbols"]
+        self._bounds = {s: (lo, math.inf if hi is None else hi) for s, (lo, hi) in meta["bounds"].items()}
+        self._state_shapes = [c["state_shapes"] for c in meta["chains"]]
         cache = DBCacheConfig(**meta["cache_config"])
         calib = TaylorSeerCalibratorConfig(**meta["calibrator_config"]) if meta["calibrator_config"] else None
         chains = []
@@ -174,13 +207,40 @@ class CachedTransformer(torch.nn.Module):
     def reset(self) -> None:
         self.handle.reset()
 
+    def _check_shapes(self, inputs) -> None:
+        for src, shape, x in zip(self._sources, self._shapes, inputs):
+            if not isinstance(x, torch.Tensor) or shape is None:
+                continue
+            ok = x.dim() == len(shape) and all(
+                size == d if isinstance(d, int) else self._bounds[d][0] <= size <= self._bounds[d][1]
+                for size, d in zip(x.shape, shape))
+            if not ok:
+                allowed = [d if isinstance(d, int) else f"{d} in [{self._bounds[d][0]}, {self._bounds[d][1]}]"
+                           for d in shape]
+                hint = ("the package is static in shape, export again for this size" if not self._symbols else
+                        "export again with a dynamic_shapes range that covers it")
+                raise ValueError(f"{shapes.display_name(src)}: shape {list(x.shape)} does not fit the exported shape "
+                                 f"{allowed}; {hint}")
+
+    def _fit_state(self, inputs) -> None:
+        """Size reference and ladders to this call's shapes; new shapes start them afresh (computed step)."""
+        for c, templates in zip(self.handle.chains, self._state_shapes):
+            changed = False
+            for name, template in templates.items():
+                shape = shapes.evaluate(template, self._symbols, inputs)
+                current = c.state.tensors[name]
+                if tuple(current.shape) != shape:
+                    c.state.tensors[name] = torch.zeros(shape, dtype=current.dtype, device=current.device)
+                    changed = True
+            if changed:
+                c.state.tensors["has_ref"].fill_(False)
+                c.state.tensors["n_computed"].fill_(0)
+
     def forward(self, *args, **kwargs):
         scope = {"L": {"self": None, "args": args, "kwargs": kwargs}}
         inputs = [eval(src, scope) for src in self._sources]  # noqa: S307 - our own Dynamo source names
-        for src, shape, x in zip(self._sources, self._shapes, inputs):
-            if isinstance(x, torch.Tensor) and shape is not None and list(x.shape) != shape:
-                raise ValueError(f"{src}: shape {list(x.shape)} differs from the exported {shape}; the package is "
-                                 "static in shape, export again for this size")
+        self._check_shapes(inputs)
+        self._fit_state(inputs)
         for c in self.handle.chains:
             c.state.tensors["branch_hint"].fill_(-1 if self._branch is None else self._branch)
         states = [t for c in self.handle.chains for t in c.state.ordered()]

@@ -78,7 +78,7 @@ def test_loaded_package_rejects_other_shapes(package):
     path, kwargs, _ = package
     loaded = load(path)
     bad = dict(kwargs, hidden_states=torch.cat([kwargs["hidden_states"]] * 2))
-    with pytest.raises(ValueError, match="static in shape"):
+    with pytest.raises(ValueError, match="hidden_states: shape .* static in shape"):
         loaded(**bad)
 
 
@@ -93,3 +93,84 @@ def test_exported_program_holds_cond_and_no_host_sync(flux_pipe):
 def test_load_missing_file():
     with pytest.raises(FileNotFoundError, match="no such package"):
         load("/nonexistent/model.pt2")
+
+
+# ----------------------------------------------------------------------------- dynamic shapes
+
+def _flux_inputs(transformer, batch: int, side: int, seed: int = 1) -> dict:
+    from cachedit_fx.testing.components import latent_image_ids
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    return dict(hidden_states=torch.randn(batch, side * side, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(batch, 12, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.ones(batch), img_ids=latent_image_ids(side), txt_ids=torch.zeros(12, 3),
+                return_dict=False)
+
+
+def _dynamic_spec():
+    from torch.export import Dim
+
+    batch, tokens = Dim("batch", max=8), Dim("tokens", min=16, max=1024)
+    return {"hidden_states": {0: batch, 1: tokens}, "img_ids": {0: tokens}, "encoder_hidden_states": {0: batch},
+            "pooled_projections": {0: batch}, "timestep": {0: batch}}
+
+
+@pytest.fixture(scope="module")
+def dynamic_package(flux_pipe, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dyn") / "flux_dynamic.pt2")
+    export(flux_pipe.transformer, example_kwargs=_flux_inputs(flux_pipe.transformer, 2, 8), cache_config=CACHE,
+           path=path, dynamic_shapes=_dynamic_spec())
+    return path
+
+
+@pytest.mark.parametrize("batch,side", [(2, 8), (3, 12), (2, 6)])
+def test_dynamic_package_matches_compiled_path_per_shape(dynamic_package, flux_pipe, batch, side):
+    """One package serves other batch sizes and resolutions, deciding as a static compile of each shape."""
+    loaded = load(dynamic_package)
+    inputs = _flux_inputs(flux_pipe.transformer, batch, side)
+    torch._dynamo.reset()
+    compiled = torch.compile(flux_pipe.transformer, backend="cachedit", dynamic=False,
+                             options=dict(cache_config=CACHE, inner="eager"))
+    _, out_pkg = zoo.denoise(None, "flux", inputs, num_steps=10, call=loaded)
+    _, out_cmp = zoo.denoise(None, "flux", inputs, num_steps=10, call=compiled)
+    pkg_log = loaded.handle.chains[0].state.tensors["cached_log"][0, :10, 0]
+    cmp_log = handles_for(flux_pipe.transformer)[-1].chains[0].state.tensors["cached_log"][0, :10, 0]
+    assert pkg_log.sum() > 0
+    assert torch.equal(pkg_log, cmp_log)
+    for a, b in zip(out_pkg, out_cmp):
+        assert a.shape == (batch, side * side, 16)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_package_shape_change_is_a_computed_step(dynamic_package, flux_pipe):
+    loaded = load(dynamic_package)
+    small, large = _flux_inputs(flux_pipe.transformer, 2, 8), _flux_inputs(flux_pipe.transformer, 2, 12)
+    with torch.no_grad():
+        for i in range(5):
+            loaded(**dict(small, timestep=torch.full((2,), 1.0 - i / 10)))
+        log = loaded.handle.chains[0].state.tensors["cached_log"][0, :, 0]
+        assert log[4]  # at this shape the next step would cache too
+        t = torch.full((2,), 0.5)
+        out = loaded(**dict(large, timestep=t))[0]
+        expected = flux_pipe.transformer(**dict(large, timestep=t))[0]
+    assert not log[5]
+    assert loaded.handle.chains[0].state.tensors["gate_log"][0, 5, 0] == 7  # no_reference: the state started afresh
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_package_rejects_sizes_out_of_range(dynamic_package, flux_pipe):
+    loaded = load(dynamic_package)
+    with pytest.raises(ValueError, match=r"hidden_states: shape \[2, 1600, 16\] does not fit .*1024"):
+        loaded(**_flux_inputs(flux_pipe.transformer, 2, 40))
+
+
+def test_dynamic_shapes_validation(flux_pipe):
+    kwargs = _flux_inputs(flux_pipe.transformer, 1, 8)
+    with pytest.raises(ValueError, match="dynamic_shapes: 'latents' is not a tensor argument.*hidden_states"):
+        export_program(flux_pipe.transformer, example_kwargs=kwargs, dynamic_shapes={"latents": {0: None}})
+    with pytest.raises(ValueError, match=r"dynamic_shapes\['hidden_states'\]: dimension 0 has size 1"):
+        export_program(flux_pipe.transformer, example_kwargs=kwargs, dynamic_shapes=_dynamic_spec())
+    with pytest.raises(ValueError, match=r"dimension 5 is out of range"):
+        export_program(flux_pipe.transformer, example_kwargs=kwargs, dynamic_shapes={"hidden_states": {5: torch.export.Dim.AUTO}})

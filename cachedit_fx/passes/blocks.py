@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import module_path
+from ..capture import concrete_shape, module_path
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 _ATTENTION = ("scaled_dot_product_attention", "softmax", "baddbmm", "bmm")
@@ -219,10 +219,10 @@ def latent_input(gm: GraphModule) -> Node | None:
     if not inputs:
         return None
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    outs = [tuple(_value(o).shape) for o in output.all_input_nodes if isinstance(_value(o), torch.Tensor)]
+    outs = [concrete_shape(_value(o)) for o in output.all_input_nodes if isinstance(_value(o), torch.Tensor)]
     for match in (lambda a, b: a == b, _widened):
         for i in inputs:
-            if any(match(tuple(_value(i).shape), o) for o in outs):
+            if any(match(concrete_shape(_value(i)), o) for o in outs):
                 return i
     named = [i for i in inputs if getattr(getattr(i, "_dynamo_source", None), "local_name", None) == "hidden_states"
              or getattr(getattr(i, "_dynamo_source", None), "index", None) == "hidden_states"]

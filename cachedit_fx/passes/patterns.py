@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
+from ..capture import concrete_shape
 from .blocks import Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
 _CHEAP = {
@@ -93,8 +94,7 @@ def _op_name(node: Node) -> str:
 
 
 def _shape(node: Node):
-    v = node.meta.get("example_value", node.meta.get("val"))
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return concrete_shape(node.meta.get("example_value", node.meta.get("val")))
 
 
 def _slice_region(node: Node, region):

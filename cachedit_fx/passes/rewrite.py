@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from ..capture import concrete_shape
 from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
 from ..state import ChainLayout, ChainState, StreamSpec
 from ..step import forecast, post_step, pre_step
@@ -98,7 +99,7 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
 
     h = _val(split.h_fn)
     h_in = _val(split.h_in)
-    if tuple(h.shape) != tuple(h_in.shape):
+    if concrete_shape(h) != concrete_shape(h_in):
         raise ValueError(f"chain {split.info.name}: H changes shape inside Fn ({tuple(h_in.shape)} -> "
                          f"{tuple(h.shape)}); choose Fn_compute_blocks within the first block list")
     streams = []
@@ -106,9 +107,12 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
         v = _val(o)
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"chain {split.info.name}: middle output {o.name} is not a tensor")
-        streams.append(StreamSpec(tuple(v.shape), v.dtype, ladder(split.output_roles[o])))
+        streams.append(StreamSpec(concrete_shape(v), v.dtype, ladder(split.output_roles[o])))
+    if cache.per_sample and not isinstance(h.shape[0], int):
+        raise ValueError(f"chain {split.info.name}: per_sample=True needs a static batch size (one state slot "
+                         "per sample); keep the batch dimension static")
     slots = h.shape[0] if cache.per_sample else 1
-    return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=tuple(h.shape), fn_dtype=h.dtype,
+    return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=concrete_shape(h), fn_dtype=h.dtype,
                        streams=tuple(streams),
                        diff_shared=n_branches == 2 and not cache.cfg_diff_compute_separate, branch_by=branch_by)
 
@@ -125,7 +129,7 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     if not split.middle_nodes or not split.middle_outputs:
         raise ValueError(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
     for i in split.middle_inputs:
-        if not isinstance(_val(i), torch.Tensor):
+        if not isinstance(_val(i), (torch.Tensor, torch.SymInt)):  # sizes of a dynamic-shape capture may pass
             raise ValueError(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
     layout = make_layout(split, cache, calib, n_branches, branch_by)
     state = ChainState(layout, cache, device=device)

@@ -90,6 +90,9 @@ def passthrough_module(gm: GraphModule, split: Split) -> GraphModule:
             src = bs.continues[node]
             if src is None:
                 val = node.meta["example_value"]
+                if not all(isinstance(d, int) for d in val.shape):
+                    raise ValueError(f"{node.name}: a block output that starts a new stream has a dynamic shape; "
+                                     "a cached step cannot build it (keep these dimensions static)")
                 env[node] = graph.call_function(torch.zeros, (tuple(val.shape),), {"dtype": val.dtype,
                                                                                   "device": val.device})
             else:

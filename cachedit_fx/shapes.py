@@ -1,0 +1,169 @@
+"""Dynamic dimensions for export: the user's spec, the marks Dynamo captures with, the spec handed to
+torch.export, and the shape templates a loaded package evaluates on each call to size its state.
+
+The cache state is allocated per *concrete* shape (DESIGN: state cannot be allocated from symbolic
+sizes), so a package with dynamic dims sizes its reference / ladders from the call's inputs and, when
+they change, starts them afresh: the call after a shape change is always a computed step.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import torch
+from torch.export import Dim
+
+_KWARG = re.compile(r"^L\['kwargs'\]\['(\w+)'\]$")
+_ARG = re.compile(r"^L\['args'\]\[(\d+)\]$")
+_SIZE = re.compile(r"^(.*)\.size\(\)\[(\d+)\]$")
+_EVAL_NAMESPACE = {"__builtins__": {}, "floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min}
+
+
+def _forward_params(module: torch.nn.Module) -> list[str]:
+    return [p for p in inspect.signature(module.forward).parameters if p not in ("self",)]
+
+
+def _dims_of(name: str, spec, ndim: int) -> dict[int, object]:
+    """One input's spec as {dim: Dim | Dim.AUTO | Dim.DYNAMIC}; accepts torch.export's dict or list form."""
+    if isinstance(spec, dict):
+        items = spec.items()
+    elif isinstance(spec, (list, tuple)):
+        items = enumerate(spec)
+    else:
+        raise ValueError(f"dynamic_shapes[{name!r}]: expected a dict {{dim: Dim}} or a list with one entry per "
+                         f"dimension, got {type(spec).__name__}")
+    out = {}
+    for d, dim in items:
+        if dim is None:
+            continue
+        if not isinstance(d, int) or not -ndim <= d < ndim:
+            raise ValueError(f"dynamic_shapes[{name!r}]: dimension {d!r} is out of range for a {ndim}-d tensor")
+        out[d % ndim] = dim
+    return out
+
+
+def mark_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: dict | None):
+    """The call's inputs with the requested dims marked dynamic (on fresh aliases, so the caller's
+    tensors are left unmarked), and the spec by argument name."""
+    if not dynamic_shapes:
+        return args, kwargs, {}
+    if not isinstance(dynamic_shapes, dict):
+        raise ValueError("dynamic_shapes: expected a dict keyed by the forward's argument names, e.g. "
+                         "{'hidden_states': {1: torch.export.Dim('tokens')}}")
+    names = _forward_params(module)
+    bound = dict(zip(names, args))
+    tensors = {n: v for n, v in {**bound, **kwargs}.items() if isinstance(v, torch.Tensor)}
+    spec = {}
+    for name, value in dynamic_shapes.items():
+        if name not in tensors:
+            raise ValueError(f"dynamic_shapes: {name!r} is not a tensor argument of this call; allowed: "
+                             f"{sorted(tensors)}")
+        spec[name] = _dims_of(name, value, tensors[name].dim())
+    marked = {}
+    for name, dims in spec.items():
+        alias = tensors[name].detach()
+        for d, dim in dims.items():
+            if alias.shape[d] < 2:
+                raise ValueError(f"dynamic_shapes[{name!r}]: dimension {d} has size {alias.shape[d]} in the example; "
+                                 "export specialises sizes 0 and 1, give an example with size >= 2 there")
+            lo, hi = getattr(dim, "min", None), getattr(dim, "max", None)
+            if hi is not None and hi < 2 ** 62:  # Dynamo wants both bounds or neither
+                torch._dynamo.mark_dynamic(alias, d, min=max(lo or 0, 2), max=hi)
+            elif lo is not None and lo > 2:
+                torch._dynamo.mark_dynamic(alias, d, min=lo, max=2 ** 62)
+            else:
+                torch._dynamo.mark_dynamic(alias, d)
+        marked[name] = alias
+    new_args = tuple(marked.get(n, a) for n, a in zip(names, args))
+    new_kwargs = {k: marked.get(k, v) for k, v in kwargs.items()}
+    return new_args, new_kwargs, spec
+
+
+def source_arg_name(module: torch.nn.Module, source: str) -> str | None:
+    m = _KWARG.match(source)
+    if m:
+        return m.group(1)
+    m = _ARG.match(source)
+    if m:
+        names = _forward_params(module)
+        i = int(m.group(1))
+        return names[i] if i < len(names) else None
+    return None
+
+
+def display_name(source: str) -> str:
+    m = _KWARG.match(source)
+    return m.group(1) if m else source
+
+
+def parse_cli(items: list[str]) -> dict:
+    """``--dynamic ARG:DIM[:NAME]`` items as a dynamic_shapes dict; items sharing NAME share one Dim."""
+    dims: dict[str, Dim] = {}
+    spec: dict[str, dict] = {}
+    for item in items:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"--dynamic {item!r}: expected ARG:DIM or ARG:DIM:NAME, e.g. hidden_states:1:tokens")
+        name = parts[2] if len(parts) == 3 else f"{parts[0]}_{parts[1]}"
+        spec.setdefault(parts[0], {})[int(parts[1])] = dims.setdefault(name, Dim(name))
+    return spec
+
+
+def size_source(source: str) -> tuple[str, int] | None:
+    """``L['kwargs']['x'].size()[1]`` -> (``L['kwargs']['x']``, 1): a size Dynamo passes as a graph input."""
+    m = _SIZE.match(source)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def template(shape) -> list:
+    return [d if isinstance(d, int) else str(d.node.expr) for d in shape]
+
+
+def state_templates(chain) -> dict[str, list]:
+    """The symbolic shapes of one rewritten chain's shape-carrying state (reference, ladders); only
+    entries with a dynamic size are listed."""
+    nb = chain.layout.n_branches
+    h = chain.split.h_fn.meta["example_value"]
+    out = {"ref": [nb, *template(h.shape)]}
+    for k, (node, spec) in enumerate(zip(chain.split.middle_outputs, chain.layout.streams)):
+        out[f"ladder_{k}"] = [nb, spec.ladder, *template(node.meta["example_value"].shape)]
+    return {name: dims for name, dims in out.items() if any(isinstance(d, str) for d in dims)}
+
+
+def symbols_of(user_values: list) -> dict[str, list[int]]:
+    """symbol -> [user input index, dim] for every plain symbol among the inputs' sizes."""
+    out: dict[str, list[int]] = {}
+    for i, v in enumerate(user_values):
+        if isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if not isinstance(size, int) and size.node.expr.is_Symbol:
+                    out.setdefault(str(size.node.expr), [i, d])
+    return out
+
+
+def bounds_of(user_values: list) -> dict[str, list]:
+    """symbol -> [min, max] (max None when unbounded) as the capture's shape environment knows them."""
+    out = {}
+    for v in user_values:
+        if isinstance(v, torch.Tensor):
+            for size in v.shape:
+                if not isinstance(size, int) and size.node.expr.is_Symbol:
+                    vr = size.node.shape_env.var_to_range[size.node.expr]
+                    upper = vr.upper if vr.upper.is_finite else None
+                    out[str(size.node.expr)] = [int(vr.lower), None if upper is None else int(upper)]
+    return out
+
+
+def evaluate(template: list, symbols: dict[str, list[int]], inputs: list) -> tuple[int, ...]:
+    env = {s: inputs[i].shape[d] for s, (i, d) in symbols.items()}
+    return tuple(d if isinstance(d, int) else int(eval(d, dict(_EVAL_NAMESPACE), env))  # noqa: S307
+                 for d in template)
+
+
+def export_spec(user_specs: list, state_templates: list) -> tuple:
+    """torch.export's dynamic_shapes for (*user inputs, *state): the user's Dims as given; each dynamic
+    state size as Dim.AUTO, which export ties to the user dims it must equal."""
+    state = [{d: Dim.AUTO for d, size in enumerate(t) if isinstance(size, str)} if t else None
+             for t in state_templates]
+    return tuple(user_specs) + tuple(state)
