@@ -305,6 +305,7 @@ def export_cmd(args) -> int:
     from cachedit_fx.export import export
     from cachedit_fx.shapes import parse_cli
 
+    dynamic = parse_cli(args.dynamic or [])
     with _quiet_libraries():
         model = load_model(args.model, args.config)
         inputs = {k: v for k, v in model.inputs.items()}
@@ -312,7 +313,7 @@ def export_cmd(args) -> int:
         path = export(model.transformer, example_kwargs=inputs, path=args.out, calibrator_config=calib,
                       cache_config={"Fn_compute_blocks": args.fn, "Bn_compute_blocks": args.bn,
                                     "residual_diff_threshold": args.threshold, "max_warmup_steps": args.warmup},
-                      dynamic_shapes=parse_cli(args.dynamic or []))
+                      dynamic_shapes=dynamic)
     print(f"wrote {path}")
     return 0
 

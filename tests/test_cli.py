@@ -510,3 +510,19 @@ def test_console_script_error_is_one_stderr_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"cachedit-fx metrics: no such file or folder: {tmp_path / 'nope.png'}"]
+
+
+def test_export_dynamic_flag_parses_into_shared_dims():
+    from torch.export import Dim
+
+    from cachedit_fx.shapes import parse_cli
+
+    spec = parse_cli(["hidden_states:1:tokens", "img_ids:0:tokens", "hidden_states:0"])
+    assert spec["hidden_states"][1] is spec["img_ids"][0]
+    assert isinstance(spec["hidden_states"][0], Dim) and spec["hidden_states"][0] is not spec["hidden_states"][1]
+
+
+def test_export_bad_dynamic_flag_is_one_line_error(capsys, tmp_path):
+    rc, _, err = run(capsys, "export", "--model", "flux", "--out", str(tmp_path / "m.pt2"), "--dynamic", "tokens")
+    assert_one_line_error(rc, err, "--dynamic 'tokens'", "ARG:DIM")
+    assert not (tmp_path / "m.pt2").exists()
