@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from .backend import CacheHandle, CompiledGraph
 from .capture import capture, clone_graph_module
@@ -93,7 +94,10 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     separate = cache.enable_separate_cfg if separate_cfg is None else separate_cfg
     args, kwargs, spec = shapes.mark_dynamic(transformer, tuple(example_args), dict(example_kwargs or {}),
                                              dynamic_shapes)
-    gm, example_inputs = capture(transformer, args, kwargs)
+    try:
+        gm, example_inputs = capture(transformer, args, kwargs)
+    except ConstraintViolationError as e:
+        raise shapes.constraint_error(transformer, e) from e
     found = analyze(gm)
     if isinstance(found, Unmatched):
         raise ValueError(f"export: nothing to cache in {type(transformer).__name__}: {found.reason}")

@@ -80,6 +80,17 @@ def mark_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sha
     return new_args, new_kwargs, spec
 
 
+def constraint_error(module: torch.nn.Module, error: Exception) -> ValueError:
+    """Dynamo's ConstraintViolationError (the model's code only works for some sizes of a dim marked
+    dynamic) as one readable error naming dynamic_shapes and the first conditions the code imposes."""
+    readable = re.sub(r"L\['kwargs'\]\['(\w+)'\]\.size\(\)\[(\d+)\]", r"\1.size(\2)", str(error))
+    reasons = [line.strip(" -") for line in readable.splitlines() if "satisfy the generated guard" in line][:2]
+    return ValueError(f"dynamic_shapes: {type(module).__name__} does not allow these dims to take every size in "
+                      f"their range: {'; '.join(reasons) or readable.splitlines()[0]}. Narrow the range, or keep "
+                      "the dim static (patchified 2-D latents, e.g. SD3's height/width, only take sizes the patch "
+                      "embedding accepts; vary their batch, or export once per resolution)")
+
+
 def source_arg_name(module: torch.nn.Module, source: str) -> str | None:
     m = _KWARG.match(source)
     if m:

@@ -174,3 +174,12 @@ def test_dynamic_shapes_validation(flux_pipe):
         export_program(flux_pipe.transformer, example_kwargs=kwargs, dynamic_shapes=_dynamic_spec())
     with pytest.raises(ValueError, match=r"dimension 5 is out of range"):
         export_program(flux_pipe.transformer, example_kwargs=kwargs, dynamic_shapes={"hidden_states": {5: torch.export.Dim.AUTO}})
+
+
+def test_dynamic_dims_the_model_constrains_raise_clear_error():
+    from torch.export import Dim
+
+    transformer, kwargs = zoo.build_transformer("sd3")  # latents (B, C, H, W), patch 2, bounded pos-embed table
+    spec = {"hidden_states": {2: Dim("height", min=4, max=128)}}
+    with pytest.raises(ValueError, match=r"dynamic_shapes: SD3Transformer2DModel does not allow .*hidden_states\.size\(2\)"):
+        export_program(transformer, example_kwargs=kwargs, cache_config=CACHE, dynamic_shapes=spec)
