@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import islands
 from .backend import CacheHandle, cachedit_backend, handles_for, parse_options
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, strify as config_strify
 
@@ -34,6 +35,7 @@ class _Installed:
     branch_of_call: list = field(default_factory=lambda: [None])
     separate: bool | str = False
     calls: int = 0  # transformer calls in this request
+    islands: list = field(default_factory=list)  # submodules made opaque to Dynamo (islands.py)
 
     def reset(self) -> None:
         self.calls = 0
@@ -70,7 +72,7 @@ def _own_code(method):
 
 
 def _install(module, cache, calib, separate, inner: str) -> _Installed:
-    handle = CacheHandle(cache, calib)
+    handle = CacheHandle(cache, calib, islands_checked=True)
     options = dict(cache_config=cache, calibrator_config=calib, inner=inner, separate_cfg=separate, handle=handle)
     parse_options(options)  # fail now, not at the first call
     original = module.forward
@@ -90,16 +92,22 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
         set_hints(handle.chains[before:])
         return fn
 
-    compiled = torch.compile(_own_code(original), backend=backend, dynamic=False)
+    compiled = []
 
     def forward(*args, **kwargs):
+        if not compiled:
+            # Islands need a real call to trace, so they are found here, before the first compile.
+            # With grad on the backend compiles uncached anyway, and islands have no backward.
+            if not torch.is_grad_enabled():
+                inst.islands = islands.find(module, _own_code(original), args, kwargs)
+            compiled.append(torch.compile(_own_code(original), backend=backend, dynamic=False))
         # diffusers' cache_context("cond"/"uncond") names the branch; without it (Chroma, Lumina2, a
         # bare transformer) the graph tells a CFG pair's second call on device by its repeated timestep.
         branch = inst.branch_of_call[0]
         inst.calls += 1
         hint[0] = branch
         set_hints(handle.chains)
-        return compiled(*args, **kwargs)
+        return compiled[0](*args, **kwargs)
 
     if hasattr(module, "cache_context"):
         original_context = module.cache_context
@@ -176,6 +184,9 @@ def disable_cache(obj):
         module.__dict__.pop("cache_context", None)
         if inst is not None:
             inst.handle.graphs.clear()
+            for m in inst.islands:
+                islands.uninstall(m)
+            inst.islands.clear()
     if not isinstance(obj, torch.nn.Module):
         base = type(obj).__dict__.get("_cachedit_base")
         if base is not None:

@@ -44,6 +44,7 @@ class CacheHandle:
     cache_config: DBCacheConfig
     calibrator_config: TaylorSeerCalibratorConfig | None
     graphs: list[CompiledGraph] = field(default_factory=list)
+    islands_checked: bool = False  # enable_cache looked for islands before compiling (islands.py)
 
     def reset(self) -> None:
         for g in self.graphs:
@@ -181,7 +182,13 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     original, gm = gm, clone_graph_module(gm)
     found = analyze(gm)
     if isinstance(found, Unmatched):
-        return _fallback(original, example_inputs, opts, found.reason)
+        reason = found.reason
+        if not handle.islands_checked:
+            # A compiled model cannot be changed from here; enable_cache can, before it compiles.
+            reason += ("; if a graph break inside every block is the cause (a host sync or a data-dependent "
+                       "shape, e.g. a MoE's routing loop or torch.nonzero), cachedit_fx.enable_cache(model) "
+                       "caches such models: it makes the breaking submodules opaque islands")
+        return _fallback(original, example_inputs, opts, reason)
     infos = found[:1] if opts["chains"] == "longest" else found
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
     n_branches = 2 if opts["separate"] else 1
