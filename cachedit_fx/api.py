@@ -92,22 +92,53 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
         set_hints(handle.chains[before:])
         return fn
 
-    compiled = []
+    def one_graph_backend(gm, example_inputs):
+        new = islands.needed_for_graph(module, gm)
+        if new:  # e.g. torch.nonzero inside every block: made opaque, then traced again
+            raise islands.IslandsNeeded({type(m) for m in new})
+        return backend(gm, example_inputs)
+
+    compiled = [None]  # set on the first call: a one-graph compile if the forward allows it
+
+    def compile_and_run(args, kwargs):
+        """The first call compiles the forward as ONE graph, turning submodules that break it inside
+        every block into islands (islands.py) until it fits; a forward that still breaks (e.g. after
+        the blocks) compiles with graph breaks instead. Models that fit at once are traced once."""
+        for _ in range(8):
+            fn = torch.compile(_own_code(original), backend=one_graph_backend, dynamic=False, fullgraph=True)
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a break, or the backend asking for islands
+                handle.graphs.clear()
+                new = islands.needed_for_error(module, e)
+                if not new:
+                    break
+                for m in new:
+                    islands.install(m)
+                inst.islands.extend(new)
+                continue
+            compiled[0] = fn
+            return out
+        return run_with_breaks(args, kwargs)
+
+    def run_with_breaks(args, kwargs):
+        compiled[0] = torch.compile(_own_code(original), backend=backend, dynamic=False)
+        return compiled[0](*args, **kwargs)
 
     def forward(*args, **kwargs):
-        if not compiled:
-            # Islands need a real call to trace, so they are found here, before the first compile.
-            # With grad on the backend compiles uncached anyway, and islands have no backward.
-            if not torch.is_grad_enabled():
-                inst.islands = islands.find(module, _own_code(original), args, kwargs)
-            compiled.append(torch.compile(_own_code(original), backend=backend, dynamic=False))
         # diffusers' cache_context("cond"/"uncond") names the branch; without it (Chroma, Lumina2, a
         # bare transformer) the graph tells a CFG pair's second call on device by its repeated timestep.
         branch = inst.branch_of_call[0]
         inst.calls += 1
         hint[0] = branch
         set_hints(handle.chains)
-        return compiled[0](*args, **kwargs)
+        if compiled[0] is None:
+            return compile_and_run(args, kwargs)
+        try:
+            return compiled[0](*args, **kwargs)
+        except torch._dynamo.exc.Unsupported:
+            # A later recompile (new shape, grad mode) of a one-graph compile met a graph break.
+            return run_with_breaks(args, kwargs)
 
     if hasattr(module, "cache_context"):
         original_context = module.cache_context

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .capture import normalize_qualname
-from .passes.blocks import _ATTENTION
+from .passes.blocks import ATTENTION_OPS
 
 _RECORDS: "weakref.WeakValueDictionary[int, _Island]" = weakref.WeakValueDictionary()
 _IDS = itertools.count()
@@ -160,7 +160,7 @@ def _caller(cls: type):
 def _name_caller(cls: type, names: set[str]) -> None:
     """The block finder (passes/blocks.py) recognises attention blocks by the op names of their nodes;
     an island node hides its ops, so its caller's name lists the attention ops it ran."""
-    hidden = sorted({a for a in _ATTENTION if any(a in n for n in names)})
+    hidden = sorted({a for a in ATTENTION_OPS if any(a in n for n in names)})
     if hidden:
         caller = _caller(cls)
         caller.__qualname__ = f"island_{cls.__name__}[{','.join(hidden)}]"
@@ -260,22 +260,50 @@ def _inside_blocks(name: str, modules: dict) -> bool:
     return False
 
 
+class IslandsNeeded(Exception):
+    """Raised by a backend that received a graph whose blocks hold data-dependent nodes."""
+
+    def __init__(self, classes: set[type]):
+        super().__init__(f"graph nodes with data-dependent shapes in {sorted(c.__name__ for c in classes)}")
+        self.classes = classes
+
+
+def _candidates(module: torch.nn.Module, found: set[type]) -> list[torch.nn.Module]:
+    modules = dict(module.named_modules())
+    return [m for name, m in modules.items() if type(m) in found and _inside_blocks(name, modules)
+            and getattr(m, "_cachedit_island", None) is None]
+
+
+def needed_for_graph(module: torch.nn.Module, gm) -> list[torch.nn.Module]:
+    """The submodules of ``module``'s blocks whose nodes in ``gm`` depend on data (not yet islands)."""
+    return _candidates(module, _classes_of_data_dependent_nodes(gm, dict(module.named_modules())))
+
+
+def needed_for_error(module: torch.nn.Module, error: BaseException) -> list[torch.nn.Module]:
+    """The submodules of ``module``'s blocks that an exception from a full-graph compile points at:
+    those a backend reported (:class:`IslandsNeeded`), or the innermost module forward on the stack of
+    a graph break."""
+    chain = error
+    while chain is not None:
+        if isinstance(chain, IslandsNeeded):
+            return _candidates(module, chain.classes)
+        chain = getattr(chain, "inner_exception", None) or chain.__cause__
+    classes = {type(m) for m in module.modules()}
+    return _candidates(module, _classes_on_stack(_frames(error), classes))
+
+
 def find(module: torch.nn.Module, forward, args, kwargs, max_rounds: int = 8) -> list[torch.nn.Module]:
     """Find and install the islands ``forward(*args, **kwargs)`` (``module``'s forward) needs to trace as
     one graph; returns the island modules (installed; :func:`uninstall` restores them)."""
-    modules = dict(module.named_modules())
-    classes = {type(m) for m in modules.values()}
     islands: list[torch.nn.Module] = []
     for _ in range(max_rounds):
         gm, error = _capture(forward, args, kwargs)
         if gm is not None:
-            found = _classes_of_data_dependent_nodes(gm, modules)
+            new = needed_for_graph(module, gm)
         elif error is not None:
-            found = _classes_on_stack(_frames(error), classes)
+            new = needed_for_error(module, error)
         else:
             break
-        new = [m for name, m in modules.items() if type(m) in found and _inside_blocks(name, modules)
-               and getattr(m, "_cachedit_island", None) is None]
         if not new:
             break
         for m in new:

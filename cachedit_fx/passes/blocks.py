@@ -16,7 +16,8 @@ from torch.fx import GraphModule, Node
 from ..capture import concrete_shape, module_path
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
-_ATTENTION = ("scaled_dot_product_attention", "softmax", "baddbmm", "bmm")
+# Op names that mark an attention block; an island node lists the ones it hides in its name (islands.py).
+ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "baddbmm", "bmm")
 
 
 @dataclass(eq=False)
@@ -34,7 +35,7 @@ class Block:
 
     @property
     def has_attention(self) -> bool:
-        return any(any(a in str(n.target) for a in _ATTENTION) for n in self.nodes)
+        return any(any(a in str(n.target) for a in ATTENTION_OPS) for n in self.nodes)
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..capture import concrete_shape
-from .blocks import Block, Chain, derived_from, find_chains, latent_input, user_inputs
+from .blocks import ATTENTION_OPS, Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
 _CHEAP = {
     "add", "sub", "neg", "cat", "getitem", "view", "reshape", "contiguous", "clone",
@@ -171,7 +171,6 @@ def _continues(block: Block, out: Node, streams: dict[Node, frozenset]) -> Node 
     return found[0] if found else None
 
 
-_ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "baddbmm", "bmm")
 
 
 def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node]) -> bool:
@@ -187,7 +186,7 @@ def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node
             continue
         seen.add((n, projected))
         projected = projected or any(a in weights for a in n.all_input_nodes)
-        if any(op in str(n.target) for op in _ATTENTION_OPS):
+        if any(op in str(n.target) for op in ATTENTION_OPS):
             if projected:
                 return True
             continue
