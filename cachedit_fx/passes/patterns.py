@@ -171,8 +171,6 @@ def _continues(block: Block, out: Node, streams: dict[Node, frozenset]) -> Node 
     return found[0] if found else None
 
 
-
-
 def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node]) -> bool:
     """Does ``inp`` reach an attention op through a projection (an op with a weight input) without
     mixing with H first? That is cross-attention to a read-only context (K/V from ``inp``); masks
