@@ -261,7 +261,12 @@ def summary(obj, details: bool = False, plot: str | None = None) -> list[dict]:
     from .stats import collect, plot_diffs
 
     rows, all_stats, threshold = [], [], None
-    for name, h in _handles(obj):
+    handles = _handles(obj)
+    if not handles:
+        print(f"{type(obj).__name__}: no cachedit graph has run for it yet (call it once after enable_cache or "
+              "torch.compile(..., backend='cachedit'); if it was called, Dynamo ran it uncompiled — look for "
+              "its 'recompile_limit' warning; enable_cache compiles a private copy per model)")
+    for name, h in handles:
         threshold = h.cache_config.residual_diff_threshold
         for g in h.graphs:
             if g.unmatched:

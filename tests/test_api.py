@@ -21,13 +21,10 @@ BASE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.
 # diffs summary reports), so nothing in 0.5-0.95 ever caches; that is the model, not the pass.
 THRESHOLDS = {"auraflow": 1.5}
 
-# Families the passes cannot cache yet (they compile uncached with the warning quoted). Not strict: they
-# pass once the passes learn them. Empty now: HiDream (MoE routing with a host sync) and Mochi (attention
-# dropping padded tokens with torch.nonzero) break the graph inside every block, and enable_cache makes
-# those submodules islands (cachedit_fx/islands.py). HiDream's tiny random model caches at the base
-# threshold: with its MoE feed-forwards as islands, block 0's residual diff between steps is 0.24-0.63
-# (summary's diffs), under 0.8 from step 2 on.
-XFAIL: dict[str, str] = {}
+# HiDream (MoE routing with a host sync) and Mochi (attention dropping padded tokens with torch.nonzero)
+# break the graph inside every block; enable_cache makes those submodules islands (islands.py). HiDream's
+# tiny random model caches at the base threshold: with its MoE feed-forwards as islands, block 0's
+# residual diff between steps is 0.24-0.63 (summary's diffs), under 0.8 from step 2 on.
 
 SEPARATE_CFG = ("wan", "cogview4", "qwenimage", "chroma", "lumina2")
 
@@ -103,8 +100,7 @@ def family_run(name: str) -> FamilyRun:
     return FamilyRun(ref, out, again, run(pipe, name), rows, warned)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=XFAIL[n], strict=False))
-                                  if n in XFAIL else n for n in zoo.FAMILY_NAMES])
+@pytest.mark.parametrize("name", zoo.FAMILY_NAMES)
 def test_family_caches_and_disable_restores(name):
     r = family_run(name)
     value = psnr(r.out, r.ref)
@@ -247,3 +243,10 @@ def test_many_enables_in_one_process_keep_caching():
             finally:
                 cf.disable_cache(pipe)
             assert rows and rows[0]["cached_steps"] == 2, (i, rows)
+
+
+def test_summary_of_a_model_without_cachedit_graphs_says_why(capsys):
+    transformer, _ = zoo.build_transformer("flux")
+    assert cf.summary(transformer) == []
+    out = capsys.readouterr().out
+    assert "no cachedit graph has run" in out and "recompile_limit" in out
