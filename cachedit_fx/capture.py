@@ -36,6 +36,8 @@ def concrete_shape(value) -> tuple[int, ...] | None:
     the dims back to constants."""
     if not isinstance(value, torch.Tensor):
         return None
+    if any(not isinstance(d, int) and d.node.hint is None for d in value.shape):
+        return None  # a data-dependent size has no example value: an unknown shape, like a non-tensor's
     return tuple(d if isinstance(d, int) else int(d.node.hint) for d in value.shape)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import islands
 from .capture import capture, clone_graph_module
 from .config import DBCacheConfig
 from .passes.patterns import Unmatched, analyze
@@ -165,16 +166,26 @@ def _carry(node, role: str) -> dict:
     return {"name": node.name, "role": role, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
 
 
-def capture_graphs(transformer, inputs: dict) -> tuple[list, str | None]:
-    """The graph(s) the backend would see: one with fullgraph capture, or, where the forward has a
-    graph break (data-dependent Python, an unsupported context manager), every graph of the split
-    forward and the reason of the break."""
+def _one_graph(transformer, inputs: dict):
+    """(graph, None) from a fullgraph capture, or (None, the reason it breaks)."""
     try:
-        gm, _ = capture(transformer, kwargs=inputs)
-        return [gm], None
+        return capture(transformer, kwargs=inputs)[0], None
     except Exception as e:  # noqa: BLE001 - any Dynamo failure under fullgraph=True means a break
         reason = str(e).strip().split(" The cachedit pass needs")[0].strip() or type(e).__name__
-        reason = (reason.splitlines()[0] if "\n" in reason else reason).rstrip(".")
+        return None, (reason.splitlines()[0] if "\n" in reason else reason).rstrip(".")
+
+
+def capture_graphs(transformer, inputs: dict) -> tuple[list, str | None]:
+    """The graph(s) the backend would see (with the islands enable_cache makes, left installed: the
+    caller uninstalls them): one with fullgraph capture, or, where the forward has a graph break
+    (data-dependent Python, an unsupported context manager), every graph of the split forward and the
+    reason of the break."""
+    gm, reason = _one_graph(transformer, inputs)
+    if (gm is None or islands.needed_for_graph(transformer, gm)) and islands.find(transformer, transformer.forward,
+                                                                                 (), inputs):
+        gm, reason = _one_graph(transformer, inputs)
+    if gm is not None:
+        return [gm], None
     graphs = []
 
     def record(gm, example_inputs):
@@ -198,7 +209,20 @@ def capture_graphs(transformer, inputs: dict) -> tuple[list, str | None]:
 
 def describe(transformer, inputs: dict, fn: int = 1, bn: int = 0, separate_cfg: bool = False) -> dict:
     cfg = DBCacheConfig(Fn_compute_blocks=fn, Bn_compute_blocks=bn)  # validates fn / bn first
-    graphs, graph_break = capture_graphs(transformer, inputs)
+    try:
+        graphs, graph_break = capture_graphs(transformer, inputs)
+        made = Counter(type(m).__name__ for m in transformer.modules() if hasattr(m, "_cachedit_island"))
+        report = _describe(graphs, graph_break, cfg, separate_cfg)
+    finally:
+        for m in transformer.modules():
+            islands.uninstall(m)
+    if made:
+        report["islands"] = dict(made)
+    return report
+
+
+def _describe(graphs, graph_break, cfg, separate_cfg: bool) -> dict:
+    fn, bn = cfg.Fn_compute_blocks, cfg.Bn_compute_blocks
     found, gm, reasons = None, None, Counter()
     for g in graphs:
         f = analyze(g)
@@ -257,6 +281,9 @@ def render_text(report: dict) -> str:
     if report.get("graph_break") and report["matched"]:
         lines.append(f"graph break: {report['graph_break']}; without fullgraph=True Dynamo splits the forward "
                      f"into {report['graphs']} graphs, and the one below has a cacheable chain")
+    if report.get("islands"):
+        made = ", ".join(f"{name} x{k}" for name, k in report["islands"].items())
+        lines.append(f"islands (opaque custom ops that enable_cache makes of submodules breaking every block): {made}")
     lines.append(f"before: {report['before']['nodes']} nodes {report['before']['ops']}")
     if not report["matched"]:
         lines.append(f"unmatched: {report['reason']}")

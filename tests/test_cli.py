@@ -98,12 +98,11 @@ def test_diff_json_flux_fn_bn_cut_lists_and_inserted_nodes(capsys, tmp_path):
 def test_diff_text_runs_for_every_family(capsys, name):
     rc, out, err = run(capsys, "diff", name, "--format", "text")
     assert rc == 0, err
-    assert out.startswith(("before:", "graph break:"))
-    if "unmatched:" in out:
-        reason = out.split("unmatched:", 1)[1].strip()
-        assert len(reason) > 10  # says why
-    else:
-        assert "\nchain " in out and "cut: Fn [0, 0] | middle" in out and "inserted:" in out
+    assert out.startswith(("before:", "graph break:", "islands"))
+    assert "unmatched:" not in out  # every zoo family caches (some through islands, as enable_cache does)
+    assert "\nchain " in out and "cut: Fn [0, 0] | middle" in out and "inserted:" in out
+    if name in ("hidream", "mochi"):  # a MoE routing loop / torch.nonzero inside every block
+        assert out.startswith("islands") and {"hidream": "MOEFeedForwardSwiGLU x8", "mochi": "MochiAttention x"}[name] in out
 
 
 def test_diff_png_and_dot(capsys, tmp_path):

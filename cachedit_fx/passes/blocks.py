@@ -220,10 +220,11 @@ def latent_input(gm: GraphModule) -> Node | None:
     if not inputs:
         return None
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    outs = [concrete_shape(_value(o)) for o in output.all_input_nodes if isinstance(_value(o), torch.Tensor)]
+    outs = [s for s in (concrete_shape(_value(o)) for o in output.all_input_nodes) if s is not None]
     for match in (lambda a, b: a == b, _widened):
         for i in inputs:
-            if any(match(concrete_shape(_value(i)), o) for o in outs):
+            shape = concrete_shape(_value(i))
+            if shape is not None and any(match(shape, o) for o in outs):
                 return i
     named = [i for i in inputs if getattr(getattr(i, "_dynamo_source", None), "local_name", None) == "hidden_states"
              or getattr(getattr(i, "_dynamo_source", None), "index", None) == "hidden_states"]
