@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -151,7 +152,8 @@ def _check_out_dir(path: str | None) -> None:
 def trace(args) -> int:
     import torch
 
-    from cachedit_fx.backend import CacheHandle, cachedit_backend
+    import cachedit_fx
+    from cachedit_fx.backend import CacheHandle
     from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
     from cachedit_fx.diff import load_model
     from cachedit_fx.stats import collect, plot_diffs
@@ -171,46 +173,35 @@ def trace(args) -> int:
     if fam.separate_cfg and fam.uncond_inputs is not None and not args.no_cfg:
         uncond = fam.uncond_inputs(model.transformer, 0)
     n_branches = 2 if uncond is not None else 1
-    handle = CacheHandle(cache, calib)
-    options = {"cache_config": cache, "calibrator_config": calib, "inner": "eager", "handle": handle,
-               "separate_cfg": n_branches == 2}
-    branch = [None]
-
-    def set_hints(chains):
-        # Which CFG branch this call is (cond 0, uncond 1), as enable_cache does: the cond and uncond
-        # calls may compile to different graphs (different text lengths), each with its own state.
-        for chain in chains:
-            hint = chain.state.tensors.get("branch_hint")
-            if hint is not None:
-                hint.fill_(-1 if branch[0] is None else branch[0])
-
-    def backend(gm, example_inputs):  # the function backend="cachedit" resolves to, plus the hints
-        before = len(handle.chains)
-        fn = cachedit_backend(gm, example_inputs, options)
-        set_hints(handle.chains[before:])
-        return fn
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model.transformer, backend=backend, dynamic=False)
+    cache.enable_separate_cfg = n_branches == 2
+    transformer = model.transformer
+    # enable_cache on the bare transformer (eager inner): the same install, islands included, as users get.
+    cachedit_fx.enable_cache(transformer, cache, calib, compile=False)
+    handle = transformer._cachedit.handle
     timesteps: list[list[float]] = [[] for _ in range(n_branches)]
     n_calls = [0]
 
     def call(**kwargs):
         b = n_calls[0] % n_branches
         n_calls[0] += 1
-        branch[0] = b if n_branches == 2 else None
-        set_hints(handle.chains)
         t = kwargs.get(fam.timestep_arg)
         timesteps[b].append(float(torch.as_tensor(t).reshape(-1)[0]) if t is not None else math.nan)
-        return compiled(**kwargs)
+        # Name the CFG branch, as pipelines do: cond and uncond calls may compile to different graphs
+        # (different text lengths), each with its own state, so alternation alone cannot tell them.
+        named = n_branches == 2 and hasattr(transformer, "cache_context")
+        with transformer.cache_context(("cond", "uncond")[b]) if named else contextlib.nullcontext():
+            return transformer(**kwargs)
 
     t0 = time.perf_counter()
-    with _quiet_libraries():  # also the backend's "caching disabled" warnings: listed below as notes
-        zoo.denoise(model.transformer, fam, model.inputs, num_steps=args.steps, uncond=uncond, call=call)
+    try:
+        with _quiet_libraries():  # also the backend's "caching disabled" warnings: listed below as notes
+            zoo.denoise(transformer, fam, model.inputs, num_steps=args.steps, uncond=uncond, call=call)
+        graphs = list(handle.graphs)  # disable_cache drops them
+    finally:
+        cachedit_fx.disable_cache(transformer)
     elapsed = time.perf_counter() - t0
-    torch._dynamo.reset()
-    uncached = [g.unmatched for g in handle.graphs if g.unmatched]
-    cached_graphs = [g for g in handle.graphs if g.chains]
+    uncached = [g.unmatched for g in graphs if g.unmatched]
+    cached_graphs = [g for g in graphs if g.chains]
     per_graph = [(k, s) for k, g in enumerate(cached_graphs)
                  for s in collect(CacheHandle(cache, calib, [g])) if s.steps > 0]
     if not per_graph:
