@@ -43,7 +43,8 @@ def concrete_shape(value) -> tuple[int, ...] | None:
 
 class CaptureError(RuntimeError):
     """The forward cannot be captured as ONE Dynamo graph (data-dependent control flow, an op Dynamo
-    cannot trace). The cachedit backend rewrites one whole graph, so such a model is not cacheable."""
+    cannot trace). The passes rewrite one whole graph; enable_cache makes submodules that break it inside
+    every block opaque islands (islands.py), which export and the bare backend cannot do."""
 
 
 def _user_frame(message: str) -> str:
@@ -102,7 +103,8 @@ def _capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
     return CaptureError(
         f"{type(module).__name__}.forward cannot be captured as one graph ({type(e).__name__}: {first})"
         f"{_user_frame(message)}. The cachedit pass needs the whole forward in one graph; this model "
-        "is not cacheable by it.")
+        "is not cacheable as it is (enable_cache makes submodules that break every block opaque islands; an "
+        "exported package cannot hold them).")
 
 
 def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -24,7 +24,7 @@ from .capture import capture, clone_graph_module
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce
 from .passes.patterns import Unmatched, analyze
 from .passes.rewrite import rewrite
-from . import shapes
+from . import islands, shapes
 from .state import ChainLayout, ChainState, StreamSpec
 
 METADATA = "extra/cachedit_metadata.json"  # under the archive's root folder, as the pt2 reader requires
@@ -98,6 +98,11 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
         gm, example_inputs = capture(transformer, args, kwargs)
     except ConstraintViolationError as e:
         raise shapes.constraint_error(transformer, e) from e
+    hidden = islands.needed_for_graph(transformer, gm)
+    if hidden:
+        raise ValueError(f"export: {type(transformer).__name__}'s blocks hold data-dependent ops (in "
+                         f"{sorted({type(m).__name__ for m in hidden})}); enable_cache runs them as Python islands, "
+                         "which an AOTInductor package cannot hold")
     found = analyze(gm)
     if isinstance(found, Unmatched):
         raise ValueError(f"export: nothing to cache in {type(transformer).__name__}: {found.reason}")

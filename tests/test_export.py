@@ -183,3 +183,10 @@ def test_dynamic_dims_the_model_constrains_raise_clear_error():
     spec = {"hidden_states": {2: Dim("height", min=4, max=128)}}
     with pytest.raises(ValueError, match=r"dynamic_shapes: SD3Transformer2DModel does not allow .*hidden_states\.size\(2\)"):
         export_program(transformer, example_kwargs=kwargs, cache_config=CACHE, dynamic_shapes=spec)
+
+
+def test_export_refuses_models_that_need_islands():
+    transformer, kwargs = zoo.build_transformer("mochi")  # torch.nonzero in every block's attention
+    with pytest.raises(ValueError, match=r"export: MochiTransformer3DModel's blocks hold data-dependent ops "
+                                         r"\(in \['MochiAttention'\]\).*cannot hold"):
+        export_program(transformer, example_kwargs=kwargs, cache_config=CACHE)
