@@ -117,6 +117,32 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
                        diff_shared=n_branches == 2 and not cache.cfg_diff_compute_separate, branch_by=branch_by)
 
 
+@torch.library.custom_op("cachedit::dense_copy", mutates_args=())
+def dense_copy(x: torch.Tensor) -> torch.Tensor:
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@dense_copy.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _own_buffer(node: Node, add) -> Node:
+    """A cond operand that a ``cat`` also reads, as a copy in a buffer of its own. Inductor lowers such
+    a value straight into a slice of the cat's output and hands the cond that strided view, while the
+    branches were compiled for a dense operand (HiDream's double->single glue). A ``clone`` would be
+    removed as a no-op; a custom op is opaque to those passes."""
+    if isinstance(node.meta.get("example_value"), torch.Tensor) and any(
+            u.op == "call_function" and u.target in _CATS for u in node.users):
+        copy = add("call_function", torch.ops.cachedit.dense_copy.default, (node,))
+        copy.meta["example_value"] = node.meta["example_value"]
+        return copy
+    return node
+
+
 def _named(fn, name):
     fn.__name__ = fn.__qualname__ = name
     return fn
@@ -173,7 +199,7 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_out
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*split.middle_inputs, n_valid, distance, *ladders)
+    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], n_valid, distance, *ladders)
     cond = add("call_function", torch.ops.higher_order.cond, (pred, t_attr, f_attr, operands))
     outs = [add("call_function", operator.getitem, (cond, i)) for i in range(k)]
     post = add("call_function", post_fn, (use_cache, gate, recorded, step, branch, fn_res, outs, base,
