@@ -99,6 +99,7 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
         return backend(gm, example_inputs)
 
     compiled = [None]  # set on the first call: a one-graph compile if the forward allows it
+    with_grad = []  # calls made with grad enabled before any inference call
 
     def compile_and_run(args, kwargs):
         """The first call compiles the forward as ONE graph, turning submodules that break it inside
@@ -132,6 +133,12 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
         inst.calls += 1
         hint[0] = branch
         set_hints(handle.chains)
+        if compiled[0] is None and torch.is_grad_enabled():
+            # Caching is inference-only (the backend compiles uncached under grad) and islands have no
+            # backward: leave the one-graph compile and island search to the first no-grad call.
+            if not with_grad:
+                with_grad.append(torch.compile(_own_code(original), backend=backend, dynamic=False))
+            return with_grad[0](*args, **kwargs)
         if compiled[0] is None:
             return compile_and_run(args, kwargs)
         try:

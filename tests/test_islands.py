@@ -231,3 +231,22 @@ def test_islands_through_cond_eager_and_aot_eager(name):
     with torch.no_grad():
         assert torch.equal(zoo.denoise(transformer, name, inputs, num_steps=6)[0], ref)
     assert not any("forward" in m.__dict__ for m in transformer.modules())
+
+
+def test_enable_cache_makes_no_islands_under_grad_then_does_for_inference():
+    """Islands have no backward and caching is inference-only: a first call with grad on runs uncached
+    (one warning) and leaves the model alone; the first no-grad call makes the islands and caches."""
+    transformer, kwargs = zoo.build_transformer("hidream")
+    cf.enable_cache(transformer, cache_config=dict(Fn_compute_blocks=1, residual_diff_threshold=0.8),
+                    compile=False)
+    try:
+        with pytest.warns(UserWarning, match="grad mode is on"):
+            transformer(**kwargs)
+        assert transformer._cachedit.islands == []
+        assert not any(hasattr(m, "_cachedit_island") for m in transformer.modules())
+        with torch.no_grad():
+            transformer(**kwargs)
+        assert len(transformer._cachedit.islands) == 8 and len(transformer._cachedit.handle.chains) == 1
+    finally:
+        cf.disable_cache(transformer)
+    assert not any(hasattr(m, "_cachedit_island") for m in transformer.modules())
