@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from .backend import CacheHandle, CompiledGraph
@@ -95,7 +96,10 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     args, kwargs, spec = shapes.mark_dynamic(transformer, tuple(example_args), dict(example_kwargs or {}),
                                              dynamic_shapes)
     try:
-        gm, example_inputs = capture(transformer, args, kwargs)
+        # No duck sizing: two dims the user keeps apart must not share a symbol only because the example
+        # gives them equal sizes (the state's shape templates are written in these symbols).
+        with fx_config.patch(use_duck_shape=not spec):
+            gm, example_inputs = capture(transformer, args, kwargs)
     except ConstraintViolationError as e:
         raise shapes.constraint_error(transformer, e) from e
     hidden = islands.needed_for_graph(transformer, gm)
