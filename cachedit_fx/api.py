@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,9 @@ from .backend import CacheHandle, cachedit_backend, handles_for, parse_options
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, strify as config_strify
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+# Graphs one install may compile (one per input shape, e.g. resolution or text length, each with its own
+# state) before calls with new shapes run uncached; Dynamo's default of 8 is low for serving.
+MAX_GRAPHS = 64
 
 
 @dataclass
@@ -36,6 +40,7 @@ class _Installed:
     separate: bool | str = False
     calls: int = 0  # transformer calls in this request
     islands: list = field(default_factory=list)  # submodules made opaque to Dynamo (islands.py)
+    over_limit: bool = False  # warned that new shapes run uncached (MAX_GRAPHS)
 
     def reset(self) -> None:
         self.calls = 0
@@ -106,7 +111,7 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
         every block into islands (islands.py) until it fits; a forward that still breaks (e.g. after
         the blocks) compiles with graph breaks instead. Models that fit at once are traced once."""
         for _ in range(8):
-            fn = torch.compile(_own_code(original), backend=one_graph_backend, dynamic=False, fullgraph=True)
+            fn = compile_forward(one_graph_backend, fullgraph=True)
             try:
                 out = fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - a break, or the backend asking for islands
@@ -122,8 +127,12 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
             return out
         return run_with_breaks(args, kwargs)
 
+    def compile_forward(backend_fn, fullgraph=False):
+        return torch.compile(_own_code(original), backend=backend_fn, dynamic=False, fullgraph=fullgraph,
+                             recompile_limit=MAX_GRAPHS)
+
     def run_with_breaks(args, kwargs):
-        compiled[0] = torch.compile(_own_code(original), backend=backend, dynamic=False)
+        compiled[0] = compile_forward(backend)
         return compiled[0](*args, **kwargs)
 
     def forward(*args, **kwargs):
@@ -137,7 +146,7 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
             # Caching is inference-only (the backend compiles uncached under grad) and islands have no
             # backward: leave the one-graph compile and island search to the first no-grad call.
             if not with_grad:
-                with_grad.append(torch.compile(_own_code(original), backend=backend, dynamic=False))
+                with_grad.append(compile_forward(backend))
             return with_grad[0](*args, **kwargs)
         if compiled[0] is None:
             return compile_and_run(args, kwargs)
@@ -146,6 +155,13 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
         except torch._dynamo.exc.Unsupported:
             # A later recompile (new shape, grad mode) of a one-graph compile met a graph break.
             return run_with_breaks(args, kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if not inst.over_limit:
+                inst.over_limit = True
+                warnings.warn(f"cachedit: {type(module).__name__} has compiled {MAX_GRAPHS} graphs (input shapes); "
+                              "calls with further shapes run uncached (raise cachedit_fx.api.MAX_GRAPHS before "
+                              "enable_cache to keep more)", stacklevel=2)
+            return original(*args, **kwargs)
 
     if hasattr(module, "cache_context"):
         original_context = module.cache_context

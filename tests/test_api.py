@@ -260,3 +260,34 @@ def test_summary_of_a_model_without_cachedit_graphs_says_why(capsys):
     assert cf.summary(transformer) == []
     out = capsys.readouterr().out
     assert "no cachedit graph has run" in out and "recompile_limit" in out
+
+
+def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch):
+    """Each input shape compiles its own graph and state; past MAX_GRAPHS, calls with new shapes run the
+    plain forward (one warning) instead of failing, and known shapes keep using their cached graphs."""
+    from cachedit_fx import api
+    from cachedit_fx.testing.components import latent_image_ids
+
+    monkeypatch.setattr(api, "MAX_GRAPHS", 2)
+    transformer, kwargs = zoo.build_transformer("flux")
+
+    def at(side):
+        return dict(kwargs, hidden_states=torch.randn(1, side * side, 16, generator=torch.Generator().manual_seed(side)),
+                    img_ids=latent_image_ids(side))
+
+    with torch.no_grad():
+        expected = {side: transformer(**at(side))[0] for side in (4, 5, 6)}
+        cf.enable_cache(transformer, cache_config=config("flux"), compile=False)
+        try:
+            transformer(**at(4))
+            transformer(**at(5))
+            with pytest.warns(UserWarning, match="calls with further shapes run uncached") as caught:
+                out = transformer(**at(6))[0]
+                again = transformer(**at(6))[0]
+            assert sum("further shapes" in str(w.message) for w in caught) == 1
+            assert torch.equal(out, expected[6]) and torch.equal(again, expected[6])
+            n_graphs = len(transformer._cachedit.handle.graphs)
+            transformer(**at(4))  # a known shape: its graph, no new compile
+            assert len(transformer._cachedit.handle.graphs) == n_graphs == 2
+        finally:
+            cf.disable_cache(transformer)
