@@ -11,8 +11,10 @@ import inspect
 import math
 import re
 
+import sympy
 import torch
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 
 _KWARG = re.compile(r"^L\['kwargs'\]\['(\w+)'\]$")
 _ARG = re.compile(r"^L\['args'\]\[(\d+)\]$")
@@ -161,8 +163,8 @@ def bounds_of(user_values: list) -> dict[str, list]:
             for size in v.shape:
                 if not isinstance(size, int) and size.node.expr.is_Symbol:
                     vr = size.node.shape_env.var_to_range[size.node.expr]
-                    upper = vr.upper if vr.upper.is_finite else None
-                    out[str(size.node.expr)] = [int(vr.lower), None if upper is None else int(upper)]
+                    bounded = vr.upper not in (int_oo, sympy.oo)  # int_oo: an open range
+                    out[str(size.node.expr)] = [int(vr.lower), int(vr.upper) if bounded else None]
     return out
 
 

@@ -190,3 +190,14 @@ def test_export_refuses_models_that_need_islands():
     with pytest.raises(ValueError, match=r"export: MochiTransformer3DModel's blocks hold data-dependent ops "
                                          r"\(in \['MochiAttention'\]\).*cannot hold"):
         export_program(transformer, example_kwargs=kwargs, cache_config=CACHE)
+
+
+def test_dynamic_dim_without_bounds_records_an_open_range(flux_pipe):
+    from torch.export import Dim
+
+    tokens = Dim("tokens")  # no min / max
+    _, meta = export_program(flux_pipe.transformer, example_kwargs=_flux_inputs(flux_pipe.transformer, 1, 8),
+                             cache_config=CACHE, dynamic_shapes={"hidden_states": {1: tokens}, "img_ids": {0: tokens}})
+    (symbol, (lo, hi)), = meta["bounds"].items()
+    assert lo >= 2 and hi is None
+    assert meta["chains"][0]["state_shapes"]["ref"] == [1, 1, symbol, 32]
