@@ -119,9 +119,7 @@ def _install(module, cache, calib, separate, inner: str) -> _Installed:
                 new = islands.needed_for_error(module, e)
                 if not new:
                     break
-                for m in new:
-                    islands.install(m)
-                inst.islands.extend(new)
+                inst.islands.extend(islands.install_all(new))
                 continue
             compiled[0] = fn
             return out

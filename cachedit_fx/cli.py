@@ -316,6 +316,12 @@ CONFIG_HELP = ("a diffusers-style config JSON for a package.module:Class MODEL; 
                "family with that transformer class")
 
 
+def _model_args(p) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--config", help=CONFIG_HELP)
+    _split_args(p)
+
+
 def _split_args(p) -> None:
     p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks (default 1)")
     p.add_argument("--bn", type=int, default=0, help="Bn_compute_blocks (default 0)")
@@ -352,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "cut, the carried tensors, the inserted nodes (pre_step, cond, post_step) and the state. "
                     "png/svg are drawn with matplotlib; dot emits Graphviz text (render with `dot -Tpng`, "
                     "graphviz is not needed to emit it). Unmatched models print the reason and exit 0.")
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--config", help=CONFIG_HELP)
-    _split_args(p)
+    _model_args(p)
     p.add_argument("--separate-cfg", action="store_true", help="state for two CFG branches")
     p.add_argument("--format", choices=DIFF_FORMATS, default=None,
                    help="default: from --out's extension, else text")
@@ -363,14 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "trace", help="run a tiny cached denoising loop and print the per-step decision table",
-        description="Run a hand-written Euler loop (zoo.denoise) over MODEL's transformer compiled with "
-                    "backend='cachedit' (inner eager) and print, per step: diff of the Fn residual, threshold, "
+        description="Run a hand-written Euler loop (zoo.denoise) over MODEL's transformer under "
+                    "cachedit_fx.enable_cache (compile=False) and print, per step: diff of the Fn residual, threshold, "
                     "the gate that settled the step and whether the middle was cached; write the diff plot. "
                     "Separate-CFG families call the transformer twice per step (cond, uncond).")
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--config", help=CONFIG_HELP)
+    _model_args(p)
     p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    _split_args(p)
     _cache_args(p, warmup=2)
     p.add_argument("--no-cfg", action="store_true", help="separate-CFG families: call cond only")
     p.add_argument("--plot", default="trace.png", help="diff plot PNG (default trace.png; '' for none)")

@@ -306,10 +306,14 @@ def find(module: torch.nn.Module, forward, args, kwargs, max_rounds: int = 8) ->
             break
         if not new:
             break
-        for m in new:
-            install(m)
-        islands.extend(new)
+        islands.extend(install_all(new))
     return islands
+
+
+def install_all(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    for m in modules:
+        install(m)
+    return modules
 
 
 def install(m: torch.nn.Module) -> None:

@@ -144,27 +144,30 @@ def state_templates(chain) -> dict[str, list]:
     return {name: dims for name, dims in out.items() if any(isinstance(d, str) for d in dims)}
 
 
-def symbols_of(user_values: list) -> dict[str, list[int]]:
-    """symbol -> [user input index, dim] for every plain symbol among the inputs' sizes."""
-    out: dict[str, list[int]] = {}
+def _plain_symbols(user_values: list):
+    """(input index, dim, size) for every input size that is a plain symbol."""
     for i, v in enumerate(user_values):
         if isinstance(v, torch.Tensor):
             for d, size in enumerate(v.shape):
                 if not isinstance(size, int) and size.node.expr.is_Symbol:
-                    out.setdefault(str(size.node.expr), [i, d])
+                    yield i, d, size
+
+
+def symbols_of(user_values: list) -> dict[str, list[int]]:
+    """symbol -> [user input index, dim] where it first appears."""
+    out: dict[str, list[int]] = {}
+    for i, d, size in _plain_symbols(user_values):
+        out.setdefault(str(size.node.expr), [i, d])
     return out
 
 
 def bounds_of(user_values: list) -> dict[str, list]:
     """symbol -> [min, max] (max None when unbounded) as the capture's shape environment knows them."""
     out = {}
-    for v in user_values:
-        if isinstance(v, torch.Tensor):
-            for size in v.shape:
-                if not isinstance(size, int) and size.node.expr.is_Symbol:
-                    vr = size.node.shape_env.var_to_range[size.node.expr]
-                    bounded = vr.upper not in (int_oo, sympy.oo)  # int_oo: an open range
-                    out[str(size.node.expr)] = [int(vr.lower), int(vr.upper) if bounded else None]
+    for _, _, size in _plain_symbols(user_values):
+        vr = size.node.shape_env.var_to_range[size.node.expr]
+        bounded = vr.upper not in (int_oo, sympy.oo)  # int_oo: an open range
+        out[str(size.node.expr)] = [int(vr.lower), int(vr.upper) if bounded else None]
     return out
 
 
