@@ -22,7 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _common import build_model, parse_args, table, write_json
-from cachedit_fx.backend import CacheHandle, cachedit_backend
+from cachedit_fx.backend import cachedit_backend
+from cachedit_fx.handle import CacheHandle
 from cachedit_fx.config import DBCacheConfig
 from cachedit_fx.testing import zoo
 

@@ -21,6 +21,7 @@ import torch
 from _common import build_model, parse_args, table, write_json
 from cachedit_fx.api import enable_cache
 from cachedit_fx.config import DBCacheConfig
+from cachedit_fx.hook import cache_hook
 from cachedit_fx.stats import collect
 from cachedit_fx.testing import zoo
 
@@ -38,7 +39,7 @@ def cachedit(model, inner):
     # the plain-Inductor and FirstBlockCache instances here, and once that limit was hit (FirstBlockCache's
     # graph breaks add entries) the cachedit instances silently ran the other backends' graphs, uncached.
     m = enable_cache(copy.deepcopy(model), cache_config=cfg(0.0), inner=inner)
-    return m, m._cachedit.handle
+    return m, cache_hook(m).handle
 
 
 def quality(ref: torch.Tensor, x: torch.Tensor, side: int) -> dict:

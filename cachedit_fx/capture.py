@@ -1,50 +1,144 @@
-"""Capture a transformer's forward as the FX graph the ``cachedit`` backend sees (Dynamo)."""
+"""Capture a forward as the FX graph(s) Dynamo makes of it, leaving Dynamo's caches as they were.
+
+Every capture in the package goes through :func:`trace`. Nothing here calls ``torch._dynamo.reset()``,
+which would drop the compiled code of every other model in the process: a trace compiles a private
+copy of the forward's code in an isolated recompile region, so its cache entries die with the copy and
+count against no other compile's recompile limit (frames a graph break leaves to compile on their own
+included).
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import types
+from dataclasses import dataclass, field
 
 import torch
+from torch.fx import GraphModule
 
-_DICT_MODULES = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]")
-_KEY = re.compile(r"\['([^']+)'\]")
-_INDEX = re.compile(r"\[(\d+)\]")
+from .errors import CacheditError, CaptureError, IslandsNeeded
 
-
-def normalize_qualname(name: str) -> str:
-    """``L['self'].__dict__['_modules']['transformer_blocks'].0`` -> ``transformer_blocks.0``."""
-    name = _DICT_MODULES.sub(r".\1", name)
-    name = re.sub(r"^(L\['[^']+'\]|self|L__self__)", "", name)
-    name = _KEY.sub(r".\1", name)
-    name = _INDEX.sub(r".\1", name)
-    name = name.replace("._modules.", ".")
-    return name.strip(".")
+# What a full-graph compile raises when the forward does not fit one graph: a construct Dynamo cannot
+# trace, a data-dependent value, a higher-order op it cannot capture. Anything else is the model's own error.
+GRAPH_BREAK_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError,
+                      torch._dynamo.exc.UncapturedHigherOrderOpError)
 
 
-def module_path(node: torch.fx.Node) -> list[tuple[str, type | None]]:
-    """The node's module stack, outermost first, as (normalised path, class)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for value in stack.values():
-        path, cls = (value[0], value[1]) if isinstance(value, tuple) else (value, None)
-        out.append((normalize_qualname(path), cls if isinstance(cls, type) else None))
-    return out
+@dataclass
+class Trace:
+    """The graphs Dynamo made (with their example inputs), or the error that stopped a one-graph trace."""
+
+    graphs: list[tuple[GraphModule, list]] = field(default_factory=list)
+    error: Exception | None = None
 
 
-def concrete_shape(value) -> tuple[int, ...] | None:
-    """A tensor's shape with symbolic sizes (a capture with dynamic dims) read as their example values.
-    Passes decide on these; comparing the symbolic sizes themselves would add guards that specialise
-    the dims back to constants."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    if any(not isinstance(d, int) and d.node.hint is None for d in value.shape):
-        return None  # a data-dependent size has no example value: an unknown shape, like a non-tensor's
-    return tuple(d if isinstance(d, int) else int(d.node.hint) for d in value.shape)
+def private_code(method):
+    """``method`` rebound on a private copy of its function's code object.
+
+    Dynamo keeps compiled entries, and counts ``recompile_limit`` (8), per code object. A transformer's
+    forward code is shared by every instance of its class, and by all diffusers transformers whose
+    forward is wrapped by the peft ``apply_lora_scale`` decorator: compiling it directly made the 9th
+    compile in a process hit the limit and silently run eager. A private copy gives each compile its own
+    entries, freed with it. Anything but a plain bound method is returned as it is.
+    """
+    if not isinstance(method, types.MethodType) or not isinstance(method.__func__, types.FunctionType):
+        return method
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__dict__.update(f.__dict__)
+    g.__qualname__, g.__module__, g.__doc__ = f.__qualname__, f.__module__, f.__doc__
+    return types.MethodType(g, method.__self__)
 
 
-class CaptureError(RuntimeError):
-    """The forward cannot be captured as ONE Dynamo graph (data-dependent control flow, an op Dynamo
-    cannot trace). The passes rewrite one whole graph; enable_cache makes submodules that break it inside
-    every block opaque islands (islands.py), which export and the bare backend cannot do."""
+@contextlib.contextmanager
+def _quiet_dynamo():
+    log = logging.getLogger("torch._dynamo")
+    level = log.level
+    log.setLevel(logging.ERROR)  # a probe's graph breaks and recompile notes are not the user's to read
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def trace(fn, args=(), kwargs=None, *, fullgraph: bool = True) -> Trace:
+    """Dynamo's graph(s) of ``fn(*args, **kwargs)`` under ``no_grad`` with static shapes (dims marked
+    dynamic on the inputs excepted), compiled from a private copy of the forward's code and run once.
+
+    Args:
+        fn: a module (its ``forward`` is traced) or a callable (a module's bound ``forward``).
+        fullgraph: True: one graph, or the error that stopped it (``Trace.error``; the function's own
+            exceptions and dynamic-shape constraint violations included). False: every graph of the
+            forward split at its graph breaks.
+
+    Returns:
+        A :class:`Trace`.
+    """
+    graphs: list = []
+
+    def keep(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    forward = private_code(fn.forward if isinstance(fn, torch.nn.Module) else fn)
+    compiled = torch.compile(forward, backend=keep, fullgraph=fullgraph, dynamic=False, isolate_recompiles=True)
+    with torch.no_grad(), _quiet_dynamo():
+        if not fullgraph:
+            compiled(*args, **(kwargs or {}))
+            return Trace(graphs)
+        try:
+            compiled(*args, **(kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - the caller decides what a failed one-graph trace means
+            return Trace(error=e)
+    return Trace(graphs)
+
+
+def _causes(error: BaseException | None):
+    while error is not None:
+        yield error
+        error = getattr(error, "inner_exception", None) or error.__cause__
+
+
+def breaks_graph(error: BaseException) -> bool:
+    """Did a full-graph compile fail because the forward does not fit one graph (or because the
+    backend asked for islands), rather than because tracing the model's code failed (e.g. on a shape
+    mismatch) or our own backend refused it (a config error)?
+
+    A ``raise`` in the model's code reaches here as an ``Unsupported`` "Observed exception" and counts
+    as a break: the compile with breaks is then the forward's first real run, and raises the model's
+    own exception as it is.
+    """
+    return isinstance(error, GRAPH_BREAK_ERRORS) or any(isinstance(e, IslandsNeeded) for e in _causes(error))
+
+
+def our_error(error: BaseException) -> CacheditError | None:
+    """The cachedit error a Dynamo error wraps (a backend's ``BackendCompilerFailed``), if any."""
+    return next((e for e in _causes(error) if isinstance(e, CacheditError)), None)
+
+
+def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[GraphModule, list]:
+    """Run Dynamo over ``module(*args, **kwargs)`` and return the (single) graph and example inputs.
+
+    A construct Dynamo cannot trace may sit on a path a model takes only on its first call (Z-Image
+    builds its RoPE table lazily under ``with torch.device(...)``): the module is then run once eagerly
+    and traced again. A forward that still does not fit one graph — or that fails on data-dependent
+    values (Lumina2's mask lengths, HiDream's MoE routing), which no rerun fixes — raises
+    :class:`~cachedit_fx.errors.CaptureError` naming the model and the line that breaks it. Errors that
+    are not Dynamo's (the model's own, or a dynamic-shape constraint) propagate unchanged.
+    """
+    kwargs = kwargs or {}
+    result = trace(module, args, kwargs)
+    if isinstance(result.error, torch._dynamo.exc.Unsupported):
+        with torch.no_grad():
+            module(*args, **kwargs)
+        result = trace(module, args, kwargs)
+    if result.error is None:
+        return result.graphs[0]
+    if isinstance(result.error, torch._dynamo.exc.TorchDynamoException):
+        raise capture_error(module, result.error) from result.error
+    raise result.error
 
 
 def _user_frame(message: str) -> str:
@@ -58,46 +152,7 @@ def _user_frame(message: str) -> str:
     return f" at {path.rsplit('/', 1)[-1]}:{line} in {fn}: `{code.strip()}`"
 
 
-def _capture_once(module, args, kwargs):
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(module, backend=record, fullgraph=True, dynamic=False)(*args, **kwargs)
-    finally:
-        torch._dynamo.reset()
-    return graphs[0]
-
-
-def capture(module: torch.nn.Module, args=(), kwargs=None) -> tuple[torch.fx.GraphModule, list]:
-    """Run Dynamo over ``module(*args, **kwargs)`` and return the (single) graph and example inputs.
-
-    An ``Unsupported`` construct may sit on a path a model takes only on its first call (Z-Image builds
-    its RoPE table lazily under ``with torch.device(...)``, which Dynamo cannot enter): the module is
-    then run once eagerly and traced again. A forward that still does not fit one graph — or that
-    fails on data-dependent values (Lumina2's mask lengths, HiDream's MoE routing), which no rerun
-    fixes — raises :class:`CaptureError` naming the model and the line that breaks it.
-    """
-    kwargs = kwargs or {}
-    try:
-        return _capture_once(module, args, kwargs)
-    except torch._dynamo.exc.Unsupported:
-        with torch.no_grad():
-            module(*args, **kwargs)
-        try:
-            return _capture_once(module, args, kwargs)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            raise _capture_error(module, e) from e
-    except torch._dynamo.exc.TorchDynamoException as e:  # data-dependent (UserError): a rerun cannot help
-        raise _capture_error(module, e) from e
-
-
-def _capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
+def capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
     message = str(e)
     first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
     return CaptureError(
@@ -105,20 +160,3 @@ def _capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
         f"{_user_frame(message)}. The cachedit pass needs the whole forward in one graph; this model "
         "is not cacheable as it is (enable_cache makes submodules that break every block opaque islands; an "
         "exported package cannot hold them).")
-
-
-def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of a Dynamo graph that passes may edit, keeping what AOTAutograd reads from Dynamo
-    graphs (``meta``, parameter sources, each placeholder's ``_dynamo_source``)."""
-    graph = torch.fx.Graph()
-    val_map: dict = {}
-    out = graph.graph_copy(gm.graph, val_map)
-    graph.output(out)
-    new = torch.fx.GraphModule(gm, graph)
-    new.meta = dict(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        new._param_name_to_source = gm._param_name_to_source
-    for old, node in val_map.items():
-        if hasattr(old, "_dynamo_source"):
-            node._dynamo_source = old._dynamo_source
-    return new

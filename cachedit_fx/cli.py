@@ -102,7 +102,9 @@ DIFF_FORMATS = ("text", "json", "dot", "png", "svg")
 
 
 def diff(args) -> int:
-    from cachedit_fx.diff import describe, load_model, render_dot, render_figure, render_text
+    from cachedit_fx.models import load_model
+    from cachedit_fx.render import render_dot, render_image, render_json, render_text
+    from cachedit_fx.report import describe
 
     fmt = args.format
     if fmt is None:
@@ -116,11 +118,11 @@ def diff(args) -> int:
         report = describe(model.transformer, model.inputs, fn=args.fn, bn=args.bn, separate_cfg=args.separate_cfg)
     if fmt in ("png", "svg"):
         out = args.out or f"cachedit_diff_{_safe(args.model)}.{fmt}"
-        render_figure(report, out, fmt, title=model.label)
+        render_image(report, out, fmt, title=model.label)
         print(f"wrote {out}")
         return 0
     if fmt == "json":
-        text = json.dumps(report, indent=2)
+        text = render_json(report)
     elif fmt == "dot":
         text = render_dot(report, title=model.label)
     else:
@@ -153,9 +155,10 @@ def trace(args) -> int:
     import torch
 
     import cachedit_fx
-    from cachedit_fx.backend import CacheHandle
     from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
-    from cachedit_fx.diff import load_model
+    from cachedit_fx.handle import CacheHandle
+    from cachedit_fx.hook import cache_hook
+    from cachedit_fx.models import load_model
     from cachedit_fx.stats import collect, plot_diffs
     from cachedit_fx.testing import zoo
 
@@ -177,7 +180,7 @@ def trace(args) -> int:
     transformer = model.transformer
     # enable_cache on the bare transformer (eager inner): the same install, islands included, as users get.
     cachedit_fx.enable_cache(transformer, cache, calib, compile=False)
-    handle = transformer._cachedit.handle
+    handle = cache_hook(transformer).handle
     timesteps: list[list[float]] = [[] for _ in range(n_branches)]
     n_calls = [0]
 
@@ -292,7 +295,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def export_cmd(args) -> int:
-    from cachedit_fx.diff import load_model
+    from cachedit_fx.models import load_model
     from cachedit_fx.export import export
     from cachedit_fx.shapes import parse_cli
 
@@ -356,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         "diff", help="show what the passes do to a model's graph (text, json, dot, png, svg)",
         description="Show what the passes do to a model's graph: the chain found, its pattern, the Fn | middle | Bn "
                     "cut, the carried tensors, the inserted nodes (pre_step, cond, post_step) and the state. "
-                    "png/svg are drawn with matplotlib; dot emits Graphviz text (render with `dot -Tpng`, "
-                    "graphviz is not needed to emit it). Unmatched models print the reason and exit 0.")
+                    "dot emits Graphviz text (no Graphviz needed); png/svg are laid out by Graphviz's `dot` program "
+                    "(exit 3 with how to install it when it is missing). Unmatched models print the reason and "
+                    "exit 0.")
     _model_args(p)
     p.add_argument("--separate-cfg", action="store_true", help="state for two CFG branches")
     p.add_argument("--format", choices=DIFF_FORMATS, default=None,
@@ -445,7 +449,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    from cachedit_fx.metrics import MetricError, MetricUnavailable
+    from cachedit_fx.errors import MissingDependency
+    from cachedit_fx.metrics import MetricError
 
     parser = build_parser()
     try:
@@ -462,7 +467,7 @@ def main(argv=None) -> int:
         if os.environ.get("CACHEDIT_FX_TRACEBACK"):
             raise
         root = _root_error(e)
-        if isinstance(root, MetricUnavailable):
+        if isinstance(root, MissingDependency):
             print(f"{prog}: {_one_line(root)}", file=sys.stderr)
             return 3
         if isinstance(root, _NothingCached):

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from .errors import ConfigError
 
 STEPS_POLICIES = ("dynamic", "static")
 
 
 def _fail(field: str, allowed: str, got: Any) -> None:
-    raise ValueError(f"{field} must be {allowed}, got {got!r}")
+    raise ConfigError(f"{field} must be {allowed}, got {got!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -114,9 +117,9 @@ def coerce(value: Any, cls: type, field: str):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"{field}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(f"{field}: unknown key(s) {unknown}; allowed: {sorted(known)}")
         return cls(**value)
-    raise TypeError(f"{field} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    raise ConfigError(f"{field} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
 def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None) -> str:
@@ -124,3 +127,51 @@ def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorC
     if calibrator_config is not None and calibrator_config.enable_calibrator:
         tag += "_" + calibrator_config.strify()
     return tag
+
+
+class _Choice(str, enum.Enum):
+    """An option with a few named values; :meth:`parse` also takes the spellings users write."""
+
+    @classmethod
+    def parse(cls, value: Any, field: str):
+        if isinstance(value, cls):
+            return value
+        aliases = cls._aliases()
+        for key, member in aliases:
+            if value is key or (isinstance(value, str) and value == key):
+                return member
+        allowed = ", ".join(repr(k) for k, _ in aliases)
+        raise ConfigError(f"{field} must be one of {allowed}, got {value!r}")
+
+    @classmethod
+    def _aliases(cls) -> list[tuple[Any, "_Choice"]]:
+        return [(m.value, m) for m in cls]
+
+
+class SeparateCFG(_Choice):
+    """How calls map to CFG branches: ``OFF`` one state set; ``ON`` two, calls alternate (or follow
+    diffusers' ``cache_context``); ``AUTO`` two, a call whose timestep repeats the previous call's is the
+    second of a CFG pair, told on device (one set where the graph has no timestep)."""
+
+    OFF = "off"
+    ON = "on"
+    AUTO = "auto"
+
+    @classmethod
+    def _aliases(cls):
+        return [(False, cls.OFF), (True, cls.ON), (None, cls.AUTO), *super()._aliases()]
+
+
+class ChainPolicy(_Choice):
+    """Which block chains of a graph get cached: the ``LONGEST`` one, or ``ALL``."""
+
+    LONGEST = "longest"
+    ALL = "all"
+
+
+def validated(config):
+    """``config`` checked again where it is used: config objects are mutable dataclasses, and a field
+    set after construction (``cfg.residual_diff_threshold = float("nan")``) skipped the check."""
+    if config is not None:
+        config.__post_init__()
+    return config

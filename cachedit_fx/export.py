@@ -20,13 +20,13 @@ import torch
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
-from .backend import CacheHandle, CompiledGraph
-from .capture import capture, clone_graph_module
-from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce
-from .passes.patterns import Unmatched, analyze
-from .passes.rewrite import rewrite
 from . import islands, shapes
-from .state import ChainLayout, ChainState, StreamSpec
+from .capture import capture
+from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig, coerce, validated
+from .errors import ExportError
+from .handle import CacheHandle, CompiledGraph
+from .passes import PassSettings, apply
+from .state import ChainLayout, ChainState
 
 METADATA = "extra/cachedit_metadata.json"  # under the archive's root folder, as the pt2 reader requires
 
@@ -67,32 +67,20 @@ class _Program(torch.nn.Module):
         return self.gm(*full, *it)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.replace("torch.", ""))
-
-
-def _layout_json(layout: ChainLayout) -> dict:
-    return {"n_branches": layout.n_branches, "slots": layout.slots, "fn_shape": list(layout.fn_shape),
-            "fn_dtype": str(layout.fn_dtype), "diff_shared": layout.diff_shared, "capacity": layout.capacity,
-            "streams": [{"shape": list(s.shape), "dtype": str(s.dtype), "ladder": s.ladder} for s in layout.streams]}
-
-
-def _layout_from(d: dict) -> ChainLayout:
-    return ChainLayout(d["n_branches"], d["slots"], tuple(d["fn_shape"]), _dtype(d["fn_dtype"]),
-                       tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"]) for s in d["streams"]),
-                       d["diff_shared"], d["capacity"])
-
-
 def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
-                   calibrator_config=None, separate_cfg: bool | None = None, dynamic_shapes: dict | None = None):
+                   calibrator_config=None, separate_cfg: bool | None = None, dynamic_shapes: dict | None = None,
+                   chains: str = "longest"):
     """torch.export of the rewritten transformer. Returns (ExportedProgram, metadata for load()).
 
     ``dynamic_shapes``: {argument name: {dim: torch.export.Dim | Dim.AUTO | Dim.DYNAMIC}} for the
-    dimensions (batch, tokens) that may vary between calls; the others stay fixed.
+    dimensions (batch, tokens) that may vary between calls; the others stay fixed. ``chains``: cache the
+    longest block chain or ``"all"``.
     """
-    cache = coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig()
-    calib = coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config")
+    cache = validated(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig())
+    calib = validated(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"))
     separate = cache.enable_separate_cfg if separate_cfg is None else separate_cfg
+    settings = PassSettings(cache, calib, SeparateCFG.ON if separate else SeparateCFG.OFF,
+                            ChainPolicy.parse(chains, "chains"))
     args, kwargs, spec = shapes.mark_dynamic(transformer, tuple(example_args), dict(example_kwargs or {}),
                                              dynamic_shapes)
     try:
@@ -104,24 +92,24 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
         raise shapes.constraint_error(transformer, e) from e
     hidden = islands.needed_for_graph(transformer, gm)
     if hidden:
-        raise ValueError(f"export: {type(transformer).__name__}'s blocks hold data-dependent ops (in "
-                         f"{sorted({type(m).__name__ for m in hidden})}); enable_cache runs them as Python islands, "
-                         "which an AOTInductor package cannot hold")
-    found = analyze(gm)
-    if isinstance(found, Unmatched):
-        raise ValueError(f"export: nothing to cache in {type(transformer).__name__}: {found.reason}")
-    work = clone_graph_module(gm)
-    placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
+        raise ExportError(f"export: {type(transformer).__name__}'s blocks hold data-dependent ops (in "
+                          f"{sorted({type(m).__name__ for m in hidden})}); enable_cache runs them as Python islands, "
+                          "which an AOTInductor package cannot hold")
+    result = apply(gm, settings)
+    if not result.modified:
+        raise ExportError(f"export: nothing to cache in {type(transformer).__name__}: {result.unmatched}")
+    work, rewritten = result.graph_module, result.chains
+    # The rewrite appends the state placeholders after the captured ones.
+    placeholders = [n for n in work.graph.nodes if n.op == "placeholder"][:len(example_inputs)]
     user_nodes = [n for n in placeholders if not _is_param(n) and shapes.size_source(n._dynamo_source.name) is None]
     sources = [n._dynamo_source.name for n in user_nodes]
-    chains = rewrite(work, analyze(work)[:1], cache, calib, 2 if separate else 1)
     program = _Program(work, example_inputs, placeholders, {src: i for i, src in enumerate(sources)})
     by_node = dict(zip(placeholders, example_inputs))
     user = [by_node[n] for n in user_nodes]
-    states = [t for c in chains for t in c.state.ordered()]
-    templates = [shapes.state_templates(c) for c in chains]
+    states = [t for c in rewritten for t in c.state.ordered()]
+    templates = [shapes.state_templates(c) for c in rewritten]
     user_specs = [spec.get(shapes.source_arg_name(transformer, src)) for src in sources]
-    state_templates = [t.get(name) for c, t in zip(chains, templates) for name in c.layout.names()]
+    state_templates = [t.get(name) for c, t in zip(rewritten, templates) for name in c.layout.names()]
     with torch.no_grad():
         ep = torch.export.export(program, tuple(user + states),
                                  dynamic_shapes=(shapes.export_spec(user_specs, state_templates),) if spec else None)
@@ -134,8 +122,8 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
         "cache_config": dict(vars(cache)),
         "calibrator_config": dict(vars(calib)) if calib else None,
         "chains": [{"name": c.info.name, "pattern": c.info.pattern, "n_blocks": c.info.n_blocks, "fn": c.split.fn,
-                    "bn": c.split.bn, "layout": _layout_json(c.layout), "state_shapes": t}
-                   for c, t in zip(chains, templates)],
+                    "bn": c.split.bn, "layout": c.layout.to_dict(), "state_shapes": t}
+                   for c, t in zip(rewritten, templates)],
         "config": dict(getattr(transformer, "config", {}) or {}),
         "dtype": str(next(transformer.parameters()).dtype),
     }
@@ -144,7 +132,7 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
 
 def export(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
            calibrator_config=None, path: str = "model.pt2", separate_cfg: bool | None = None,
-           inductor_configs: dict | None = None, dynamic_shapes: dict | None = None) -> str:
+           inductor_configs: dict | None = None, dynamic_shapes: dict | None = None, chains: str = "longest") -> str:
     """Export ``transformer`` with the cache decision inside the program and package it for AOTInductor.
 
     Without ``dynamic_shapes`` the package serves calls with the example's shapes only. With it, the
@@ -152,7 +140,7 @@ def export(transformer: torch.nn.Module, example_args=(), example_kwargs=None, c
     from the previous call's is a computed step.
     """
     ep, meta = export_program(transformer, example_args, example_kwargs, cache_config, calibrator_config,
-                              separate_cfg, dynamic_shapes)
+                              separate_cfg, dynamic_shapes, chains)
     with torch.no_grad():
         torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=inductor_configs or {})
     with zipfile.ZipFile(path, "a") as z:
@@ -190,16 +178,15 @@ class CachedTransformer(torch.nn.Module):
         calib = TaylorSeerCalibratorConfig(**meta["calibrator_config"]) if meta["calibrator_config"] else None
         chains = []
         for c in meta["chains"]:
-            layout = _layout_from(c["layout"])
+            layout = ChainLayout.from_dict(c["layout"])
             chains.append(_ExportedChain(SimpleNamespace(name=c["name"], pattern=c["pattern"], n_blocks=c["n_blocks"]),
                                          SimpleNamespace(fn=c["fn"], bn=c["bn"]), layout,
                                          ChainState(layout, cache, device=device)))
         self.handle = CacheHandle(cache, calib, [CompiledGraph(chains, frozenset())])
-        self._cachedit = SimpleNamespace(handle=self.handle)
         from diffusers.configuration_utils import FrozenDict
 
         self.config = FrozenDict(meta["config"])
-        self._dtype = _dtype(meta["dtype"])
+        self._dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
         self._branch = None
 
     @property

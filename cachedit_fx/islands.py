@@ -23,7 +23,9 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .capture import normalize_qualname
+from .capture import trace
+from .errors import IslandsNeeded
+from .fx_utils import normalize_qualname
 from .passes.blocks import ATTENTION_OPS
 
 _RECORDS: "weakref.WeakValueDictionary[int, _Island]" = weakref.WeakValueDictionary()
@@ -180,30 +182,6 @@ def island_call(island_id: int, args: tuple, kwargs: dict):
 
 # --- finding islands ------------------------------------------------------------------------------
 
-class _Captured(Exception):
-    pass
-
-
-def _capture(forward, args, kwargs):
-    """One full-graph Dynamo trace of ``forward``: (graph, None) or (None, the Dynamo exception).
-    The recording backend aborts the compile, so nothing is cached and no Dynamo state is reset (other
-    compiled models keep theirs)."""
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        raise _Captured
-
-    try:
-        with torch.no_grad():
-            torch.compile(forward, backend=record, fullgraph=True, dynamic=False)(*args, **kwargs)
-    except Exception as e:  # Dynamo's own errors, and shape-guard errors raised from inside its trace
-        if graphs:
-            return graphs[0], None
-        return None, e
-    return (graphs[0], None) if graphs else (None, None)
-
-
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -260,14 +238,6 @@ def _inside_blocks(name: str, modules: dict) -> bool:
     return False
 
 
-class IslandsNeeded(Exception):
-    """Raised by a backend that received a graph whose blocks hold data-dependent nodes."""
-
-    def __init__(self, classes: set[type]):
-        super().__init__(f"graph nodes with data-dependent shapes in {sorted(c.__name__ for c in classes)}")
-        self.classes = classes
-
-
 def _candidates(module: torch.nn.Module, found: set[type]) -> list[torch.nn.Module]:
     modules = dict(module.named_modules())
     return [m for name, m in modules.items() if type(m) in found and _inside_blocks(name, modules)
@@ -297,11 +267,11 @@ def find(module: torch.nn.Module, forward, args, kwargs, max_rounds: int = 8) ->
     one graph; returns the island modules (installed; :func:`uninstall` restores them)."""
     islands: list[torch.nn.Module] = []
     for _ in range(max_rounds):
-        gm, error = _capture(forward, args, kwargs)
-        if gm is not None:
-            new = needed_for_graph(module, gm)
-        elif error is not None:
-            new = needed_for_error(module, error)
+        result = trace(forward, args, kwargs)
+        if result.graphs:
+            new = needed_for_graph(module, result.graphs[0][0])
+        elif result.error is not None:
+            new = needed_for_error(module, result.error)
         else:
             break
         if not new:

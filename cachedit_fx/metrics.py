@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import MissingDependency
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 GIF_EXTS = (".gif",)
 FFMPEG_EXTS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v")
@@ -36,7 +38,7 @@ class MetricError(ValueError):
     """A bad input (path, size, pairing): the CLI prints the message as one line and exits 2."""
 
 
-class MetricUnavailable(RuntimeError):
+class MetricUnavailable(MissingDependency):
     """A metric whose package or weights are not available locally: the CLI prints how to provide them."""
 
 
@@ -208,21 +210,26 @@ def _f(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def mse(ref: np.ndarray, test: np.ndarray) -> float:
-    from skimage.metrics import mean_squared_error
+def _skimage_metrics():
+    try:
+        from skimage import metrics
+    except ImportError:
+        raise MetricUnavailable("psnr / ssim / mse are computed with scikit-image, which is not installed: "
+                                "pip install 'cachedit-fx[cli]'") from None
+    return metrics
 
-    return float(mean_squared_error(_f(ref), _f(test)))
+
+def mse(ref: np.ndarray, test: np.ndarray) -> float:
+    return float(_skimage_metrics().mean_squared_error(_f(ref), _f(test)))
 
 
 def psnr(ref: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
     """PSNR in dB over all pixels and channels; ``inf`` for identical frames."""
-    from skimage.metrics import peak_signal_noise_ratio
-
     a, b = _f(ref), _f(test)
     if np.array_equal(a, b):
         return math.inf
     with np.errstate(divide="ignore"):
-        return float(peak_signal_noise_ratio(a, b, data_range=data_range))
+        return float(_skimage_metrics().peak_signal_noise_ratio(a, b, data_range=data_range))
 
 
 SSIM_DEFAULTS = dict(data_range=255.0, channel_axis=-1, win_size=7, gaussian_weights=False)
@@ -233,8 +240,7 @@ SSIM_GAUSSIAN = dict(data_range=255.0, channel_axis=-1, gaussian_weights=True, s
 def ssim(ref: np.ndarray, test: np.ndarray, gaussian: bool = False) -> float:
     """Mean SSIM over the image, channels averaged: scikit-image's structural_similarity with a 7x7
     uniform window (``gaussian=True``: Wang et al.'s 11x11 Gaussian window, sigma 1.5)."""
-    from skimage.metrics import structural_similarity
-
+    structural_similarity = _skimage_metrics().structural_similarity
     try:
         return float(structural_similarity(_f(ref), _f(test), **(SSIM_GAUSSIAN if gaussian else SSIM_DEFAULTS)))
     except ValueError as e:

@@ -1,7 +1,7 @@
 """Dynamic dimensions for export: the user's spec, the marks Dynamo captures with, the spec handed to
 torch.export, and the shape templates a loaded package evaluates on each call to size its state.
 
-The cache state is allocated per *concrete* shape (DESIGN: state cannot be allocated from symbolic
+The cache state is allocated per *concrete* shape (state cannot be allocated from symbolic
 sizes), so a package with dynamic dims sizes its reference / ladders from the call's inputs and, when
 they change, starts them afresh: the call after a shape change is always a computed step.
 """

@@ -1,31 +1,41 @@
 """Cache state of one block chain as device tensors, and the pure functions that update it.
 
 Everything here is tensor arithmetic: no ``.item()``, no ``bool(tensor)``, no Python branching on
-tensor values, so the rewritten graph (and ``torch.compile(fullgraph=True)``) can call it. The only
-impure functions are :func:`pre_step` / :func:`post_step`, which write new values into the
-caller-owned state tensors with ``copy_``/``index_copy_`` *outside* the ``torch.cond``.
+tensor values, so the rewritten graph (and ``torch.compile(fullgraph=True)``) can call it. The writes
+into the caller-owned state tensors happen in :mod:`cachedit_fx.step`, outside the ``torch.cond``.
+The semantics are those of ``docs/algorithm.md``.
 
 Shapes: ``nb`` CFG branches (1, or 2 with separate CFG), ``S`` decision slots (1, or the batch size
 in per-sample mode), ``CAP`` logged steps.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .config import DBCacheConfig, TaylorSeerCalibratorConfig
+from .config import DBCacheConfig
 
 LOG_CAPACITY = 1024
 
-# Which gate of DESIGN.md §3 settled a step (gate_log values; 0 = no call at that step).
+# Which gate of docs/algorithm.md settled a step (gate_log values; 0 = no call at that step).
 GATE_NAMES = {
     1: "warmup", 2: "steps_mask", 3: "max_cached_steps", 4: "max_continuous_cached_steps",
     5: "max_accumulated_diff", 6: "threshold<=0", 7: "no_reference", 8: "threshold>=1", 9: "diff_test",
 }
 PARAM_NAMES = ("threshold", "warmup", "interval", "max_cached", "max_continuous", "max_accumulated",
                "has_mask", "static_mask")
+
+
+class BranchBy(str, enum.Enum):
+    """With two CFG branches and no caller hint, which branch a call belongs to."""
+
+    PARITY = "parity"  # calls alternate
+    TIMESTEP = "timestep"  # a call whose timestep equals the previous call's is a CFG pair's second call
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,18 @@ class StreamSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     ladder: int  # TaylorSeer order + 1; 1 = plain DBCache (reuse the last residual)
+
+
+@dataclass(frozen=True)
+class StateField:
+    """One state tensor: its shape and dtype, the value :meth:`ChainState.reset` gives it (None: loaded
+    by :meth:`ChainState.configure`), and whether a new request found on device clears it as well."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    initial: float | None
+    per_request: bool
 
 
 @dataclass(frozen=True)
@@ -48,38 +70,66 @@ class ChainLayout:
     fn_dtype: torch.dtype
     streams: tuple[StreamSpec, ...]
     diff_shared: bool = False  # cfg_diff_compute_separate=False: the 2nd call of a step reuses the 1st's diff
-    branch_by: str = "parity"  # with 2 branches and no caller hint: "parity" alternates calls, "timestep"
-    # sends a call to branch 1 when its timestep equals the previous call's (a CFG pair's second call)
+    branch_by: BranchBy = BranchBy.PARITY
     capacity: int = LOG_CAPACITY
 
+    def fields(self) -> list[StateField]:
+        """The state table, in the order the graph takes the tensors. Reference and ladders keep their
+        values on a new request found on device: ``has_ref`` / ``n_computed`` say they are stale."""
+        nb, s, cap, f64, i64 = self.n_branches, self.slots, self.capacity, torch.float64, torch.int64
+        table = [
+            # name           shape                 dtype         reset()   new request
+            ("params",       (len(PARAM_NAMES),),  f64,          None,     False),
+            ("mask",         (cap,),               torch.int8,   None,     False),
+            ("last_t",       (1,),                 f64,          -math.inf, False),
+            ("t_dir",        (1,),                 f64,          0.0,      False),
+            ("branch_hint",  (1,),                 i64,          -1,       False),
+            ("calls_total",  (1,),                 i64,          0,        True),
+            ("calls",        (nb,),                i64,          0,        True),
+            ("cached_count", (nb, s),              i64,          0,        True),
+            ("run",          (nb, s),              i64,          0,        True),
+            ("n_computed",   (nb, s),              i64,          0,        True),
+            ("last_computed", (nb, s),             i64,          0,        True),
+            ("has_ref",      (nb, s),              torch.bool,   False,    True),
+            ("acc_diff",     (nb, s),              torch.float32, 0.0,     True),
+            ("shared_diff",  (s,),                 torch.float32, math.nan, True),
+            ("diff_log",     (nb, cap, s),         torch.float32, math.nan, True),
+            ("gate_log",     (nb, cap, s),         torch.int8,   0,        True),
+            ("cached_log",   (nb, cap, s),         torch.bool,   False,    True),
+            ("ref",          (nb, *self.fn_shape), self.fn_dtype, 0.0,     False),
+        ]
+        table += [(f"ladder_{k}", (nb, st.ladder, *st.shape), st.dtype, 0.0, False)
+                  for k, st in enumerate(self.streams)]
+        return [StateField(*row) for row in table]
+
     def names(self) -> list[str]:
-        return list(self.shapes())
+        return [f.name for f in self.fields()]
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        nb, s, cap = self.n_branches, self.slots, self.capacity
-        out = {
-            "params": ((len(PARAM_NAMES),), torch.float64),
-            "mask": ((cap,), torch.int8),
-            "last_t": ((1,), torch.float64),
-            "t_dir": ((1,), torch.float64),
-            "branch_hint": ((1,), torch.int64),
-            "calls_total": ((1,), torch.int64),
-            "calls": ((nb,), torch.int64),
-            "cached_count": ((nb, s), torch.int64),
-            "run": ((nb, s), torch.int64),
-            "n_computed": ((nb, s), torch.int64),
-            "last_computed": ((nb, s), torch.int64),
-            "has_ref": ((nb, s), torch.bool),
-            "acc_diff": ((nb, s), torch.float32),
-            "shared_diff": ((s,), torch.float32),
-            "diff_log": ((nb, cap, s), torch.float32),
-            "gate_log": ((nb, cap, s), torch.int8),
-            "cached_log": ((nb, cap, s), torch.bool),
-            "ref": ((nb, *self.fn_shape), self.fn_dtype),
-        }
-        for k, st in enumerate(self.streams):
-            out[f"ladder_{k}"] = ((nb, st.ladder, *st.shape), st.dtype)
+        return {f.name: (f.shape, f.dtype) for f in self.fields()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, JSON-able (export metadata)."""
+        out = dataclasses.asdict(self)
+        out["fn_shape"], out["fn_dtype"] = list(self.fn_shape), _dtype_name(self.fn_dtype)
+        out["streams"] = [{"shape": list(s.shape), "dtype": _dtype_name(s.dtype), "ladder": s.ladder}
+                          for s in self.streams]
+        out["branch_by"] = self.branch_by.value
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ChainLayout":
+        streams = tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"]) for s in d["streams"])
+        return cls(**{**d, "fn_shape": tuple(d["fn_shape"]), "fn_dtype": _dtype(d["fn_dtype"]), "streams": streams,
+                      "branch_by": BranchBy(d["branch_by"])})
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
 
 
 def params_from_config(cfg: DBCacheConfig) -> tuple[list[float], list[int]]:
@@ -96,8 +146,7 @@ class ChainState:
 
     def __init__(self, layout: ChainLayout, cache_config: DBCacheConfig, device=None):
         self.layout = layout
-        self.tensors = {name: torch.empty(shape, dtype=dtype, device=device)
-                        for name, (shape, dtype) in layout.shapes().items()}
+        self.tensors = {f.name: torch.empty(f.shape, dtype=f.dtype, device=device) for f in layout.fields()}
         self.configure(cache_config)
         self.reset()
 
@@ -108,20 +157,12 @@ class ChainState:
         self.tensors["mask"].copy_(torch.tensor(mask, dtype=torch.int8))
 
     def reset(self) -> None:
-        for name, value in initial_values(self.layout).items():
-            self.tensors[name].fill_(value)
+        for f in self.layout.fields():
+            if f.initial is not None:
+                self.tensors[f.name].fill_(f.initial)
 
     def ordered(self) -> list[torch.Tensor]:
         return [self.tensors[n] for n in self.layout.names()]
-
-
-def initial_values(layout: ChainLayout) -> dict[str, float]:
-    """Values a fresh request starts from (params, mask, reference and ladders are left alone:
-    their validity is carried by has_ref / n_computed)."""
-    return {"last_t": -math.inf, "t_dir": 0.0, "branch_hint": -1, "calls_total": 0, "calls": 0, "cached_count": 0, "run": 0, "n_computed": 0,
-            "last_computed": 0, "has_ref": False, "acc_diff": 0.0, "shared_diff": math.nan,
-            "diff_log": math.nan, "gate_log": 0, "cached_log": False, "ref": 0.0,
-            **{f"ladder_{k}": 0.0 for k in range(len(layout.streams))}}
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -134,7 +175,7 @@ def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int) -> torch.Tens
 
 
 def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
-    """DESIGN.md §3 gates 1–9, first that fires wins. Returns (use_cache, gate, recorded_diff), each (S,).
+    """docs/algorithm.md's gates 1–9, first that fires wins. Returns (use_cache, gate, recorded_diff), each (S,).
 
     ``step`` is a 0-dim int tensor; ``diff`` the relative L1 of the Fn residual (S,), possibly NaN.
     ``recorded_diff`` is the diff the step records (gates 8/9), NaN where an earlier gate fired.

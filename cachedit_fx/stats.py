@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import CacheHandle
+from .errors import MissingDependency
+from .handle import CacheHandle
 from .state import GATE_NAMES
 
 
@@ -56,8 +57,11 @@ def collect(handle: CacheHandle) -> list[ChainStats]:
 
 
 def plot_diffs(stats: list[ChainStats], threshold: float, path: str) -> str:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependency("the diff plot is drawn with matplotlib, which is not installed: "
+                                "pip install 'cachedit-fx[cli]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

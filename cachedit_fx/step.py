@@ -7,13 +7,25 @@ them as input mutations and Inductor turns them into in-place kernels.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .state import (ChainLayout, commit, decide, initial_values, relative_l1, slot_view, taylor_approx,
-                    taylor_update)
+from .state import BranchBy, ChainLayout, commit, decide, relative_l1, slot_view, taylor_approx, taylor_update
 
-RESETTABLE = ("calls_total", "calls", "cached_count", "run", "n_computed", "last_computed", "has_ref",
-              "acc_diff", "shared_diff", "diff_log", "gate_log", "cached_log")
+
+class PreStep(NamedTuple):
+    """What :func:`pre_step` decided for one call; the cond and :func:`post_step` read it."""
+
+    pred: torch.Tensor  # 0-dim bool the cond reads: every slot takes the cached branch
+    use_cache: torch.Tensor  # (S,)
+    gate: torch.Tensor  # (S,) int8, the gate that settled each slot
+    recorded: torch.Tensor  # (S,) the diff the step logs
+    step: torch.Tensor  # 0-dim, the branch's 0-based step
+    branch: torch.Tensor  # (1,), the CFG branch of this call
+    n_valid: torch.Tensor  # (S,) ladder entries valid (computed steps so far)
+    distance: torch.Tensor  # (S,) steps since the last computed step
+    ladders: tuple[torch.Tensor, ...]  # the branch's TaylorSeer ladder per middle output
 
 
 def _select(layout: ChainLayout, tensor, branch):
@@ -32,8 +44,7 @@ def _state(layout: ChainLayout, state):
 def pre_step(layout: ChainLayout, fn_res, timestep, *state):
     """Start a call: auto-reset on a new request, advance the branch's step, decide.
 
-    Returns (pred, use_cache, gate, recorded_diff, step, branch, n_valid, distance, *ladders) where
-    ``pred`` is the 0-dim bool the cond reads (all slots cached).
+    Returns a :class:`PreStep`.
     """
     st = _state(layout, state)
     if timestep is not None:
@@ -44,17 +55,17 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
         delta = now - last
         same_timestep = delta == 0
         new_request = (direction != 0) & (delta * direction < 0)
-        init = initial_values(layout)
-        for name in RESETTABLE:
-            fresh = torch.full_like(st[name], init[name])
-            st[name].copy_(torch.where(new_request, fresh, st[name]))
+        for f in layout.fields():
+            if f.per_request:
+                fresh = torch.full_like(st[f.name], f.initial)
+                st[f.name].copy_(torch.where(new_request, fresh, st[f.name]))
         learn = (direction == 0) & torch.isfinite(last) & (delta != 0)
         direction.copy_(torch.where(new_request, torch.zeros_like(direction),
                                     torch.where(learn, torch.sign(delta), direction)))
         last.copy_(now)
     # The caller may say which CFG branch this call is (diffusers' cache_context); else alternate.
     hint = st["branch_hint"]
-    if layout.branch_by == "timestep" and timestep is not None:
+    if layout.branch_by is BranchBy.TIMESTEP and timestep is not None:
         auto = same_timestep.long()
     else:
         auto = torch.remainder(st["calls_total"], layout.n_branches)
@@ -75,8 +86,8 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
     use_cache, gate, recorded = decide(step, diff, sel["has_ref"], sel["cached_count"], sel["run"],
                                        sel["acc_diff"], st["params"], st["mask"])
     distance = (step - sel["last_computed"]).to(torch.float32)
-    ladders = [_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams))]
-    return (use_cache.all(), use_cache, gate, recorded, step, branch, sel["n_computed"], distance, *ladders)
+    ladders = tuple(_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams)))
+    return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["n_computed"], distance, ladders)
 
 
 def forecast(layout: ChainLayout, passthrough, n_valid, distance, ladders):
@@ -86,27 +97,28 @@ def forecast(layout: ChainLayout, passthrough, n_valid, distance, ladders):
             for base, ladder in zip(passthrough, ladders)]
 
 
-def post_step(layout: ChainLayout, use_cache, gate, recorded, step, branch, fn_res, outs, passthrough, *state):
+def post_step(layout: ChainLayout, pre: PreStep, fn_res, outs, passthrough, *state):
     """Finish a call: store residuals / ladders / reference for computed slots, update counters and
     logs, and (per-sample mode) mix cached and computed slots. Returns the middle outputs."""
     st = _state(layout, state)
+    use_cache, step, branch = pre.use_cache, pre.step, pre.branch
     computed = ~use_cache
+    # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
+    window = pre.distance
     sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "n_computed", "last_computed",
                                                        "has_ref", "acc_diff")}
-    window = (step - sel["last_computed"]).to(torch.float32)
-    ladders = [_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams))]
     mixed = list(outs)
     if layout.slots > 1:
-        approx = forecast(layout, passthrough, sel["n_computed"], window, ladders)
+        approx = forecast(layout, passthrough, pre.n_valid, window, pre.ladders)
         mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
-    for k, (out, base, ladder) in enumerate(zip(outs, passthrough, ladders)):
-        fresh = taylor_update(ladder, sel["n_computed"], (out - base).to(ladder.dtype), window)
+    for k, (out, base, ladder) in enumerate(zip(outs, passthrough, pre.ladders)):
+        fresh = taylor_update(ladder, pre.n_valid, (out - base).to(ladder.dtype), window)
         _write(st[f"ladder_{k}"], branch, torch.where(slot_view(computed, fresh[0]).unsqueeze(0), fresh, ladder))
     ref = _select(layout, st["ref"], branch)
     _write(st["ref"], branch, torch.where(slot_view(computed, ref), fn_res.to(ref.dtype), ref))
-    for name, value in commit(use_cache, step, recorded, **sel).items():
+    for name, value in commit(use_cache, step, pre.recorded, **sel).items():
         _write(st[name], branch, value)
     at = step.clamp(0, layout.capacity - 1).reshape(1)
-    for name, value in (("diff_log", recorded.float()), ("gate_log", gate), ("cached_log", use_cache)):
+    for name, value in (("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", use_cache)):
         st[name].index_put_((branch, at), value.unsqueeze(0))  # one element per slot, not the whole row
     return mixed

@@ -1,11 +1,11 @@
-"""A deliberately simple, eager reference implementation of DESIGN.md §3 (DBCache + TaylorSeer).
+"""A deliberately simple, eager reference implementation of docs/algorithm.md (DBCache + TaylorSeer).
 
-Written from the design text only: plain Python objects, loops and ``.item()``. It must NOT import
+Written from that text only: plain Python objects, loops and ``.item()``. It must NOT import
 ``cachedit_fx.state`` or ``cachedit_fx.step`` (those are what it checks); only the config dataclasses.
 
-Semantics pinned down by the lead (refining §3):
+Semantics pinned down there:
 - step = number of calls of this branch so far - 1; branch = (calls since request start) % n_branches.
-- Gates in §3 order, first that fires wins. Mask: 1 -> compute; 0 + static -> cache; 0 + dynamic ->
+- Gates in the documented order, first that fires wins. Mask: 1 -> compute; 0 + static -> cache; 0 + dynamic ->
   continue; past the mask's end counts as 0. Gate 5 only when the threshold is not None and > 0.
 - diff = mean|prev - cur| / mean|prev| in float32, prev = Fn residual of the branch's last computed
   step (per sample in per-sample mode). Non-finite diff -> compute.
@@ -24,7 +24,7 @@ import torch
 
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
 
-# Gate numbers, as in DESIGN.md §3 (0 = no call logged).
+# Gate numbers, as in docs/algorithm.md (0 = no call logged).
 WARMUP, MASK, MAX_CACHED, MAX_CONTINUOUS, MAX_ACCUMULATED, THRESHOLD_LE0, NO_REFERENCE, THRESHOLD_GE1, \
     DIFF_TEST = range(1, 10)
 

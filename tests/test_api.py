@@ -265,10 +265,10 @@ def test_summary_of_a_model_without_cachedit_graphs_says_why(capsys):
 def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch):
     """Each input shape compiles its own graph and state; past MAX_GRAPHS, calls with new shapes run the
     plain forward (one warning) instead of failing, and known shapes keep using their cached graphs."""
-    from cachedit_fx import api
+    from cachedit_fx import hook
     from cachedit_fx.testing.components import latent_image_ids
 
-    monkeypatch.setattr(api, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(hook, "MAX_GRAPHS", 2)
     transformer, kwargs = zoo.build_transformer("flux")
 
     def at(side):
@@ -286,8 +286,9 @@ def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch
                 again = transformer(**at(6))[0]
             assert sum("further shapes" in str(w.message) for w in caught) == 1
             assert torch.equal(out, expected[6]) and torch.equal(again, expected[6])
-            n_graphs = len(transformer._cachedit.handle.graphs)
+            handle = hook.cache_hook(transformer).handle
+            n_graphs = len(handle.graphs)
             transformer(**at(4))  # a known shape: its graph, no new compile
-            assert len(transformer._cachedit.handle.graphs) == n_graphs == 2
+            assert len(handle.graphs) == n_graphs == 2
         finally:
             cf.disable_cache(transformer)

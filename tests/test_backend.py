@@ -38,7 +38,8 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cachedit_fx.backend import CacheHandle, cachedit_backend, handles_for
+from cachedit_fx.backend import cachedit_backend
+from cachedit_fx.handle import CacheHandle, handles_for
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
 from cachedit_fx.testing import zoo
 

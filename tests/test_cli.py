@@ -19,6 +19,7 @@ from cachedit_fx.cli import main
 from cachedit_fx.testing import zoo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+needs_graphviz = pytest.mark.skipif(shutil.which("dot") is None, reason="png/svg are laid out by Graphviz's dot")
 
 
 def run(capsys, *argv):
@@ -105,6 +106,7 @@ def test_diff_text_runs_for_every_family(capsys, name):
         assert out.startswith("islands") and {"hidream": "MOEFeedForwardSwiGLU x8", "mochi": "MochiAttention x"}[name] in out
 
 
+@needs_graphviz
 def test_diff_png_and_dot(capsys, tmp_path):
     png = tmp_path / "sd3.png"
     rc, out, _ = run(capsys, "diff", "sd3", "--fn", "1", "--bn", "1", "--format", "png", "--out", str(png))
@@ -120,30 +122,44 @@ def test_diff_png_and_dot(capsys, tmp_path):
         assert needle in dot, needle
 
 
+@needs_graphviz
 def test_unmatched_report_draws_and_emits_dot(tmp_path):
-    from cachedit_fx.diff import render_dot, render_figure
+    from cachedit_fx.render import render_dot, render_image
+    from cachedit_fx.report import GraphReport, GraphSize
 
-    report = {"matched": False, "reason": "no repeated transformer blocks found", "before": {"nodes": 3, "ops": {}}}
-    path = render_figure(report, str(tmp_path / "u.png"), title="toy")
+    report = GraphReport(matched=False, fn=1, bn=0, before=GraphSize(3), reason="no repeated transformer blocks found")
+    path = render_image(report, str(tmp_path / "u.png"), title="toy")
     assert_png(path)
     dot = render_dot(report, title="toy")
     assert dot.startswith("digraph") and "no repeated transformer blocks found" in dot
 
 
+@needs_graphviz
 def test_long_chain_png_and_svg(tmp_path):
     """Real DiTs have 20-60 blocks: the picture keeps both ends of each segment and an ellipsis."""
-    from cachedit_fx.diff import render_figure
+    from cachedit_fx.render import render_dot, render_image
+    from cachedit_fx.report import BlockList, ChainReport, Cut, GraphReport, GraphSize
 
-    chain = {"name": "transformer_blocks[19]+single_transformer_blocks[38]", "pattern": "1→1", "n_blocks": 57,
-             "lists": [{"list": "transformer_blocks", "blocks": [0, 18], "pattern": 1},
-                       {"list": "single_transformer_blocks", "blocks": [19, 56], "pattern": 1}],
-             "cut": {"Fn": [0, 7], "middle": [8, 52], "Bn": [53, 56]},
-             "carries_into_middle": [], "carries_out_of_middle": [], "inserted": [], "state": {}}
-    report = {"matched": True, "fn": 8, "bn": 4, "before": {"nodes": 10}, "after": {"nodes": 5}, "chains": [chain]}
-    assert_png(render_figure(report, str(tmp_path / "long.png")))
-    svg = render_figure(report, str(tmp_path / "long.svg"))
+    chain = ChainReport(name="transformer_blocks[19]+single_transformer_blocks[38]", pattern="1→1", n_blocks=57,
+                        lists=[BlockList("transformer_blocks", [0, 18], 1), BlockList("single_transformer_blocks", [19, 56], 1)],
+                        cut=Cut([0, 7], [8, 52], [53, 56]), fn_residual={}, carries_into_middle=[],
+                        carries_out_of_middle=[], inserted=[], state={})
+    report = GraphReport(matched=True, fn=8, bn=4, before=GraphSize(10), after=GraphSize(5), chains=[chain])
+    dot = render_dot(report)
+    assert "c0_b0 " in dot and "c0_b52 " in dot and "c0_mid_more" in dot and "c0_b20 " not in dot
+    assert_png(render_image(report, str(tmp_path / "long.png")))
+    svg = render_image(report, str(tmp_path / "long.svg"), "svg")
     text = open(svg).read()
     assert text.lstrip().startswith("<?xml") and "<svg" in text and text.rstrip().endswith("</svg>")
+
+
+def test_diff_picture_without_graphviz_says_how_to_install(capsys, tmp_path, monkeypatch):
+    import cachedit_fx.render
+
+    monkeypatch.setattr(cachedit_fx.render.shutil, "which", lambda name: None)
+    rc, _, err = run(capsys, "diff", "sd3", "--format", "png", "--out", str(tmp_path / "x.png"))
+    assert_one_line_error(rc, err, "Graphviz", "apt install graphviz", "--format dot", code=3)
+    assert not (tmp_path / "x.png").exists()
 
 
 def _sd3_config(tmp_path, **changes):

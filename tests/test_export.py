@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cachedit_fx
-from cachedit_fx.backend import handles_for
+from cachedit_fx.handle import handles_for
 from cachedit_fx.export import export, export_program, load
 from cachedit_fx.testing import zoo
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import cachedit_fx as cf
 from cachedit_fx import islands
+from cachedit_fx.hook import cache_hook
 from cachedit_fx.testing import zoo
 
 D = 8
@@ -220,7 +221,7 @@ def test_islands_through_cond_eager_and_aot_eager(name):
             cf.enable_cache(transformer, cache_config=cfg, inner=inner)
             latent, _ = zoo.denoise(transformer, name, inputs, num_steps=6)
             rows = [r for r in cf.summary(transformer, details=True) if "unmatched" not in r]
-            assert len(transformer._cachedit.islands) > 0
+            assert len(cache_hook(transformer).islands) > 0
         finally:
             cf.disable_cache(transformer)
         runs[inner] = latent, [s["cached"] for r in rows for s in r["per_step"]]
@@ -242,11 +243,11 @@ def test_enable_cache_makes_no_islands_under_grad_then_does_for_inference():
     try:
         with pytest.warns(UserWarning, match="grad mode is on"):
             transformer(**kwargs)
-        assert transformer._cachedit.islands == []
+        assert cache_hook(transformer).islands == []
         assert not any(hasattr(m, "_cachedit_island") for m in transformer.modules())
         with torch.no_grad():
             transformer(**kwargs)
-        assert len(transformer._cachedit.islands) == 8 and len(transformer._cachedit.handle.chains) == 1
+        assert len(cache_hook(transformer).islands) == 8 and len(cache_hook(transformer).handle.chains) == 1
     finally:
         cf.disable_cache(transformer)
     assert not any(hasattr(m, "_cachedit_island") for m in transformer.modules())

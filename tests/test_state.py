@@ -48,14 +48,13 @@ class Glue:
 
     def call(self, fn_res, middle_outputs_fn, passthrough, timestep=None):
         st = self.state.ordered()
-        pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_step(
-            self.layout, fn_res, timestep, *st)
-        if bool(pred):
-            outs = forecast(self.layout, list(passthrough), n_valid, distance, ladders)
+        pre = pre_step(self.layout, fn_res, timestep, *st)
+        if bool(pre.pred):
+            outs = forecast(self.layout, list(passthrough), pre.n_valid, pre.distance, pre.ladders)
         else:
             outs = list(middle_outputs_fn())
-        outs = post_step(self.layout, use_cache, gate, recorded, step, branch, fn_res, outs, list(passthrough), *st)
-        return use_cache.tolist(), outs, gate.tolist(), recorded.tolist(), int(step), int(branch)
+        outs = post_step(self.layout, pre, fn_res, outs, list(passthrough), *st)
+        return pre.use_cache.tolist(), outs, pre.gate.tolist(), pre.recorded.tolist(), int(pre.step), int(pre.branch)
 
 
 # ----------------------------------------------------------------------------- synthetic calls
@@ -504,9 +503,9 @@ def test_glue_compiles_without_graph_breaks():
     layout = glue.layout
 
     def f(fn_res, t, out_h, out_e, base_h, base_e, *state):
-        pred, use, gate, rec, step, br, n_valid, dist, *ladders = pre_step(layout, fn_res, t, *state)
-        outs = post_step(layout, use, gate, rec, step, br, fn_res, [out_h, out_e], [base_h, base_e], *state)
-        return pred, outs
+        pre = pre_step(layout, fn_res, t, *state)
+        outs = post_step(layout, pre, fn_res, [out_h, out_e], [base_h, base_e], *state)
+        return pre.pred, outs
 
     args = [torch.randn(2, *H_SHAPE), torch.tensor([5.0]), torch.randn(2, *H_SHAPE), torch.randn(2, *E_SHAPE),
             torch.randn(2, *H_SHAPE), torch.randn(2, *E_SHAPE)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import concrete_shape, module_path
+from ..fx_utils import concrete_shape, module_path, node_value
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 # Op names that mark an attention block; an island node lists the ones it hides in its name (islands.py).
@@ -198,10 +198,6 @@ def user_inputs(gm: GraphModule) -> list[Node]:
     return _call_args(gm.graph)
 
 
-def _value(n: Node):
-    return n.meta.get("example_value", n.meta.get("val"))
-
-
 def _widened(inp: tuple, out: tuple) -> bool:
     """Same shape except one dimension the output holds a multiple of (learned-sigma models predict
     mean and variance channels)."""
@@ -216,14 +212,14 @@ def latent_input(gm: GraphModule) -> Node | None:
     is the call argument whose shape the graph's output has (exactly, else up to a widened channel
     dimension). Dynamo orders placeholders by first use, not by the signature, so position alone
     does not tell."""
-    inputs = [i for i in user_inputs(gm) if isinstance(_value(i), torch.Tensor)]
+    inputs = [i for i in user_inputs(gm) if isinstance(node_value(i), torch.Tensor)]
     if not inputs:
         return None
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    outs = [s for s in (concrete_shape(_value(o)) for o in output.all_input_nodes) if s is not None]
+    outs = [s for s in (concrete_shape(node_value(o)) for o in output.all_input_nodes) if s is not None]
     for match in (lambda a, b: a == b, _widened):
         for i in inputs:
-            shape = concrete_shape(_value(i))
+            shape = concrete_shape(node_value(i))
             if shape is not None and any(match(shape, o) for o in outs):
                 return i
     named = [i for i in inputs if getattr(getattr(i, "_dynamo_source", None), "local_name", None) == "hidden_states"

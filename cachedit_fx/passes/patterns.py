@@ -17,14 +17,13 @@ from __future__ import annotations
 import ast
 import enum
 import inspect
-import operator
 import textwrap
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import concrete_shape
+from ..errors import NoCacheableChain
+from ..fx_utils import node_shape
 from .blocks import ATTENTION_OPS, Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
 _CHEAP = {
@@ -93,10 +92,6 @@ def _op_name(node: Node) -> str:
     return name.split(".")[-1]
 
 
-def _shape(node: Node):
-    return concrete_shape(node.meta.get("example_value", node.meta.get("val")))
-
-
 def _slice_region(node: Node, region):
     """``x[..., a:b, ...]`` as (dim, start, stop) in ``x``'s coordinates, composed with ``region``."""
     index = node.args[1] if len(node.args) > 1 else None
@@ -108,7 +103,7 @@ def _slice_region(node: Node, region):
     dim, ix = cut[0]
     if ix.step not in (None, 1):
         return None
-    src = _shape(node.args[0])
+    src = node_shape(node.args[0])
     start, stop, _ = ix.indices(src[dim]) if src else (ix.start or 0, ix.stop, 1)
     if region is not None:
         if region[0] != dim:
@@ -121,12 +116,12 @@ def _cat_inputs(node: Node, region):
     """The inputs of ``torch.cat`` that hold ``region`` (all of them when it cannot tell)."""
     tensors = node.args[0]
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    out = _shape(node)
+    out = node_shape(node)
     if region is None or out is None or dim % len(out) != region[0]:
         return [(t, None) for t in tensors]
     offset = 0
     for t in tensors:
-        size = _shape(t)[region[0]] if _shape(t) else None
+        size = node_shape(t)[region[0]] if node_shape(t) else None
         if size is None:
             return [(t, None) for t in tensors]
         if offset <= region[1] and region[2] <= offset + size:
@@ -155,18 +150,18 @@ def _continues(block: Block, out: Node, streams: dict[Node, frozenset]) -> Node 
         if n not in inside or _op_name(n) not in _CHEAP:
             continue
         name = _op_name(n)
-        if name == "getitem" and n.args and isinstance(n.args[0], Node) and _shape(n.args[0]) is not None:
+        if name == "getitem" and n.args and isinstance(n.args[0], Node) and node_shape(n.args[0]) is not None:
             todo.append((n.args[0], _slice_region(n, region)))
         elif name == "cat":
             todo.extend(_cat_inputs(n, region))
         else:
-            same = region is not None and all(_shape(a) == _shape(n) for a in n.all_input_nodes)
+            same = region is not None and all(node_shape(a) == node_shape(n) for a in n.all_input_nodes)
             todo.extend((a, region if same else None) for a in n.all_input_nodes)
     found = list(dict.fromkeys(found))
     if len(found) > 1:
-        found = [f for f in found if _shape(f) == _shape(out)] or found
+        found = [f for f in found if node_shape(f) == node_shape(out)] or found
     if len({streams[f] for f in found}) > 1:
-        raise ValueError(f"{block.name}: output {out.name} continues several streams "
+        raise NoCacheableChain(f"{block.name}: output {out.name} continues several streams "
                          f"({', '.join(f.name for f in found)}); cannot tell them apart")
     return found[0] if found else None
 
@@ -241,7 +236,7 @@ def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
     # 1. Follow the streams. A stream is named by the first block's input it starts from (or by the
     #    output that creates it); origin[v] = the streams value v carries (a cat carries both).
     later_inputs = set().union(*(set(b.inputs) for b in blocks[1:]))
-    cand = [i for i in blocks[0].inputs if i not in later_inputs and i not in weights and _shape(i) is not None]
+    cand = [i for i in blocks[0].inputs if i not in later_inputs and i not in weights and node_shape(i) is not None]
     origin: dict[Node, frozenset] = {i: frozenset([i]) for i in cand}
     steps: list[tuple[dict[Node, frozenset], dict[Node, Node | None]]] = []
     for k, block in enumerate(blocks):
@@ -261,7 +256,7 @@ def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
     first = [next(iter(s)) for s in steps[0][0].values()]
     from_latent = [s for s in first if s in latent]
     if not from_latent:
-        raise ValueError(f"{blocks[0].name}: no block input derives from the latent input")
+        raise NoCacheableChain(f"{blocks[0].name}: no block input derives from the latent input")
     if len(from_latent) > 1:  # e.g. CogVideoX: text and video tokens are both slices of one embedding
         reaching = _reaches_output(gm)
         last = blocks[-1].outputs
@@ -275,11 +270,11 @@ def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
         roles = {i: ("H" if h in s else "E") for i, s in ins.items()}
         out_roles = {o: ("H" if h in origin[o] else "E") for o in continues}
         h_side = _derived_within(block, [i for i, r in roles.items() if r == "H"])
-        context = any(i not in roles and i not in weights and _shape(i) is not None and len(_shape(i)) == 3
+        context = any(i not in roles and i not in weights and node_shape(i) is not None and len(node_shape(i)) == 3
                       and _reads_context(block, i, h_side, weights) for i in block.inputs)
         results.append(BlockStreams(block, roles, out_roles, continues, context))
     if "H" not in results[-1].outputs.values():
-        raise ValueError(f"{blocks[-1].name}: the last block returns no H stream")
+        raise NoCacheableChain(f"{blocks[-1].name}: the last block returns no H stream")
     info = ChainInfo(chain, results)
     for bs in results:
         if not info.list_patterns or info.list_patterns[-1][0] != bs.block.list_path:
@@ -290,7 +285,7 @@ def classify_chain(gm: GraphModule, chain: Chain) -> ChainInfo:
 
 
 def _numel(n: Node) -> int:
-    shape = _shape(n) or ()
+    shape = node_shape(n) or ()
     out = 1
     for d in shape:
         out *= int(d)
@@ -315,7 +310,7 @@ def analyze(gm: GraphModule) -> list[ChainInfo] | Unmatched:
     for c in chains:
         try:
             infos.append(classify_chain(gm, c))
-        except ValueError as e:
+        except NoCacheableChain as e:
             reasons.append(str(e))
     if not infos:
         return Unmatched("; ".join(reasons))

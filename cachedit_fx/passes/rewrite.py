@@ -1,9 +1,9 @@
 """Replace each chain's middle by an on-device decision and a ``torch.cond``.
 
     fn_res   = H_after_Fn - H_before_Fn
-    pre      = pre_step(fn_res, timestep, *state)       # decide; pred is a 0-dim bool
-    outs     = cond(pred, cached_branch, full_branch, operands)
-    final    = post_step(..., outs, passthrough, *state) # copy_ into state, outside the cond
+    pre      = pre_step(fn_res, timestep, *state)       # decide: a PreStep, pre.pred a 0-dim bool
+    outs     = cond(pre.pred, cached_branch, full_branch, operands)
+    final    = post_step(pre, fn_res, outs, passthrough, *state) # copy_ into state, outside the cond
 
 The state tensors become extra placeholders at the end of the graph's inputs: the caller owns them
 and passes them on every call (AOTAutograd keeps the in-place writes as input mutations; the same
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import concrete_shape
 from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
-from ..state import ChainLayout, ChainState, StreamSpec
-from ..step import forecast, post_step, pre_step
+from ..errors import NoCacheableChain
+from ..fx_utils import concrete_shape, node_value
+from ..state import BranchBy, ChainLayout, ChainState, StreamSpec
+from ..step import PreStep, forecast, post_step, pre_step
 from .patterns import ChainInfo
-from .split import Split, passthrough_module, segment_module, split_chain
+from .split import Split, passthrough_module, segment_module
 
 
 def inline(graph: torch.fx.Graph, sub: GraphModule, args) -> list[Node]:
@@ -75,21 +76,17 @@ class RewrittenChain:
     inserted: list[Node]
 
 
-def _val(node: Node) -> torch.Tensor:
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def find_timestep(gm: GraphModule) -> Node | None:
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             name = n.name.lower()
-            if ("timestep" in name or name in ("l_t_", "l_kwargs_t_")) and isinstance(_val(n), torch.Tensor):
+            if ("timestep" in name or name in ("l_t_", "l_kwargs_t_")) and isinstance(node_value(n), torch.Tensor):
                 return n
     return None
 
 
 def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                n_branches: int, branch_by: str = "parity") -> ChainLayout:
+                n_branches: int, branch_by: BranchBy = BranchBy.PARITY) -> ChainLayout:
     def ladder(role: str) -> int:
         if calib is None or not calib.enable_calibrator:
             return 1
@@ -97,19 +94,19 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
             return 1
         return calib.taylorseer_order + 1
 
-    h = _val(split.h_fn)
-    h_in = _val(split.h_in)
+    h = node_value(split.h_fn)
+    h_in = node_value(split.h_in)
     if concrete_shape(h) != concrete_shape(h_in):
-        raise ValueError(f"chain {split.info.name}: H changes shape inside Fn ({tuple(h_in.shape)} -> "
+        raise NoCacheableChain(f"chain {split.info.name}: H changes shape inside Fn ({tuple(h_in.shape)} -> "
                          f"{tuple(h.shape)}); choose Fn_compute_blocks within the first block list")
     streams = []
     for o in split.middle_outputs:
-        v = _val(o)
+        v = node_value(o)
         if not isinstance(v, torch.Tensor):
-            raise ValueError(f"chain {split.info.name}: middle output {o.name} is not a tensor")
+            raise NoCacheableChain(f"chain {split.info.name}: middle output {o.name} is not a tensor")
         streams.append(StreamSpec(concrete_shape(v), v.dtype, ladder(split.output_roles[o])))
     if cache.per_sample and not isinstance(h.shape[0], int):
-        raise ValueError(f"chain {split.info.name}: per_sample=True needs a static batch size (one state slot "
+        raise NoCacheableChain(f"chain {split.info.name}: per_sample=True needs a static batch size (one state slot "
                          "per sample); keep the batch dimension static")
     slots = h.shape[0] if cache.per_sample else 1
     return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=concrete_shape(h), fn_dtype=h.dtype,
@@ -148,15 +145,15 @@ def _named(fn, name):
     return fn
 
 
-def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConfig,
-                  calib: TaylorSeerCalibratorConfig | None, n_branches: int, device=None,
-                  branch_by: str = "parity") -> RewrittenChain:
-    split = split_chain(gm, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
+def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
+                  calib: TaylorSeerCalibratorConfig | None, n_branches: int, branch_by: BranchBy,
+                  device=None) -> RewrittenChain:
+    info = split.info
     if not split.middle_nodes or not split.middle_outputs:
-        raise ValueError(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
+        raise NoCacheableChain(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
     for i in split.middle_inputs:
-        if not isinstance(_val(i), (torch.Tensor, torch.SymInt)):  # sizes of a dynamic-shape capture may pass
-            raise ValueError(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
+        if not isinstance(node_value(i), (torch.Tensor, torch.SymInt)):  # sizes of a dynamic-shape capture may pass
+            raise NoCacheableChain(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
     layout = make_layout(split, cache, calib, n_branches, branch_by)
     state = ChainState(layout, cache, device=device)
 
@@ -195,15 +192,18 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
         inserted.append(node)
         node = node.next
     pre = add("call_function", pre_fn, (fn_res, timestep, *state_nodes))
-    pre_out = [add("call_function", operator.getitem, (pre, i)) for i in range(8 + k)]
-    pred, use_cache, gate, recorded, step, branch, n_valid, distance, *ladders = pre_out
+
+    def field(name):
+        return add("call_function", operator.getitem, (pre, PreStep._fields.index(name)))
+
+    ladder_nodes = field("ladders")
+    ladders = [add("call_function", operator.getitem, (ladder_nodes, i)) for i in range(k)]
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], n_valid, distance, *ladders)
-    cond = add("call_function", torch.ops.higher_order.cond, (pred, t_attr, f_attr, operands))
+    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], field("n_valid"), field("distance"), *ladders)
+    cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
     outs = [add("call_function", operator.getitem, (cond, i)) for i in range(k)]
-    post = add("call_function", post_fn, (use_cache, gate, recorded, step, branch, fn_res, outs, base,
-                                          *state_nodes))
+    post = add("call_function", post_fn, (pre, fn_res, outs, base, *state_nodes))
     final = [add("call_function", operator.getitem, (post, i)) for i in range(k)]
     middle = set(split.middle_nodes)
     for old, new in zip(split.middle_outputs, final):
@@ -213,11 +213,20 @@ def rewrite_chain(gm: GraphModule, info: ChainInfo, idx: int, cache: DBCacheConf
     return RewrittenChain(info, split, layout, state, inserted)
 
 
-def rewrite(gm: GraphModule, infos: list[ChainInfo], cache: DBCacheConfig,
-            calib: TaylorSeerCalibratorConfig | None, n_branches: int = 1, device=None,
-            branch_by: str = "parity") -> list[RewrittenChain]:
-    """Rewrite ``gm`` in place for every chain in ``infos``; returns what each rewrite added."""
-    chains = [rewrite_chain(gm, info, i, cache, calib, n_branches, device, branch_by) for i, info in enumerate(infos)]
+def rewrite(gm: GraphModule, splits: list[Split], cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
+            n_branches: int = 1, branch_by: BranchBy = BranchBy.PARITY, device=None) -> list[RewrittenChain]:
+    """Rewrite ``gm`` in place for every split chain; returns what each rewrite added.
+
+    Raises:
+        NoCacheableChain: a chain's middle cannot be replaced (the graph is left half-rewritten: callers
+            rewrite a copy, see :func:`cachedit_fx.passes.apply`).
+    """
+    # Last chain first: a rewrite erases and adds nodes only from its own middle on, so the node
+    # references of the chains before it stay valid (one chain's output may be the next one's input).
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    chains: list[RewrittenChain | None] = [None] * len(splits)
+    for i in sorted(range(len(splits)), key=lambda i: -order[splits[i].h_in]):
+        chains[i] = rewrite_chain(gm, splits[i], i, cache, calib, n_branches, branch_by, device)
     gm.graph.lint()
     gm.recompile()
     return chains

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from ..errors import ConfigError, NoCacheableChain
+from ..fx_utils import node_value
 from .patterns import BlockStreams, ChainInfo
 
 
@@ -41,7 +43,7 @@ def _role_output(bs: BlockStreams, role: str) -> Node | None:
 def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int) -> Split:
     n = info.n_blocks
     if fn < 1 or bn < 0 or fn + bn > n:
-        raise ValueError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {info.name} of {n} "
+        raise ConfigError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {info.name} of {n} "
                          f"blocks: need 1 <= Fn, 0 <= Bn and Fn + Bn <= {n}")
     blocks = info.blocks
     chain_nodes = _span(blocks[0].nodes[0], blocks[-1].nodes[-1])
@@ -89,9 +91,9 @@ def passthrough_module(gm: GraphModule, split: Split) -> GraphModule:
         elif node in bs.continues:
             src = bs.continues[node]
             if src is None:
-                val = node.meta["example_value"]
+                val = node_value(node)
                 if not all(isinstance(d, int) for d in val.shape):
-                    raise ValueError(f"{node.name}: a block output that starts a new stream has a dynamic shape; "
+                    raise NoCacheableChain(f"{node.name}: a block output that starts a new stream has a dynamic shape; "
                                      "a cached step cannot build it (keep these dimensions static)")
                 env[node] = graph.call_function(torch.zeros, (tuple(val.shape),), {"dtype": val.dtype,
                                                                                   "device": val.device})
@@ -99,7 +101,7 @@ def passthrough_module(gm: GraphModule, split: Split) -> GraphModule:
                 env[node] = env[src]
     for out in split.middle_outputs:
         if out not in env:
-            raise ValueError(f"{out.name}: a value computed inside a middle block is used after the middle; "
+            raise NoCacheableChain(f"{out.name}: a value computed inside a middle block is used after the middle; "
                              "a cached step could not produce it")
     graph.output(tuple(env[o] for o in split.middle_outputs))
     graph.eliminate_dead_code()

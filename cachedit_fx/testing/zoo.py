@@ -6,11 +6,15 @@ Each family lives in ``cachedit_fx/testing/families/<name>.py`` and exposes ``FA
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from ..errors import ConfigError, MissingDependency
+
+ZOO_MODULES = ("transformers", "sentencepiece")  # the zoo extra; not needed by the cache itself
 FAMILY_NAMES = (
     "flux", "sd3", "qwenimage", "wan", "cogvideox", "pixart", "sana", "hunyuanvideo", "ltx", "dit",
     "cogview4", "lumina2", "auraflow", "chroma", "hidream", "mochi", "allegro", "zimage",
@@ -29,6 +33,8 @@ class Family:
     """
 
     name: str
+    pipeline_class: str  # the diffusers class names build_pipeline() constructs
+    transformer_class: str
     build_pipeline: Callable[[], Any]
     pipeline_kwargs: Callable[[], dict]
     transformer_inputs: Callable[[torch.nn.Module, int], dict]
@@ -43,7 +49,11 @@ class Family:
 
 def get(name: str) -> Family:
     if name not in FAMILY_NAMES:
-        raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(FAMILY_NAMES)}")
+        raise ConfigError(f"unknown zoo model {name!r}; choose one of: {', '.join(FAMILY_NAMES)}")
+    missing = [m for m in ZOO_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependency(f"the offline zoo builds its tokenizers and text encoders with {' and '.join(missing)}: "
+                                "pip install 'cachedit-fx[zoo]' (the command line's extra, [cli], includes it)")
     return importlib.import_module(f"cachedit_fx.testing.families.{name}").FAMILY
 
 
@@ -51,16 +61,9 @@ def families() -> list[Family]:
     return [get(n) for n in FAMILY_NAMES]
 
 
-def pipeline_class_name(name: str) -> str:
-    """The diffusers pipeline class a family builds, read from its module without building it."""
-    import inspect
-    import re
-
-    src = inspect.getsource(get(name).build_pipeline)
-    found = re.findall(r"\b(\w+Pipeline)\(", src)
-    if not found:
-        raise ValueError(f"zoo family {name!r}: no pipeline constructor found in build_pipeline")
-    return found[0]
+def family_for_transformer(cls: type) -> Family | None:
+    """The family whose transformer is an instance of ``cls`` (by class name), or None."""
+    return next((f for f in families() if f.transformer_class == cls.__name__), None)
 
 
 def build_pipeline(name: str):

@@ -60,6 +60,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="allegro", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="allegro", pipeline_class="AllegroPipeline", transformer_class="AllegroTransformer3DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
 )

@@ -50,7 +50,8 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="auraflow", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="auraflow", pipeline_class="AuraFlowPipeline", transformer_class="AuraFlowTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1.0,
     notes="CFG batched into one call; the pipeline feeds t / 1000 to the transformer.",
 )

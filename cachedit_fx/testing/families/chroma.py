@@ -60,7 +60,8 @@ def uncond_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="chroma", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="chroma", pipeline_class="ChromaPipeline", transformer_class="ChromaTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1.0, separate_cfg=True, uncond_inputs=uncond_inputs,
     notes="Separate CFG: cond then uncond call per step, each with its own text embeddings and mask; "
           "the pipeline feeds t / 1000 to the transformer.",

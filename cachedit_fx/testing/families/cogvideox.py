@@ -55,7 +55,8 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="cogvideox", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="cogvideox", pipeline_class="CogVideoXPipeline", transformer_class="CogVideoXTransformer3DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
     notes="CFG batched into one call; integer DDIM timesteps 0..999; latents are (B, F, C, H, W).",
 )

@@ -57,6 +57,7 @@ def uncond_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="cogview4", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="cogview4", pipeline_class="CogView4Pipeline", transformer_class="CogView4Transformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0, separate_cfg=True, uncond_inputs=uncond_inputs,
 )

@@ -40,6 +40,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="dit", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="dit", pipeline_class="DiTPipeline", transformer_class="DiTTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
 )

@@ -45,6 +45,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="flux", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="flux", pipeline_class="FluxPipeline", transformer_class="FluxTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1.0,
 )

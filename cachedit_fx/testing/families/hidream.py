@@ -65,6 +65,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="hidream", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="hidream", pipeline_class="HiDreamImagePipeline", transformer_class="HiDreamImageTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_arg="timesteps", timestep_max=1000.0,
 )

@@ -71,6 +71,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="hunyuanvideo", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="hunyuanvideo", pipeline_class="HunyuanVideoPipeline", transformer_class="HunyuanVideoTransformer3DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
 )

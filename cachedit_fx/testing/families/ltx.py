@@ -55,6 +55,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="ltx", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="ltx", pipeline_class="LTXPipeline", transformer_class="LTXVideoTransformer3DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
 )

@@ -60,7 +60,8 @@ def uncond_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="lumina2", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="lumina2", pipeline_class="Lumina2Pipeline", transformer_class="Lumina2Transformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1.0,
     separate_cfg=True, uncond_inputs=uncond_inputs,
     notes="Timestep runs 0 (noise) -> 1 (image), reversed w.r.t. the other flow-matching families.",

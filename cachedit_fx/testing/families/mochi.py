@@ -56,7 +56,8 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="mochi", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="mochi", pipeline_class="MochiPipeline", transformer_class="MochiTransformer3DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
     notes="CFG batched into one call; timesteps in 0..1000 but reversed (invert_sigmas: the pipeline "
           "feeds 1000 * (1 - sigma), rising from ~0 to 1000); "

@@ -49,7 +49,8 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="pixart", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="pixart", pipeline_class="PixArtSigmaPipeline", transformer_class="PixArtTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
     notes="CFG batched into one call; integer timesteps 0..999 (DPM-Solver); output has 2x latent "
           "channels (learned sigma), the pipeline keeps the first half.",

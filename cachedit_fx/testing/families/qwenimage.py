@@ -60,6 +60,7 @@ def uncond_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="qwenimage", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="qwenimage", pipeline_class="QwenImagePipeline", transformer_class="QwenImageTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1.0, separate_cfg=True, uncond_inputs=uncond_inputs,
 )

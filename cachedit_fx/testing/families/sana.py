@@ -56,6 +56,7 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="sana", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="sana", pipeline_class="SanaPipeline", transformer_class="SanaTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
 )

@@ -50,7 +50,8 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="sd3", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="sd3", pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
     notes="CFG batched into one call; the last joint block returns None for encoder_hidden_states.",
 )

@@ -55,7 +55,8 @@ def uncond_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="wan", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="wan", pipeline_class="WanPipeline", transformer_class="WanTransformer3DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, timestep_max=1000.0,
     separate_cfg=True, uncond_inputs=uncond_inputs,
 )

@@ -54,7 +54,8 @@ def transformer_inputs(transformer, seed=0):
 
 
 FAMILY = Family(
-    name="zimage", build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
+    name="zimage", pipeline_class="ZImagePipeline", transformer_class="ZImageTransformer2DModel",
+    build_pipeline=build_pipeline, pipeline_kwargs=pipeline_kwargs,
     transformer_inputs=transformer_inputs, latent_arg="x", timestep_arg="t", timestep_max=1.0,
     notes="The pipeline feeds t = 1 - sigma (0 = noise, 1 = clean, scaled by t_scale=1000 inside), so its "
           "timesteps rise while zoo.denoise's fall; the range is the same.",

@@ -1,0 +1,73 @@
+"""What the backend compiled for one model: its graphs, their chains and state. reset / summary /
+stats read it; enable_cache's hook owns one per transformer, a bare ``backend="cachedit"`` compile
+makes its own."""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule
+
+from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, validated
+from .passes.rewrite import RewrittenChain
+
+
+@dataclass(eq=False)
+class CompiledGraph:
+    """One compiled graph's chains and the ids of the parameters it was compiled for."""
+
+    chains: list[RewrittenChain]
+    param_ptrs: frozenset
+    unmatched: str | None = None
+
+
+@dataclass(eq=False)
+class CacheHandle:
+    """Everything the backend compiled for one model."""
+
+    cache_config: DBCacheConfig
+    calibrator_config: TaylorSeerCalibratorConfig | None
+    graphs: list[CompiledGraph] = field(default_factory=list)
+    islands_checked: bool = False  # enable_cache looked for islands before compiling (islands.py)
+
+    def __post_init__(self) -> None:
+        _ALL_HANDLES.add(self)
+
+    def reset(self) -> None:
+        for c in self.chains:
+            c.state.reset()
+
+    def configure(self, cache_config: DBCacheConfig | dict) -> None:
+        """New thresholds / warmup / masks for the next request, with no recompile."""
+        self.cache_config = validated(coerce(cache_config, DBCacheConfig, "cache_config"))
+        for c in self.chains:
+            c.state.configure(self.cache_config)
+
+    def add(self, graph: CompiledGraph) -> None:
+        """A newly compiled graph; its state starts from the handle's current numbers (configure() may
+        have run before it compiled: compiles are lazy, and a new shape compiles a new graph later)."""
+        for c in graph.chains:
+            c.state.configure(self.cache_config)
+        self.graphs.append(graph)
+
+    @property
+    def chains(self) -> list[RewrittenChain]:
+        return [c for g in self.graphs for c in g.chains]
+
+
+_ALL_HANDLES: "weakref.WeakSet[CacheHandle]" = weakref.WeakSet()
+
+
+def handles_for(module: torch.nn.Module) -> list[CacheHandle]:
+    """Handles whose graphs were compiled over this module's parameters."""
+    ptrs = {p.data_ptr() for p in module.parameters()}
+    return [h for h in list(_ALL_HANDLES) if any(g.param_ptrs & ptrs for g in h.graphs)]
+
+
+def weight_ptrs(gm: GraphModule, example_inputs) -> frozenset:
+    """Storage of the graph's lifted parameters and buffers: how reset/summary find a module's graphs
+    (activations are left out, so a freed input's address can never match a later module)."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return frozenset(x.data_ptr() for name, x in zip(names, example_inputs)
+                     if isinstance(x, torch.Tensor) and ("_parameters_" in name or "_buffers_" in name))

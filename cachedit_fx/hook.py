@@ -1,0 +1,253 @@
+"""The per-transformer install behind ``enable_cache``: a diffusers ``ModelHook`` that runs the forward
+compiled by the ``cachedit`` backend.
+
+It lives in the transformer's diffusers ``HookRegistry`` under the name ``"cachedit"``, so diffusers'
+own machinery reaches it: ``cache_context("cond" / "uncond")`` tells it the CFG branch of the call in
+flight, and a pipeline's end-of-call ``_reset_stateful_cache`` marks the next call as a new request.
+The instance's class is never patched, so two transformers of one class keep separate state.
+
+Modes, in the order a transformer usually goes through them:
+
+- ``NOT_COMPILED``: nothing compiled yet.
+- ``GRAD``: called with grad enabled before any inference call; an uncached compile serves those calls
+  (caching is inference-only, and islands have no backward).
+- ``ONE_GRAPH``: the first inference call compiled the forward as one graph, making the submodules that
+  break it inside every block islands (islands.py) until it fit.
+- ``GRAPH_BREAKS``: the forward still breaks outside the blocks (or a later recompile met a break):
+  compiled with breaks; the graph holding the blocks is cached.
+- ``OVER_SHAPE_LIMIT``: ``MAX_GRAPHS`` input shapes have compiled; calls with further shapes run the
+  plain forward (one warning), known shapes keep their graphs.
+"""
+from __future__ import annotations
+
+import enum
+import time
+import warnings
+import weakref
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.utils import logging as diffusers_logging
+
+from . import islands
+from .backend import cachedit_backend, parse_options
+from .capture import breaks_graph, our_error, private_code
+from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
+from .errors import IslandsNeeded
+from .handle import CacheHandle
+
+HOOK_NAME = "cachedit"
+# Graphs one install may compile (one per input shape, e.g. resolution or text length, each with its own
+# state) before calls with new shapes run uncached; Dynamo's default of 8 is low for serving.
+MAX_GRAPHS = 64
+_ISLAND_ROUNDS = 8  # one-graph compile attempts, each making the islands the last one named
+
+# A child of diffusers' library logger: diffusers.utils.logging.set_verbosity_info() shows these lines.
+logger = diffusers_logging.get_logger("diffusers.cachedit_fx")
+
+
+class Mode(enum.Enum):
+    NOT_COMPILED = "not compiled yet"
+    GRAD = "grad-mode path (uncached)"
+    ONE_GRAPH = "one graph"
+    GRAPH_BREAKS = "graph breaks"
+    OVER_SHAPE_LIMIT = "over the shape limit"
+
+
+class _CallContext(StateManager):
+    """Where diffusers' ``cache_context(name, ...)`` lands: diffusers sets the context of the call in
+    flight on every ``StateManager`` of a stateful hook, and clears it after the call."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.current = None
+
+    def set_context(self, context) -> None:
+        self.current = context
+
+
+class CacheHook(ModelHook):
+    """Caches one transformer; see the module docstring for its modes."""
+
+    _is_stateful = True
+
+    def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None,
+                 separate_cfg: SeparateCFG, inner="inductor"):
+        super().__init__()
+        self.handle = CacheHandle(cache_config, calibrator_config, islands_checked=True)
+        self.separate_cfg = separate_cfg
+        self.options = dict(cache_config=cache_config, calibrator_config=calibrator_config, inner=inner,
+                            separate_cfg=separate_cfg, handle=self.handle)
+        parse_options(self.options)  # fail now, not at the first call
+        self.context = _CallContext()
+        self.mode = Mode.NOT_COMPILED
+        self.islands: list[torch.nn.Module] = []  # submodules made opaque to Dynamo (islands.py)
+        self._compiled = None  # the inference forward (ONE_GRAPH / GRAPH_BREAKS / OVER_SHAPE_LIMIT)
+        self._grad_forward = None
+        self._branch: int | None = None  # the CFG branch of the call in flight, when the caller names it
+        self._new_request = False  # diffusers' reset_state: the next call starts a new request
+        self._first_compile = False  # inside the first inference call's compile, which logs on its own
+        self._module = None
+
+    # ------------------------------------------------------------------ ModelHook
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._module = weakref.ref(module)
+        self._had_instance_forward = "forward" in module.__dict__
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self._new_request:
+            self.reset()
+        self._branch = self._branch_of_call()
+        self._set_hints(self.handle.chains)
+        if self.mode in (Mode.NOT_COMPILED, Mode.GRAD):
+            if torch.is_grad_enabled():
+                return self._run_with_grad(args, kwargs)
+            return self._compile_and_run(args, kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported:
+            # A later recompile (new shape, grad mode) of a one-graph compile met a graph break.
+            return self._run_with_breaks(args, kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if self.mode is not Mode.OVER_SHAPE_LIMIT:
+                self.mode = Mode.OVER_SHAPE_LIMIT
+                warnings.warn(f"cachedit: {type(module).__name__} has compiled {MAX_GRAPHS} graphs (input shapes); "
+                              "calls with further shapes run uncached (raise cachedit_fx.hook.MAX_GRAPHS before "
+                              "enable_cache to keep more)", stacklevel=2)
+            return self._original(*args, **kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """diffusers calls this at the end of every pipeline call: the next call starts a new request.
+        The state is cleared then, not now, so ``summary()`` still reads the request that just ended."""
+        self._new_request = True
+        return module
+
+    # ------------------------------------------------------------------ ours
+
+    def reset(self) -> None:
+        """Start a new request now: clear counters, references and logs."""
+        self._new_request = False
+        self.handle.reset()
+
+    def uninstall(self, module: torch.nn.Module) -> None:
+        """Take the hook off ``module`` and undo the islands; the module runs as it did before."""
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
+        restored = module.__dict__.get("forward")
+        if not self._had_instance_forward and getattr(restored, "__self__", None) is module and \
+                getattr(restored, "__func__", None) is type(module).forward:
+            del module.__dict__["forward"]  # the registry put the bound method back as an attribute
+        self.handle.graphs.clear()
+        for m in self.islands:
+            islands.uninstall(m)
+        self.islands.clear()
+        self._compiled = self._grad_forward = None
+        self.mode = Mode.NOT_COMPILED
+
+    @property
+    def _original(self):
+        return self.fn_ref.original_forward
+
+    def _branch_of_call(self) -> int | None:
+        # diffusers' cache_context("cond"/"uncond") names the branch; without it (Chroma, Lumina2, a bare
+        # transformer) the graph tells a CFG pair's second call on device by its repeated timestep.
+        context = self.context.current
+        if context is None or self.separate_cfg is SeparateCFG.OFF:
+            return None
+        branch = {"cond": 0, "uncond": 1}.get(context.name)
+        if branch is not None and self.handle.cache_config.cfg_compute_first:
+            branch = 1 - branch
+        return branch
+
+    def _set_hints(self, chains) -> None:
+        for chain in chains:
+            chain.state.tensors["branch_hint"].fill_(-1 if self._branch is None else self._branch)
+
+    def _backend(self, gm, example_inputs):
+        # A graph compiled during this call (a new shape, e.g. the uncond call's text length) runs right
+        # after compiling: give its fresh state the current call's branch too, not the default -1.
+        before = len(self.handle.chains)
+        started = time.perf_counter()
+        fn = cachedit_backend(gm, example_inputs, self.options)
+        self._set_hints(self.handle.chains[before:])
+        if self._compiled is not None and not self._first_compile:
+            logger.info("cachedit: compiled a graph for new input shapes of %s in %.1f s", self._class_name,
+                        time.perf_counter() - started)
+        return fn
+
+    def _one_graph_backend(self, gm, example_inputs):
+        new = islands.needed_for_graph(self._module(), gm)
+        if new:  # e.g. torch.nonzero inside every block: made opaque, then traced again
+            raise IslandsNeeded({type(m) for m in new})
+        return self._backend(gm, example_inputs)
+
+    @property
+    def _class_name(self) -> str:
+        return type(self._module()).__name__
+
+    def _compile(self, backend, fullgraph: bool):
+        return torch.compile(private_code(self._original), backend=backend, dynamic=False, fullgraph=fullgraph,
+                             recompile_limit=MAX_GRAPHS)
+
+    def _run_with_grad(self, args, kwargs):
+        if self._grad_forward is None:
+            self._grad_forward = self._compile(self._backend, fullgraph=False)
+            self.mode = Mode.GRAD
+        return self._grad_forward(*args, **kwargs)
+
+    def _compile_and_run(self, args, kwargs):
+        """The first inference call compiles the forward as ONE graph, turning submodules that break it
+        inside every block into islands until it fits; a forward that still breaks (e.g. after the
+        blocks) compiles with graph breaks instead. Models that fit at once are traced once. An error
+        of the model's own propagates: the forward does not run a second time."""
+        inner = self.options["inner"]
+        logger.info("cachedit: compiling %s on its first call (inner %s); with Inductor this takes tens of "
+                    "seconds", self._class_name, inner if isinstance(inner, str) else "callable")
+        started = time.perf_counter()
+        self._first_compile = True
+        try:
+            out = self._fit_one_graph(self._module(), args, kwargs)
+        finally:
+            self._first_compile = False
+        logger.info("cachedit: %s compiled in %.1f s (%s%s)", self._class_name, time.perf_counter() - started,
+                    self.mode.value, f", {len(self.islands)} islands" if self.islands else "")
+        return out
+
+    def _fit_one_graph(self, module, args, kwargs):
+        for _ in range(_ISLAND_ROUNDS):
+            fn = self._compile(self._one_graph_backend, fullgraph=True)
+            try:
+                out = fn(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                if not breaks_graph(e):
+                    ours = our_error(e)  # e.g. Fn + Bn longer than the chain: the ConfigError itself
+                    if ours is not None:
+                        raise ours from None
+                    raise
+                self.handle.graphs.clear()
+                new = islands.needed_for_error(module, e)
+                if not new:
+                    break
+                self.islands.extend(islands.install_all(new))
+                continue
+            self._compiled, self.mode = fn, Mode.ONE_GRAPH
+            return out
+        return self._run_with_breaks(args, kwargs)
+
+    def _run_with_breaks(self, args, kwargs):
+        self._compiled, self.mode = self._compile(self._backend, fullgraph=False), Mode.GRAPH_BREAKS
+        return self._compiled(*args, **kwargs)
+
+
+def install(module: torch.nn.Module, hook: CacheHook) -> CacheHook:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+    return hook
+
+
+def cache_hook(module: torch.nn.Module) -> CacheHook | None:
+    """The hook enable_cache installed on ``module``, if any."""
+    registry = module.__dict__.get("_diffusers_hook")
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return hook if isinstance(hook, CacheHook) else None

@@ -1,0 +1,253 @@
+"""The install and the plumbing around the passes, on a tiny hand-written DiT (eager inner compiler, fast):
+the CacheHook's modes and what diffusers' hook machinery tells it, errors that propagate unchanged, the
+compile log lines, captures that leave other compiled models alone, the one pass pipeline
+(``passes.apply``) with every chain, and typed errors."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.cache_utils import CacheMixin
+from diffusers.utils import logging as diffusers_logging
+from torch import nn
+
+import cachedit_fx as cf
+from cachedit_fx import islands
+from cachedit_fx.backend import parse_options
+from cachedit_fx.capture import capture, trace
+from cachedit_fx.config import ChainPolicy, DBCacheConfig, SeparateCFG
+from cachedit_fx.hook import Mode, cache_hook
+from cachedit_fx.passes import PassSettings, apply
+from cachedit_fx.state import BranchBy, ChainLayout, StreamSpec
+
+D = 16
+CACHE = dict(Fn_compute_blocks=1, residual_diff_threshold=0.9, max_warmup_steps=1)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.mlp = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v))
+        return x + self.mlp(x)
+
+
+class TinyDiT(nn.Module, CacheMixin):
+    """Two block lists with a norm between them: two chains."""
+
+    def __init__(self, n_first=4, n_second=0):
+        super().__init__()
+        self.proj_in, self.time = nn.Linear(D, D), nn.Linear(1, D)
+        self.blocks = nn.ModuleList(Block() for _ in range(n_first))
+        self.mid_norm = nn.LayerNorm(D)
+        self.late_blocks = nn.ModuleList(Block() for _ in range(n_second))
+        self.proj_out = nn.Linear(D, D)
+
+    def forward(self, hidden_states, timestep):
+        h = self.proj_in(hidden_states) + self.time(timestep[:, None])[:, None]
+        for block in self.blocks:
+            h = block(h)
+        h = self.mid_norm(h)
+        for block in self.late_blocks:
+            h = block(h)
+        return self.proj_out(h)
+
+
+def tiny(n_first=4, n_second=0):
+    torch.manual_seed(0)
+    return TinyDiT(n_first, n_second).eval()
+
+
+def x0():
+    return torch.randn(1, 8, D, generator=torch.Generator().manual_seed(1))
+
+
+def denoise(model, steps=6, context=None):
+    x = x0()
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([1.0 - i / steps])
+            if context is None:
+                x = x - 0.1 * model(x, t)
+            else:
+                with model.cache_context(context):
+                    x = x - 0.1 * model(x, t)
+    return x
+
+
+def rows_of(model):
+    return [r for r in cf.summary(model, details=True) if "unmatched" not in r]
+
+
+def test_modes_grad_then_one_graph_then_uninstall():
+    model = tiny()
+    ref = denoise(model)
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    hook = cache_hook(model)
+    assert hook.mode is Mode.NOT_COMPILED and model._diffusers_hook.get_hook("cachedit") is hook
+    with pytest.warns(UserWarning, match="grad mode is on"):
+        model(x0(), torch.tensor([1.0]))
+    assert hook.mode is Mode.GRAD and not hook.handle.chains
+    out = denoise(model)
+    assert hook.mode is Mode.ONE_GRAPH and len(hook.handle.chains) == 1
+    assert rows_of(model)[0]["cached_steps"] > 0 and not torch.equal(out, ref)
+    cf.disable_cache(model)
+    assert cache_hook(model) is None and "forward" not in model.__dict__
+    assert torch.equal(denoise(model), ref)
+
+
+def test_cache_context_reaches_the_hook():
+    """diffusers' cache_context sets the hook's StateManager: every call named "uncond" goes to branch 1."""
+    model = tiny()
+    cf.enable_cache(model, cache_config=dict(CACHE, enable_separate_cfg=True), compile=False)
+    try:
+        denoise(model, context="uncond")
+        used = [(r["branch"], r["steps"]) for r in rows_of(model) if r["steps"]]
+        assert used == [(1, 6)], used
+        assert cache_hook(model).context.current is None  # cleared after each call
+    finally:
+        cf.disable_cache(model)
+
+
+def test_diffusers_reset_state_starts_the_next_call_afresh():
+    model = tiny()
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    try:
+        denoise(model)
+        model._reset_stateful_cache()  # what a pipeline's maybe_free_model_hooks calls at its end
+        assert rows_of(model)[0]["steps"] == 6  # the request that ended stays readable
+        with torch.no_grad():
+            model(x0(), torch.tensor([0.5]))
+        assert rows_of(model)[0]["steps"] == 1
+    finally:
+        cf.disable_cache(model)
+
+
+def test_a_model_error_propagates_without_a_second_compile():
+    model = tiny()
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="same reduction dim"):
+            model(torch.randn(1, 8, D + 1), torch.tensor([1.0]))  # the model's own shape error
+        hook = cache_hook(model)
+        assert hook.mode is Mode.NOT_COMPILED and not hook.handle.graphs  # no compile with breaks tried
+    finally:
+        cf.disable_cache(model)
+
+
+def test_fn_bn_that_do_not_fit_raise_the_config_error_itself():
+    model = tiny()
+    cf.enable_cache(model, cache_config=dict(CACHE, Fn_compute_blocks=3, Bn_compute_blocks=2), compile=False)
+    try:
+        with torch.no_grad(), pytest.raises(cf.ConfigError, match=r"do not fit chain blocks\[4\] of 4 blocks"):
+            model(x0(), torch.tensor([1.0]))
+    finally:
+        cf.disable_cache(model)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_first_compile_logs_start_and_duration_at_diffusers_verbosity():
+    log = logging.getLogger("diffusers.cachedit_fx")
+    records = _Records()
+    log.addHandler(records)
+    before = diffusers_logging.get_verbosity()
+    try:
+        for verbosity in (logging.WARNING, logging.INFO):
+            diffusers_logging.set_verbosity(verbosity)
+            model = tiny()
+            cf.enable_cache(model, cache_config=CACHE, compile=False)
+            denoise(model, steps=2)
+            cf.disable_cache(model)
+            if verbosity == logging.WARNING:
+                assert records.messages == []
+    finally:
+        diffusers_logging.set_verbosity(before)
+        log.removeHandler(records)
+    assert len(records.messages) == 2, records.messages
+    assert "compiling TinyDiT on its first call" in records.messages[0]
+    assert "TinyDiT compiled in" in records.messages[1] and "one graph" in records.messages[1]
+
+
+def test_captures_leave_other_compiled_models_alone():
+    """capture / trace (both kinds) / islands.find never reset Dynamo: a model compiled before them
+    keeps its compiled code (no second backend call)."""
+    compiled_model, other = tiny(), tiny()
+    calls = []
+
+    def counting(gm, example_inputs):
+        calls.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(compiled_model, backend=counting, fullgraph=True, dynamic=False)
+    args = (x0(), torch.tensor([1.0]))
+    with torch.no_grad():
+        compiled(*args)
+        capture(other, args)
+        assert len(trace(other.forward, args, fullgraph=False).graphs) == 1
+        assert islands.find(other, other.forward, args, {}) == []
+        compiled(*args)
+    assert len(calls) == 1
+
+
+def test_apply_rewrites_every_chain_or_returns_the_input_with_the_reason():
+    model = tiny(4, 3)
+    args = (x0(), torch.tensor([1.0]))
+    gm, example_inputs = capture(model, args)
+    cfg = DBCacheConfig(**CACHE)
+    longest = apply(gm, PassSettings(cfg))
+    both = apply(gm, PassSettings(cfg, chains=ChainPolicy.ALL))
+    assert [c.info.name for c in longest.chains] == ["blocks[4]"]
+    assert [c.info.name for c in both.chains] == ["blocks[4]", "late_blocks[3]"]
+    assert both.graph_module is not gm and both.modified
+    states = [t for c in both.chains for t in c.state.ordered()]
+    with torch.no_grad():  # the first call computes every block: equal to the uncaptured model
+        torch.testing.assert_close(both.graph_module(*example_inputs, *states), (model(*args),), rtol=0, atol=0)
+    mlp_gm, _ = capture(nn.Sequential(nn.Linear(D, D), nn.GELU()).eval(), (x0(),))
+    none = apply(mlp_gm, PassSettings(cfg))
+    assert none.graph_module is mlp_gm and not none.chains and "no repeated transformer blocks" in none.unmatched
+
+
+def test_chains_all_through_the_backend_caches_both_chains():
+    model = tiny(4, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="cachedit", fullgraph=True, dynamic=False,
+                             options=dict(cache_config=CACHE, chains="all", inner="eager"))
+    denoise(compiled)
+    rows = rows_of(model)
+    assert [r["chain"] for r in rows] == ["blocks[4]", "late_blocks[3]"]
+    assert all(r["steps"] == 6 and r["cached_steps"] > 0 for r in rows), rows
+    torch._dynamo.reset()
+
+
+def test_options_and_enums_fail_with_the_field_and_allowed_values():
+    with pytest.raises(cf.ConfigError, match=r"separate_cfg must be one of False, True, None, 'off', 'on', 'auto'"):
+        parse_options(dict(separate_cfg="maybe"))
+    with pytest.raises(cf.ConfigError, match=r"chains must be one of 'longest', 'all'"):
+        parse_options(dict(chains="first"))
+    with pytest.raises(cf.ConfigError, match=r"inner must be one of"):
+        parse_options(dict(inner="tvm"))
+    assert SeparateCFG.parse(True, "x") is SeparateCFG.ON and SeparateCFG.parse(None, "x") is SeparateCFG.AUTO
+    assert issubclass(cf.ConfigError, ValueError) and issubclass(cf.ConfigError, cf.CacheditError)
+
+
+def test_layout_round_trips_every_field_by_name():
+    layout = ChainLayout(2, 3, (3, 8, 16), torch.bfloat16, (StreamSpec((3, 8, 16), torch.float16, 3),),
+                         diff_shared=True, branch_by=BranchBy.TIMESTEP, capacity=64)
+    again = ChainLayout.from_dict(layout.to_dict())
+    assert again == layout
+    assert [f.name for f in again.fields()][-2:] == ["ref", "ladder_0"]
+    assert {f.name for f in layout.fields() if f.per_request} >= {"calls", "has_ref", "diff_log"}
+    assert layout.shapes()["ladder_0"] == ((2, 3, 3, 8, 16), torch.float16)
