@@ -4,6 +4,7 @@ compile log lines, captures that leave other compiled models alone, the one pass
 (``passes.apply``) with every chain, and typed errors."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -80,6 +81,16 @@ def denoise(model, steps=6, context=None):
     return x
 
 
+@contextlib.contextmanager
+def cached(model, **changes):
+    """The model under enable_cache (eager inner) for the block; its hook."""
+    cf.enable_cache(model, cache_config={**CACHE, **changes}, compile=False)
+    try:
+        yield cache_hook(model)
+    finally:
+        cf.disable_cache(model)
+
+
 def rows_of(model):
     return [r for r in cf.summary(model, details=True) if "unmatched" not in r]
 
@@ -104,50 +115,37 @@ def test_modes_grad_then_one_graph_then_uninstall():
 def test_cache_context_reaches_the_hook():
     """diffusers' cache_context sets the hook's StateManager: every call named "uncond" goes to branch 1."""
     model = tiny()
-    cf.enable_cache(model, cache_config=dict(CACHE, enable_separate_cfg=True), compile=False)
-    try:
+    with cached(model, enable_separate_cfg=True) as hook:
         denoise(model, context="uncond")
         used = [(r["branch"], r["steps"]) for r in rows_of(model) if r["steps"]]
         assert used == [(1, 6)], used
-        assert cache_hook(model).context.current is None  # cleared after each call
-    finally:
-        cf.disable_cache(model)
+        assert hook.context.current is None  # cleared after each call
 
 
 def test_diffusers_reset_state_starts_the_next_call_afresh():
     model = tiny()
-    cf.enable_cache(model, cache_config=CACHE, compile=False)
-    try:
+    with cached(model):
         denoise(model)
         model._reset_stateful_cache()  # what a pipeline's maybe_free_model_hooks calls at its end
         assert rows_of(model)[0]["steps"] == 6  # the request that ended stays readable
         with torch.no_grad():
             model(x0(), torch.tensor([0.5]))
         assert rows_of(model)[0]["steps"] == 1
-    finally:
-        cf.disable_cache(model)
 
 
 def test_a_model_error_propagates_without_a_second_compile():
     model = tiny()
-    cf.enable_cache(model, cache_config=CACHE, compile=False)
-    try:
+    with cached(model) as hook:
         with torch.no_grad(), pytest.raises(RuntimeError, match="same reduction dim"):
             model(torch.randn(1, 8, D + 1), torch.tensor([1.0]))  # the model's own shape error
-        hook = cache_hook(model)
         assert hook.mode is Mode.NOT_COMPILED and not hook.handle.graphs  # no compile with breaks tried
-    finally:
-        cf.disable_cache(model)
 
 
 def test_fn_bn_that_do_not_fit_raise_the_config_error_itself():
     model = tiny()
-    cf.enable_cache(model, cache_config=dict(CACHE, Fn_compute_blocks=3, Bn_compute_blocks=2), compile=False)
-    try:
+    with cached(model, Fn_compute_blocks=3, Bn_compute_blocks=2):
         with torch.no_grad(), pytest.raises(cf.ConfigError, match=r"do not fit chain blocks\[4\] of 4 blocks"):
             model(x0(), torch.tensor([1.0]))
-    finally:
-        cf.disable_cache(model)
 
 
 class _Records(logging.Handler):
@@ -168,9 +166,8 @@ def test_first_compile_logs_start_and_duration_at_diffusers_verbosity():
         for verbosity in (logging.WARNING, logging.INFO):
             diffusers_logging.set_verbosity(verbosity)
             model = tiny()
-            cf.enable_cache(model, cache_config=CACHE, compile=False)
-            denoise(model, steps=2)
-            cf.disable_cache(model)
+            with cached(model):
+                denoise(model, steps=2)
             if verbosity == logging.WARNING:
                 assert records.messages == []
     finally:
