@@ -127,7 +127,7 @@ def main():
         for _ in range(1 if quick else 4):
             h_eager.configure(cfg(thr))
             run("tune", eager_c, h_eager.reset, record=False)
-            n = sum(s.cached_steps for s in collect(h_eager))
+            n = sum(s.n_cached for s in collect(h_eager))
             tuning.append({"threshold": thr, "cached": n})
             frac = n / steps
             if TARGET[0] <= frac <= TARGET[1]:
@@ -175,11 +175,11 @@ def main():
         variants = {
             f"plain {inner} (uncached)": (plain, None, None),
             "eager (uncached)": (model, None, None),
-            f"cachedit-fx ({inner})": (comp_c, h_comp.reset, lambda: sum(s.cached_steps for s in collect(h_comp))),
+            f"cachedit-fx ({inner})": (comp_c, h_comp.reset, lambda: sum(s.n_cached for s in collect(h_comp))),
         }
         if not quick:  # (quick: the row above already is the compile=False instance)
             variants["cachedit-fx (compile=False, inner eager)"] = (eager_c, h_eager.reset,
-                                                         lambda: sum(s.cached_steps for s in collect(h_eager)))
+                                                         lambda: sum(s.n_cached for s in collect(h_eager)))
         variants[f"diffusers FirstBlockCache eager (threshold {thr:.4g}, same)"] = (fbc_same, fbc_same.reset,
                                                                                   fbc_same.cached_steps)
         if fbc_match is not fbc_same:

@@ -52,10 +52,10 @@ def main():
         res = time_interleaved(fns, repeats, per)
         # check the gates did what the names say
         from cachedit_fx.stats import collect
-        full_cached = sum(s.cached_steps for s in collect(h_full))
+        full_cached = sum(s.n_cached for s in collect(h_full))
         cached_steps = [s for s in collect(h_cached)]
     assert full_cached == 0, f"full-step variant cached {full_cached} steps"
-    n_c = sum(s.cached_steps for s in cached_steps)
+    n_c = sum(s.n_cached for s in cached_steps)
     n_s = sum(s.steps for s in cached_steps)
     assert n_s and n_c == n_s - 1, f"cached variant: {n_c} of {n_s} steps cached (expected all but the first)"
     med = {k: v["median_s"] for k, v in res.items()}

@@ -6,8 +6,11 @@ or dicts), ``inner`` (inductor | aot_eager | eager | tensorrt | a callable), ``i
 the inner compiler), ``separate_cfg`` (True / "on": two state sets, calls alternate; "auto" or None: two
 state sets, a call whose timestep repeats the previous call's is the second of a CFG pair, told on
 device; False / "off": one; default from cache_config.enable_separate_cfg), ``chains`` ("longest" |
-"all"), ``handle`` (a :class:`~cachedit_fx.handle.CacheHandle` that collects the state; enable_cache
-passes one). Anything the passes cannot handle compiles uncached with one warning.
+"all"), ``blocks`` (the ModuleList paths of the one chain to cache, e.g. ``["transformer_blocks",
+"single_transformer_blocks"]``, or :class:`~cachedit_fx.passes.PinnedList` entries with a pattern: what a
+``BlockAdapter`` pins; checked against the graph), ``handle`` (a :class:`~cachedit_fx.handle.CacheHandle`
+that collects the state; enable_cache passes one). Anything the passes cannot handle compiles uncached
+with one warning.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibrato
 from .errors import ConfigError
 from .handle import CacheHandle, CompiledGraph, weight_ptrs
 from .inner import check_inner, inner_compile
-from .passes import PassSettings, apply
+from .passes import PassSettings, PinnedList, apply
 
-OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "handle", "inner_options")
+OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "blocks", "handle",
+               "inner_options")
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,18 @@ class BackendOptions:
     inner: Any
     inner_options: dict
     handle: CacheHandle
+    pinned: tuple[PinnedList, ...] = ()
 
     def pass_settings(self, device=None) -> PassSettings:
-        return PassSettings(self.cache_config, self.calibrator_config, self.separate_cfg, self.chains, device)
+        return PassSettings(self.cache_config, self.calibrator_config, self.separate_cfg, self.chains, device,
+                            self.pinned)
+
+
+def _pinned(blocks) -> tuple[PinnedList, ...]:
+    blocks = [blocks] if isinstance(blocks, (str, PinnedList)) else list(blocks or ())
+    if not all(isinstance(b, (str, PinnedList)) for b in blocks):
+        raise ConfigError(f"blocks must be ModuleList paths (str) or PinnedList entries, got {blocks!r}")
+    return tuple(b if isinstance(b, PinnedList) else PinnedList(b) for b in blocks)
 
 
 def parse_options(options: dict | None) -> BackendOptions:
@@ -57,7 +70,7 @@ def parse_options(options: dict | None) -> BackendOptions:
         separate_cfg=SeparateCFG.parse(options.get("separate_cfg", cache.enable_separate_cfg), "separate_cfg"),
         chains=ChainPolicy.parse(options.get("chains", "longest"), "chains"),
         inner=inner, inner_options=options.get("inner_options") or {},
-        handle=options.get("handle") or CacheHandle(cache, calib))
+        handle=options.get("handle") or CacheHandle(cache, calib), pinned=_pinned(options.get("blocks")))
 
 
 def _is_static(example_inputs) -> bool:

@@ -55,8 +55,7 @@ def demo(args) -> int:
     t0 = time.perf_counter()
     cached = zoo.run_pipeline(pipe, "flux", num_inference_steps=steps, **kwargs)
     t_cached = time.perf_counter() - t0
-    rows = cachedit_fx.summary(pipe)
-    n_cached = sum(r.get("cached_steps", 0) for r in rows)
+    n_cached = sum(len(s.cached_steps) for s in cachedit_fx.summary(pipe))
     psnr = _psnr(base, cached)
     _save_side_by_side(base, cached, args.out)
     print(f"uncached {t_base:.3f}s  cached {t_cached:.3f}s  speedup {t_base / t_cached:.2f}x  "
@@ -229,7 +228,7 @@ def trace(args) -> int:
         chain = s.chain if clash[(s.chain, s.branch)] == 1 else f"{s.chain} (graph {k})"
         chains.append({"chain": chain, "pattern": s.pattern, "n_blocks": s.n_blocks, "Fn": s.fn, "Bn": s.bn,
                        "branch": names.get(s.branch, str(s.branch)), "steps": s.steps,
-                       "cached_steps": s.cached_steps, "rows": rows})
+                       "cached_steps": s.n_cached, "rows": rows})
     plot = plot_diffs([s for _, s in per_graph], thr, args.plot) if args.plot else None
     if args.format == "json":
         print(json.dumps({"model": args.model, "config": cache.strify(), "seconds": round(elapsed, 3),
@@ -296,7 +295,7 @@ class _Parser(argparse.ArgumentParser):
 
 def export_cmd(args) -> int:
     from cachedit_fx.models import load_model
-    from cachedit_fx.export import export
+    from cachedit_fx.aot import export
     from cachedit_fx.shapes import parse_cli
 
     dynamic = parse_cli(args.dynamic or [])
@@ -414,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a cached transformer as an AOTInductor package (.pt2)",
         description="torch.export the transformer with the cache decision inside the program and package it with "
                     "AOTInductor. The package serves the example call's shapes, or any size along the --dynamic "
-                    "dims; load it with cachedit_fx.export.load(path) and use it as pipe.transformer.")
+                    "dims; load it with cachedit_fx.load(path) and use it as pipe.transformer.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--out", default="model.pt2")

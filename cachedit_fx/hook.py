@@ -36,6 +36,7 @@ from .capture import breaks_graph, our_error, private_code
 from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
 from .errors import IslandsNeeded
 from .handle import CacheHandle
+from .passes import PinnedList
 
 HOOK_NAME = "cachedit"
 # Graphs one install may compile (one per input shape, e.g. resolution or text length, each with its own
@@ -73,12 +74,12 @@ class CacheHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None,
-                 separate_cfg: SeparateCFG, inner="inductor"):
+                 separate_cfg: SeparateCFG, inner="inductor", pinned: tuple[PinnedList, ...] = ()):
         super().__init__()
         self.handle = CacheHandle(cache_config, calibrator_config, islands_checked=True)
         self.separate_cfg = separate_cfg
         self.options = dict(cache_config=cache_config, calibrator_config=calibrator_config, inner=inner,
-                            separate_cfg=separate_cfg, handle=self.handle)
+                            separate_cfg=separate_cfg, handle=self.handle, blocks=pinned)
         parse_options(self.options)  # fail now, not at the first call
         self.context = _CallContext()
         self.mode = Mode.NOT_COMPILED
@@ -131,6 +132,16 @@ class CacheHook(ModelHook):
         """Start a new request now: clear counters, references and logs."""
         self._new_request = False
         self.handle.reset()
+
+    def reconfigure(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None) -> None:
+        """A new structure (Fn/Bn, calibrator ...): the next call compiles again; the islands stay."""
+        options = dict(self.options, cache_config=cache_config, calibrator_config=calibrator_config)
+        parse_options(options)
+        self.options = options
+        self.handle.graphs.clear()
+        self.handle.cache_config, self.handle.calibrator_config = cache_config, calibrator_config
+        self._compiled = self._grad_forward = None
+        self.mode = Mode.NOT_COMPILED
 
     def uninstall(self, module: torch.nn.Module) -> None:
         """Take the hook off ``module`` and undo the islands; the module runs as it did before."""

@@ -1,7 +1,9 @@
-"""Per-chain, per-CFG-branch statistics read from the device logs after a run (one transfer each)."""
+"""Statistics read from the device logs after a run (one transfer each): per chain and CFG branch
+(:class:`ChainStats`), and cache-dit's :class:`CacheStats` that ``summary()`` returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,35 +26,122 @@ class ChainStats:
     gates: list[str]
 
     @property
-    def cached_steps(self) -> int:
+    def n_cached(self) -> int:
         return int(sum(self.cached))
 
     def diff_percentiles(self) -> dict[str, float]:
-        d = np.array([x for x in self.diffs if np.isfinite(x) and x >= 0])
-        if d.size == 0:
-            return {}
-        return {"min": float(d.min()), "P25": float(np.percentile(d, 25)), "P50": float(np.percentile(d, 50)),
-                "P75": float(np.percentile(d, 75)), "P95": float(np.percentile(d, 95)), "max": float(d.max())}
+        return diff_percentiles(self.diffs)
+
+
+def diff_percentiles(diffs) -> dict[str, float]:
+    d = np.array([x for x in diffs if np.isfinite(x) and x >= 0])
+    if d.size == 0:
+        return {}
+    return {"min": float(d.min()), "P25": float(np.percentile(d, 25)), "P50": float(np.percentile(d, 50)),
+            "P75": float(np.percentile(d, 75)), "P95": float(np.percentile(d, 95)), "max": float(d.max())}
+
+
+@dataclass
+class CacheStats:
+    """cache-dit's per-chain statistics of the last request, with its field names (``cached_steps``: the
+    cached step indices; ``residual_diffs``: step -> recorded diff, keys as strings; ``cfg_*``: the
+    second CFG branch), plus cachedit-fx's own: which chain, its pattern and Fn/Bn, the gate that
+    settled each step, and for a graph compiled uncached the reason (``unmatched``)."""
+
+    cache_options: dict = field(default_factory=dict)
+    cached_steps: list[int] = field(default_factory=list)
+    residual_diffs: dict[str, float] = field(default_factory=dict)
+    cfg_cached_steps: list[int] = field(default_factory=list)
+    cfg_residual_diffs: dict[str, float] = field(default_factory=dict)
+    accumulated_cached_steps: int = 0
+    cfg_accumulated_cached_steps: int = 0
+    accumulated_executed_steps: int = 0
+    accumulated_transformer_executed_steps: int = 0
+    transformer: str = ""
+    chain: str | None = None
+    pattern: str | None = None
+    n_blocks: int = 0
+    Fn: int = 0
+    Bn: int = 0
+    gates: list[str] = field(default_factory=list)
+    cfg_gates: list[str] = field(default_factory=list)
+    unmatched: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.gates)
+
+    @property
+    def cfg_steps(self) -> int:
+        return len(self.cfg_gates)
+
+
+def _branch_fields(s: ChainStats | None) -> tuple[list[int], dict[str, float], list[str]]:
+    if s is None:
+        return [], {}, []
+    diffs = {str(i): d for i, d in enumerate(s.diffs) if not math.isnan(d)}
+    return [i for i, c in enumerate(s.cached) if c], diffs, s.gates
+
+
+def cache_stats(handle: CacheHandle, transformer: str) -> list[CacheStats]:
+    """One :class:`CacheStats` per compiled chain of ``handle`` (and per graph compiled uncached)."""
+    options = {"cache_config": handle.cache_config, "calibrator_config": handle.calibrator_config}
+    out = [CacheStats(cache_options=options, transformer=transformer, unmatched=g.unmatched)
+           for g in handle.graphs if g.unmatched]
+    for chain in handle.chains:
+        by_branch = {s.branch: s for s in _chain_stats(chain)}
+        cached, diffs, gates = _branch_fields(by_branch.get(0))
+        cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(1))
+        info = chain.info
+        out.append(CacheStats(
+            cache_options=options, cached_steps=cached, residual_diffs=diffs, cfg_cached_steps=cfg_cached,
+            cfg_residual_diffs=cfg_diffs, accumulated_cached_steps=len(cached),
+            cfg_accumulated_cached_steps=len(cfg_cached), accumulated_executed_steps=max(len(gates), len(cfg_gates)),
+            accumulated_transformer_executed_steps=len(gates) + len(cfg_gates), transformer=transformer,
+            chain=info.name, pattern=info.pattern, n_blocks=info.n_blocks, Fn=chain.split.fn, Bn=chain.split.bn,
+            gates=gates, cfg_gates=cfg_gates))
+    return out
+
+
+def render_stats(stats: list[CacheStats], details: bool = False) -> str:
+    lines = []
+    for s in stats:
+        if s.unmatched:
+            lines.append(f"{s.transformer}: uncached graph ({s.unmatched})")
+            continue
+        for label, cached, diffs, steps in (("", s.cached_steps, s.residual_diffs, s.steps),
+                                            ("CFG ", s.cfg_cached_steps, s.cfg_residual_diffs, s.cfg_steps)):
+            if steps == 0 and label:
+                continue
+            p = ", ".join(f"{k}={v:.3f}" for k, v in diff_percentiles(diffs.values()).items())
+            lines.append(f"{s.transformer} {s.chain} pattern {s.pattern} F{s.Fn}B{s.Bn}: {label}cached "
+                         f"{len(cached)}/{steps} steps; diff {p or '-'}")
+            if details:
+                lines.append(f"  {label}cached steps: {cached}")
+                lines.append(f"  {label}residual diffs: " + ", ".join(f"{k}: {v:.4f}" for k, v in diffs.items()))
+    return "\n".join(lines)
 
 
 def collect(handle: CacheHandle) -> list[ChainStats]:
+    return [s for chain in handle.chains for s in _chain_stats(chain)]
+
+
+def _chain_stats(chain) -> list[ChainStats]:
+    t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log")}
+    called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
     out = []
-    for chain in handle.chains:
-        t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log")}
-        called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
-        for b, steps in enumerate(called):
-            if steps == 0 and (b > 0 or any(called)):
-                # A CFG branch the pipeline never called on this graph: guidance off, or the cond and
-                # uncond calls compiled to graphs of their own (different text lengths).
-                continue
-            slot_cached = t["cached_log"][b, :steps]
-            out.append(ChainStats(
-                chain=chain.info.name, pattern=chain.info.pattern, n_blocks=chain.info.n_blocks,
-                fn=chain.split.fn, bn=chain.split.bn, branch=b, steps=steps,
-                cached=[bool(x) for x in slot_cached.all(dim=1)],
-                diffs=[float(x) for x in t["diff_log"][b, :steps].nanmean(dim=1)] if steps else [],
-                gates=[GATE_NAMES.get(int(g), "-") for g in t["gate_log"][b, :steps, 0]],
-            ))
+    for b, steps in enumerate(called):
+        if steps == 0 and (b > 0 or any(called)):
+            # A CFG branch the pipeline never called on this graph: guidance off, or the cond and
+            # uncond calls compiled to graphs of their own (different text lengths).
+            continue
+        out.append(ChainStats(
+            chain=chain.info.name, pattern=chain.info.pattern, n_blocks=chain.info.n_blocks,
+            fn=chain.split.fn, bn=chain.split.bn, branch=b, steps=steps,
+            cached=[bool(x) for x in t["cached_log"][b, :steps].all(dim=1)],
+            diffs=[float(x) for x in t["diff_log"][b, :steps].nanmean(dim=1)] if steps else [],
+            gates=[GATE_NAMES.get(int(g), "-") for g in t["gate_log"][b, :steps, 0]],
+        ))
     return out
 
 

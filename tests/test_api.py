@@ -54,14 +54,14 @@ def cached_runs(pipe, name, **cache_changes):
     return out, rows, [str(w.message) for w in caught if "cachedit" in str(w.message)]
 
 
-def chain_rows(rows):
-    return [r for r in rows if "unmatched" not in r]
+def chain_rows(stats):
+    return [s for s in stats if s.unmatched is None]
 
 
-def per_step_cached(rows) -> list[bool]:
-    rs = chain_rows(rows)
+def per_step_cached(stats) -> list[bool]:
+    rs = chain_rows(stats)
     assert len(rs) == 1, rs
-    return [s["cached"] for s in rs[0]["per_step"]]
+    return [i in rs[0].cached_steps for i in range(rs[0].steps)]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ class FamilyRun:
 
     @property
     def cached(self) -> int:
-        return sum(r["cached_steps"] for r in chain_rows(self.rows))
+        return sum(len(r.cached_steps) + len(r.cfg_cached_steps) for r in chain_rows(self.rows))
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +104,8 @@ def family_run(name: str) -> FamilyRun:
 def test_family_caches_and_disable_restores(name):
     r = family_run(name)
     value = psnr(r.out, r.ref)
-    print(f"{name}: cached {r.cached} steps ({[x.get('cached_steps') for x in r.rows]}), PSNR {value:.2f} dB")
+    print(f"{name}: cached {r.cached} steps ({[(x.cached_steps, x.cfg_cached_steps) for x in r.rows]}), "
+          f"PSNR {value:.2f} dB")
     assert r.cached > 0, f"{name}: no cached step; summary {r.rows}; warnings {r.warned}"
     assert not torch.equal(r.out, r.ref), f"{name}: cached steps but the output equals the uncached one"
     assert np.isfinite(value), f"{name}: PSNR {value}"
@@ -117,15 +118,18 @@ def test_family_caches_and_disable_restores(name):
 def test_separate_cfg_has_two_branches(name):
     assert zoo.get(name).separate_cfg
     r = family_run(name)
-    used = [x for x in chain_rows(r.rows) if x["steps"] > 0]
-    # Two state sets: branches 0 and 1 of one graph, or (cond and uncond texts of different lengths
-    # compile to two graphs; a graph after a break may not see the timestep) one per graph.
+    # Two state sets: branches 0 and 1 of one graph (cached_steps / cfg_cached_steps), or (cond and
+    # uncond texts of different lengths compile to two graphs; a graph after a break may not see the
+    # timestep) one per graph.
+    used = [(steps, diffs, cached) for x in chain_rows(r.rows)
+            for steps, diffs, cached in ((x.steps, x.residual_diffs, x.cached_steps),
+                                         (x.cfg_steps, x.cfg_residual_diffs, x.cfg_cached_steps)) if steps > 0]
     assert len(used) == 2, f"{name}: {r.rows}; warnings {r.warned}"
-    for x in used:
-        assert x["steps"] == STEPS, x
-        assert x["diffs"], f"{name}: branch {x['branch']} has no diff stats: {x}"
-        assert len(x["per_step"]) == x["steps"]
-        assert x["cached_steps"] > 0, x
+    for steps, diffs, cached in used:
+        assert steps == STEPS, r.rows
+        assert diffs, f"{name}: a branch has no diffs: {r.rows}"
+        assert all(0 <= int(k) < steps for k in diffs)
+        assert len(cached) > 0, r.rows
 
 
 def test_twice_reset_summary_plot_strify(flux, tmp_path):
@@ -146,7 +150,7 @@ def test_twice_reset_summary_plot_strify(flux, tmp_path):
     assert torch.equal(out, out2) and torch.equal(out, out3)
     assert per_step_cached(first) == per_step_cached(second)
     assert sum(per_step_cached(second)) == 6
-    assert all(r["steps"] == 0 and r["cached_steps"] == 0 for r in chain_rows(after_reset)), after_reset
+    assert all(r.steps == 0 and r.cached_steps == [] for r in chain_rows(after_reset)), after_reset
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tag.startswith("DBCache_F1B0"), tag
     assert tag.endswith("_S6"), tag
@@ -198,7 +202,7 @@ def test_cache_limits_on_flux(flux, limits, warmup):
     finally:
         cf.disable_cache(pipe)
     cached = per_step_cached(rows)
-    gates = [s["gate"] for s in chain_rows(rows)[0]["per_step"]]
+    gates = chain_rows(rows)[0].gates
     assert not any(cached[:warmup]) and gates[:warmup] == ["warmup"] * warmup, (cached, gates)
     if "max_cached_steps" in limits:
         assert sum(cached) == limits["max_cached_steps"], cached
@@ -233,9 +237,9 @@ def test_inductor_with_islands_and_glue_cat():
 
 
 def test_supported_pipelines():
-    names = cf.supported_pipelines()
+    count, names = cf.supported_pipelines()
     assert "FluxPipeline" in names and "WanPipeline" in names
-    assert names == sorted(set(names))
+    assert names == sorted(set(names)) and count == len(names) == len(zoo.FAMILY_NAMES)
 
 
 def test_many_enables_in_one_process_keep_caching():
@@ -252,7 +256,7 @@ def test_many_enables_in_one_process_keep_caching():
                 rows = chain_rows(cf.summary(pipe))
             finally:
                 cf.disable_cache(pipe)
-            assert rows and rows[0]["cached_steps"] == 2, (i, rows)
+            assert rows and len(rows[0].cached_steps) == 2, (i, rows)
 
 
 def test_summary_of_a_model_without_cachedit_graphs_says_why(capsys):

@@ -24,6 +24,7 @@ the cond predicate; option errors; the uncached fallback for unmatched models.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -448,7 +449,7 @@ def sd3_counted():
     handle = CacheHandle(never, None)
     opts = dict(cache_config=never, inner=_counting(inner_log), handle=handle)
     compiled = torch.compile(transformer, backend="cachedit", options=opts, fullgraph=True, dynamic=False)
-    handle.configure(never.update(residual_diff_threshold=THRESHOLD["sd3"]))
+    handle.configure(dataclasses.replace(never, residual_diff_threshold=THRESHOLD["sd3"]))
     logs = []
     for steps, config in ((5, None), (3, None), (4, never)):
         if config is not None:

@@ -4,7 +4,7 @@ import torch
 
 import cachedit_fx
 from cachedit_fx.handle import handles_for
-from cachedit_fx.export import export, export_program, load
+from cachedit_fx.aot import export, export_program, load
 from cachedit_fx.testing import zoo
 
 CACHE = dict(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
@@ -70,8 +70,8 @@ def test_package_runs_inside_pipeline(package):
     second = zoo.run_pipeline(pipe, "flux", num_inference_steps=8)
     assert torch.equal(first, second)
     assert not torch.equal(first, reference)  # it cached something
-    rows = cachedit_fx.summary(pipe.transformer)
-    assert rows[0]["cached_steps"] > 0
+    stats = cachedit_fx.summary(pipe.transformer)
+    assert len(stats[0].cached_steps) > 0
 
 
 def test_loaded_package_rejects_other_shapes(package):

@@ -92,7 +92,7 @@ def cached(model, **changes):
 
 
 def rows_of(model):
-    return [r for r in cf.summary(model, details=True) if "unmatched" not in r]
+    return [r for r in cf.summary(model, details=True) if r.unmatched is None]
 
 
 def test_modes_grad_then_one_graph_then_uninstall():
@@ -106,7 +106,7 @@ def test_modes_grad_then_one_graph_then_uninstall():
     assert hook.mode is Mode.GRAD and not hook.handle.chains
     out = denoise(model)
     assert hook.mode is Mode.ONE_GRAPH and len(hook.handle.chains) == 1
-    assert rows_of(model)[0]["cached_steps"] > 0 and not torch.equal(out, ref)
+    assert rows_of(model)[0].cached_steps and not torch.equal(out, ref)
     cf.disable_cache(model)
     assert cache_hook(model) is None and "forward" not in model.__dict__
     assert torch.equal(denoise(model), ref)
@@ -117,8 +117,8 @@ def test_cache_context_reaches_the_hook():
     model = tiny()
     with cached(model, enable_separate_cfg=True) as hook:
         denoise(model, context="uncond")
-        used = [(r["branch"], r["steps"]) for r in rows_of(model) if r["steps"]]
-        assert used == [(1, 6)], used
+        used = [(r.steps, r.cfg_steps) for r in rows_of(model)]
+        assert used == [(0, 6)], used
         assert hook.context.current is None  # cleared after each call
 
 
@@ -127,10 +127,10 @@ def test_diffusers_reset_state_starts_the_next_call_afresh():
     with cached(model):
         denoise(model)
         model._reset_stateful_cache()  # what a pipeline's maybe_free_model_hooks calls at its end
-        assert rows_of(model)[0]["steps"] == 6  # the request that ended stays readable
+        assert rows_of(model)[0].steps == 6  # the request that ended stays readable
         with torch.no_grad():
             model(x0(), torch.tensor([0.5]))
-        assert rows_of(model)[0]["steps"] == 1
+        assert rows_of(model)[0].steps == 1
 
 
 def test_a_model_error_propagates_without_a_second_compile():
@@ -224,8 +224,8 @@ def test_chains_all_through_the_backend_caches_both_chains():
                              options=dict(cache_config=CACHE, chains="all", inner="eager"))
     denoise(compiled)
     rows = rows_of(model)
-    assert [r["chain"] for r in rows] == ["blocks[4]", "late_blocks[3]"]
-    assert all(r["steps"] == 6 and r["cached_steps"] > 0 for r in rows), rows
+    assert [r.chain for r in rows] == ["blocks[4]", "late_blocks[3]"]
+    assert all(r.steps == 6 and r.cached_steps for r in rows), rows
     torch._dynamo.reset()
 
 

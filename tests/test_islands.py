@@ -220,11 +220,11 @@ def test_islands_through_cond_eager_and_aot_eager(name):
         try:
             cf.enable_cache(transformer, cache_config=cfg, inner=inner)
             latent, _ = zoo.denoise(transformer, name, inputs, num_steps=6)
-            rows = [r for r in cf.summary(transformer, details=True) if "unmatched" not in r]
+            rows = [r for r in cf.summary(transformer, details=True) if r.unmatched is None]
             assert len(cache_hook(transformer).islands) > 0
         finally:
             cf.disable_cache(transformer)
-        runs[inner] = latent, [s["cached"] for r in rows for s in r["per_step"]]
+        runs[inner] = latent, [i in r.cached_steps for r in rows for i in range(r.steps)]
     assert sum(runs["eager"][1]) > 0, runs
     assert runs["eager"][1] == runs["aot_eager"][1]
     torch.testing.assert_close(runs["aot_eager"][0], runs["eager"][0], rtol=1e-4, atol=1e-4)

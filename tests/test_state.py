@@ -539,5 +539,5 @@ def test_calibrator_config_validation():
 
 def test_strify():
     assert DBCacheConfig().strify() == "DBCache_F8B0_W8I1M0MC0_R0.08"
-    assert config.strify(DBCacheConfig()) == "DBCache_F8B0_W8I1M0MC0_R0.08"
+    assert config.strify(DBCacheConfig()) == "DBCache_F8B0_W8I1M0MC0_R0.08_T0O0"  # cache-dit: no calibrator
     assert config.strify(DBCacheConfig(), TaylorSeerCalibratorConfig()).endswith("_T1O1")

@@ -17,22 +17,25 @@ from ..errors import NoCacheableChain
 from ..fx_utils import clone_graph_module
 from ..state import BranchBy
 from .patterns import ChainInfo, Unmatched, analyze
+from .pin import PinnedList, pin_chain
 from .rewrite import RewrittenChain, find_timestep, rewrite
 from .split import split_chain
 
-__all__ = ["PassResult", "PassSettings", "apply"]
+__all__ = ["PassResult", "PassSettings", "PinnedList", "apply"]
 
 
 @dataclass(frozen=True)
 class PassSettings:
     """What the passes need to know: the cache structure (Fn/Bn, TaylorSeer order, per-sample), how
-    calls map to CFG branches, which chains to cache, and where the state lives."""
+    calls map to CFG branches, which chains to cache (or the one a BlockAdapter pins), and where the
+    state lives."""
 
     cache_config: DBCacheConfig
     calibrator_config: TaylorSeerCalibratorConfig | None = None
     separate_cfg: SeparateCFG = SeparateCFG.OFF
     chains: ChainPolicy = ChainPolicy.LONGEST
     device: torch.device | None = None
+    pinned: tuple[PinnedList, ...] = ()
 
 
 @dataclass
@@ -61,8 +64,10 @@ def cfg_branches(gm: GraphModule, separate: SeparateCFG) -> tuple[int, BranchBy]
     return 1, BranchBy.PARITY
 
 
-def pick_chains(found: list[ChainInfo], policy: ChainPolicy) -> list[ChainInfo]:
-    return found[:1] if policy is ChainPolicy.LONGEST else found
+def pick_chains(gm: GraphModule, found: list[ChainInfo], settings: PassSettings) -> list[ChainInfo]:
+    if settings.pinned:
+        return [pin_chain(gm, found, settings.pinned)]
+    return found[:1] if settings.chains is ChainPolicy.LONGEST else found
 
 
 def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
@@ -76,17 +81,18 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
         A :class:`PassResult`.
 
     Raises:
-        ConfigError: ``Fn_compute_blocks`` / ``Bn_compute_blocks`` do not fit the chain.
+        ConfigError: ``Fn_compute_blocks`` / ``Bn_compute_blocks`` do not fit the chain, or a pinned chain
+            contradicts the graph.
     """
     work = clone_graph_module(gm)
     found = analyze(work)
     if isinstance(found, Unmatched):
         return PassResult(gm, unmatched=found.reason)
     cache = settings.cache_config
-    splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
-              for info in pick_chains(found, settings.chains)]
-    n_branches, branch_by = cfg_branches(work, settings.separate_cfg)
     try:
+        splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
+                  for info in pick_chains(work, found, settings)]
+        n_branches, branch_by = cfg_branches(work, settings.separate_cfg)
         chains = rewrite(work, splits, cache, settings.calibrator_config, n_branches, branch_by, settings.device)
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))

@@ -15,7 +15,6 @@ into an attention op (cross-attention K/V): pattern 2; without one, pattern 3. T
 from __future__ import annotations
 
 import ast
-import enum
 import inspect
 import textwrap
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from torch.fx import GraphModule, Node
 
 from ..errors import NoCacheableChain
+from ..forward_pattern import ForwardPattern
 from ..fx_utils import node_shape
 from .blocks import ATTENTION_OPS, Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
@@ -32,17 +32,6 @@ _CHEAP = {
     "squeeze", "unsqueeze", "chunk", "split", "narrow", "clip", "clamp", "iadd", "add_",
     "repeat", "expand", "masked_fill", "where", "_assert_tensor_metadata",
 }
-
-
-class ForwardPattern(enum.IntEnum):
-    """How a block is called (cache-dit's numbering)."""
-
-    HE_TO_HE = 0
-    HE_TO_EH = 1
-    H_CONTEXT_TO_H = 2
-    H_TO_H = 3
-    H_TO_H_NEW_E = 4
-    H_TO_NEW_E_H = 5
 
 
 @dataclass(eq=False)
@@ -211,10 +200,10 @@ def _pattern(bs: BlockStreams) -> ForwardPattern:
     order = _return_order(bs.block.cls)
     e_first = order == ["E", "H"]
     if ins == ["E", "H"]:
-        return ForwardPattern.HE_TO_EH if e_first else ForwardPattern.HE_TO_HE
+        return ForwardPattern.Pattern_1 if e_first else ForwardPattern.Pattern_0
     if created and len(outs) == 2:
-        return ForwardPattern.H_TO_NEW_E_H if e_first else ForwardPattern.H_TO_H_NEW_E
-    return ForwardPattern.H_CONTEXT_TO_H if bs.takes_context else ForwardPattern.H_TO_H
+        return ForwardPattern.Pattern_5 if e_first else ForwardPattern.Pattern_4
+    return ForwardPattern.Pattern_2 if bs.takes_context else ForwardPattern.Pattern_3
 
 
 def _reaches_output(gm: GraphModule) -> set[Node]:
