@@ -13,8 +13,7 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import dataclass
-from types import SimpleNamespace
+import dataclasses
 
 import torch
 from torch.fx.experimental import _config as fx_config
@@ -24,9 +23,9 @@ from . import islands, shapes
 from .capture import capture
 from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig, coerce, validated
 from .errors import ExportError
-from .handle import CacheHandle, CompiledGraph
+from .handle import CacheHandle, CachedChain, CompiledGraph
 from .passes import PassSettings, apply
-from .state import ChainLayout, ChainState
+from .state import ChainAbout, ChainLayout, ChainState
 
 METADATA = "extra/cachedit_metadata.json"  # under the archive's root folder, as the pt2 reader requires
 
@@ -121,8 +120,7 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
         "bounds": shapes.bounds_of(user_values),
         "cache_config": dict(vars(cache)),
         "calibrator_config": dict(vars(calib)) if calib else None,
-        "chains": [{"name": c.info.name, "pattern": c.info.pattern, "n_blocks": c.info.n_blocks, "fn": c.split.fn,
-                    "bn": c.split.bn, "layout": c.layout.to_dict(), "state_shapes": t}
+        "chains": [{"about": dataclasses.asdict(c.about), "layout": c.layout.to_dict(), "state_shapes": t}
                    for c, t in zip(rewritten, templates)],
         "config": dict(getattr(transformer, "config", {}) or {}),
         "dtype": str(next(transformer.parameters()).dtype),
@@ -152,14 +150,6 @@ def _archive_root(z: zipfile.ZipFile) -> str:
     return z.namelist()[0].split("/")[0]
 
 
-@dataclass(eq=False)
-class _ExportedChain:
-    info: SimpleNamespace
-    split: SimpleNamespace
-    layout: ChainLayout
-    state: ChainState
-
-
 class CachedTransformer(torch.nn.Module):
     """A loaded package that drops into a diffusers pipeline as ``pipe.transformer``."""
 
@@ -179,9 +169,7 @@ class CachedTransformer(torch.nn.Module):
         chains = []
         for c in meta["chains"]:
             layout = ChainLayout.from_dict(c["layout"])
-            chains.append(_ExportedChain(SimpleNamespace(name=c["name"], pattern=c["pattern"], n_blocks=c["n_blocks"]),
-                                         SimpleNamespace(fn=c["fn"], bn=c["bn"]), layout,
-                                         ChainState(layout, cache, device=device)))
+            chains.append(CachedChain(ChainAbout(**c["about"]), layout, ChainState(layout, cache, device=device)))
         self.handle = CacheHandle(cache, calib, [CompiledGraph(chains, frozenset())])
         from diffusers.configuration_utils import FrozenDict
 
@@ -235,7 +223,7 @@ class CachedTransformer(torch.nn.Module):
                     changed = True
             if changed:
                 c.state.tensors["has_ref"].fill_(False)
-                c.state.tensors["n_computed"].fill_(0)
+                c.state.tensors["ladder_len"].fill_(0)
 
     def forward(self, *args, **kwargs):
         scope = {"L": {"self": None, "args": args, "kwargs": kwargs}}

@@ -77,7 +77,7 @@ def _unsupported(**options) -> None:
 
 def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, params_modifiers=None,
                  parallelism_config=None, attention_backend=None, quantize_config=None, compile: bool = True,
-                 inner: str = "inductor", **fields):
+                 inner: str = "inductor", eager: bool = False, **fields):
     """Cache a diffusers pipeline, a transformer, or the transformer(s) of a ``BlockAdapter``, in place;
     returns what it was given.
 
@@ -89,6 +89,8 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         params_modifiers: a ``ParamsModifier``, or one per transformer.
         compile: False runs the rewritten graph without an inner compiler (fast start, same decisions).
         inner: the inner compiler (inductor | aot_eager | eager | tensorrt | a callable).
+        eager: cache with hooks on one block list, deciding on the host, instead of the graph pass (what
+            a model whose blocks cannot be captured gets on its own, with one warning).
     """
     _unsupported(parallelism_config=parallelism_config, attention_backend=attention_backend,
                  quantize_config=quantize_config)
@@ -121,7 +123,7 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
             separate = True
         separate = SeparateCFG.AUTO if separate is None or (separate and is_pipe) else SeparateCFG.parse(
             separate, "enable_separate_cfg")
-        hooks.append(install(module, CacheHook(c, k, separate, inner, pinned)))
+        hooks.append(install(module, CacheHook(c, k, separate, inner, pinned, eager)))
     if is_pipe and hooks:
         _wrap_pipeline_call(pipe, hooks)
     return pipe_or_adapter
@@ -227,12 +229,16 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
 
 
 def strify(obj) -> str:
-    """cache-dit's tag of each cached transformer: its configs and the cached steps of the last request
-    (``_S<n>``, left out when none cached), joined by commas."""
+    """cache-dit's tag of each cached transformer: its configs (``_CFG1`` when it runs separate CFG) and
+    the non-CFG cached steps of the last request (``_S<n>``, left out when none cached), joined by commas."""
     parts = []
     for _, h in _handles(obj):
-        cached = sum(len(s.cached_steps) for s in cache_stats(h, ""))
-        parts.append(config_strify(h.cache_config, h.calibrator_config) + (f"_S{cached}" if cached else ""))
+        stats = cache_stats(h, "")
+        cache = h.cache_config
+        if cache.enable_separate_cfg is None:
+            cache = dataclasses.replace(cache, enable_separate_cfg=any(s.cfg_steps for s in stats))
+        cached = sum(len(s.cached_steps) for s in stats)
+        parts.append(config_strify(cache, h.calibrator_config) + (f"_S{cached}" if cached else ""))
     return ",".join(parts)
 
 

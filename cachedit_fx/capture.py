@@ -152,11 +152,16 @@ def _user_frame(message: str) -> str:
     return f" at {path.rsplit('/', 1)[-1]}:{line} in {fn}: `{code.strip()}`"
 
 
-def capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
+def describe_break(e: BaseException) -> str:
+    """A Dynamo error in one line: its type, first line, and the user code line it stopped at."""
     message = str(e)
     first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+    return f"{type(e).__name__}: {first}{_user_frame(message)}"
+
+
+def capture_error(module: torch.nn.Module, e: Exception) -> CaptureError:
     return CaptureError(
-        f"{type(module).__name__}.forward cannot be captured as one graph ({type(e).__name__}: {first})"
-        f"{_user_frame(message)}. The cachedit pass needs the whole forward in one graph; this model "
+        f"{type(module).__name__}.forward cannot be captured as one graph ({describe_break(e)}). "
+        "The cachedit pass needs the whole forward in one graph; this model "
         "is not cacheable as it is (enable_cache makes submodules that break every block opaque islands; an "
         "exported package cannot hold them).")

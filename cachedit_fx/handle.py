@@ -11,13 +11,24 @@ from torch.fx import GraphModule
 
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, validated
 from .passes.rewrite import RewrittenChain
+from .state import ChainAbout, ChainLayout, ChainState
+
+
+@dataclass(eq=False)
+class CachedChain:
+    """A chain's description and state when no rewritten graph of ours holds it (a loaded export
+    package, the eager path); it reads like a :class:`RewrittenChain` to reset / stats."""
+
+    about: ChainAbout
+    layout: ChainLayout
+    state: ChainState
 
 
 @dataclass(eq=False)
 class CompiledGraph:
     """One compiled graph's chains and the ids of the parameters it was compiled for."""
 
-    chains: list[RewrittenChain]
+    chains: list[RewrittenChain | CachedChain]
     param_ptrs: frozenset
     unmatched: str | None = None
 
@@ -52,7 +63,7 @@ class CacheHandle:
         self.graphs.append(graph)
 
     @property
-    def chains(self) -> list[RewrittenChain]:
+    def chains(self) -> list[RewrittenChain | CachedChain]:
         return [c for g in self.graphs for c in g.chains]
 
 

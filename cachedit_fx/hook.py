@@ -17,6 +17,9 @@ Modes, in the order a transformer usually goes through them:
   compiled with breaks; the graph holding the blocks is cached.
 - ``OVER_SHAPE_LIMIT``: ``MAX_GRAPHS`` input shapes have compiled; calls with further shapes run the
   plain forward (one warning), known shapes keep their graphs.
+- ``EAGER``: the blocks' own forward breaks the graph (islands cannot isolate a block from itself), or
+  ``enable_cache(..., eager=True)`` asked for it: hooks on the block list run the cache (eager.py), one
+  warning naming the cause.
 """
 from __future__ import annotations
 
@@ -32,9 +35,10 @@ from diffusers.utils import logging as diffusers_logging
 
 from . import islands
 from .backend import cachedit_backend, parse_options
-from .capture import breaks_graph, our_error, private_code
+from .capture import breaks_graph, describe_break, our_error, private_code
 from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
-from .errors import IslandsNeeded
+from .eager import EagerCache, timestep_of
+from .errors import ConfigError, IslandsNeeded
 from .handle import CacheHandle
 from .passes import PinnedList
 
@@ -54,6 +58,7 @@ class Mode(enum.Enum):
     ONE_GRAPH = "one graph"
     GRAPH_BREAKS = "graph breaks"
     OVER_SHAPE_LIMIT = "over the shape limit"
+    EAGER = "eager cache (block hooks, decisions on the host)"
 
 
 class _CallContext(StateManager):
@@ -74,7 +79,8 @@ class CacheHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None,
-                 separate_cfg: SeparateCFG, inner="inductor", pinned: tuple[PinnedList, ...] = ()):
+                 separate_cfg: SeparateCFG, inner="inductor", pinned: tuple[PinnedList, ...] = (),
+                 eager: bool = False):
         super().__init__()
         self.handle = CacheHandle(cache_config, calibrator_config, islands_checked=True)
         self.separate_cfg = separate_cfg
@@ -89,6 +95,8 @@ class CacheHook(ModelHook):
         self._branch: int | None = None  # the CFG branch of the call in flight, when the caller names it
         self._new_request = False  # diffusers' reset_state: the next call starts a new request
         self._first_compile = False  # inside the first inference call's compile, which logs on its own
+        self._pinned, self._want_eager = pinned, eager
+        self._eager: EagerCache | None = None
         self._module = None
 
     # ------------------------------------------------------------------ ModelHook
@@ -103,9 +111,14 @@ class CacheHook(ModelHook):
             self.reset()
         self._branch = self._branch_of_call()
         self._set_hints(self.handle.chains)
+        if self.mode is Mode.EAGER:
+            return self._run_eager(args, kwargs)
         if self.mode in (Mode.NOT_COMPILED, Mode.GRAD):
             if torch.is_grad_enabled():
                 return self._run_with_grad(args, kwargs)
+            if self._want_eager:
+                self._start_eager(None, None)
+                return self._run_eager(args, kwargs)
             return self._compile_and_run(args, kwargs)
         try:
             return self._compiled(*args, **kwargs)
@@ -141,7 +154,12 @@ class CacheHook(ModelHook):
         self.handle.graphs.clear()
         self.handle.cache_config, self.handle.calibrator_config = cache_config, calibrator_config
         self._compiled = self._grad_forward = None
-        self.mode = Mode.NOT_COMPILED
+        if self._eager is not None:
+            path = self._eager.path
+            self._eager.uninstall()
+            self._start_eager(path, None)
+        else:
+            self.mode = Mode.NOT_COMPILED
 
     def uninstall(self, module: torch.nn.Module) -> None:
         """Take the hook off ``module`` and undo the islands; the module runs as it did before."""
@@ -154,6 +172,9 @@ class CacheHook(ModelHook):
         for m in self.islands:
             islands.uninstall(m)
         self.islands.clear()
+        if self._eager is not None:
+            self._eager.uninstall()
+            self._eager = None
         self._compiled = self._grad_forward = None
         self.mode = Mode.NOT_COMPILED
 
@@ -240,16 +261,52 @@ class CacheHook(ModelHook):
                 self.handle.graphs.clear()
                 new = islands.needed_for_error(module, e)
                 if not new:
-                    break
+                    path = islands.breaking_block_list(module, e)
+                    if path is None:
+                        break
+                    self._start_eager(path, f"{describe_break(e)} breaks the graph in the own forward of "
+                                            "every block, which islands cannot isolate")
+                    return self._run_eager(args, kwargs)
                 self.islands.extend(islands.install_all(new))
                 continue
             self._compiled, self.mode = fn, Mode.ONE_GRAPH
             return out
         return self._run_with_breaks(args, kwargs)
 
+    def _start_eager(self, path: str | None, reason: str | None) -> None:
+        """Cache the block list at ``path`` (the pinned one, else the largest) eagerly from now on."""
+        module = self._module()
+        if len(self._pinned) > 1:
+            raise ConfigError(f"the eager cache caches one block list; the BlockAdapter names "
+                              f"{[p.path for p in self._pinned]}: pin one")
+        pattern = self._pinned[0].pattern if self._pinned else None
+        path = path or (self._pinned[0].path if self._pinned else _largest_block_list(module))
+        if path is None:
+            raise ConfigError(f"{type(module).__name__} has no ModuleList of two or more blocks to cache eagerly")
+        self._eager = EagerCache(module.get_submodule(path), path, self.handle, self.separate_cfg, pattern)
+        self.mode = Mode.EAGER
+        if reason is not None:
+            warnings.warn(f"cachedit: {type(module).__name__} runs the eager cache on {path} (block hooks, decisions "
+                          f"on the host, blocks uncompiled): {reason}", stacklevel=4)
+
+    def _run_eager(self, args, kwargs):
+        if torch.is_grad_enabled():  # caching is inference-only
+            return self._original(*args, **kwargs)
+        self._eager.begin(timestep_of(self._original, args, kwargs))
+        try:
+            return self._original(*args, **kwargs)
+        finally:
+            self._eager.end()
+
     def _run_with_breaks(self, args, kwargs):
         self._compiled, self.mode = self._compile(self._backend, fullgraph=False), Mode.GRAPH_BREAKS
         return self._compiled(*args, **kwargs)
+
+
+def _largest_block_list(module: torch.nn.Module) -> str | None:
+    lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in module.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) >= 2]
+    return max(lists)[1] if lists else None
 
 
 def install(module: torch.nn.Module, hook: CacheHook) -> CacheHook:

@@ -262,6 +262,17 @@ def needed_for_error(module: torch.nn.Module, error: BaseException) -> list[torc
     return _candidates(module, _classes_on_stack(_frames(error), classes))
 
 
+def breaking_block_list(module: torch.nn.Module, error: BaseException) -> str | None:
+    """The path of the ModuleList whose blocks' own forward breaks a full-graph compile (the innermost
+    module forward on the break's stack is a block's): islands cannot isolate a block from itself."""
+    lists = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2}
+    block_classes = {type(m[0]) for m in lists.values()}
+    on_stack = _classes_on_stack(_frames(error), {type(m) for m in module.modules()})
+    if not on_stack or not on_stack <= block_classes:
+        return None
+    return next(name for name, m in lists.items() if type(m[0]) in on_stack)
+
+
 def find(module: torch.nn.Module, forward, args, kwargs, max_rounds: int = 8) -> list[torch.nn.Module]:
     """Find and install the islands ``forward(*args, **kwargs)`` (``module``'s forward) needs to trace as
     one graph; returns the island modules (installed; :func:`uninstall` restores them)."""

@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from . import islands
-from .capture import capture, trace
+from .capture import capture, describe_break, trace
 from .config import DBCacheConfig, SeparateCFG
 from .errors import CaptureError
 from .fx_utils import node_value
@@ -118,8 +118,8 @@ def _one_graph(transformer, inputs: dict) -> tuple[GraphModule | None, str | Non
     try:
         return capture(transformer, kwargs=inputs)[0], None
     except CaptureError as e:
-        reason = str(e).strip().split(" The cachedit pass needs")[0].strip()
-        return None, reason.splitlines()[0].rstrip(".")
+        return None, f"{type(transformer).__name__}.forward cannot be captured as one graph " \
+                     f"({describe_break(e.__cause__ or e)})"
 
 
 def capture_graphs(transformer, inputs: dict) -> tuple[list[GraphModule], str | None]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import DBCacheConfig
+from .config import DBCacheConfig, TaylorSeerCalibratorConfig
 
 LOG_CAPACITY = 1024
 
@@ -28,7 +28,8 @@ GATE_NAMES = {
     5: "max_accumulated_diff", 6: "threshold<=0", 7: "no_reference", 8: "threshold>=1", 9: "diff_test",
 }
 PARAM_NAMES = ("threshold", "warmup", "interval", "max_cached", "max_continuous", "max_accumulated",
-               "has_mask", "static_mask")
+               "has_mask", "static_mask", "n_steps", "refresh_hint", "refresh_repeat")
+TAYLOR_START = 3  # the first step at which a computed step may add a derivative to its ladder
 
 
 class BranchBy(str, enum.Enum):
@@ -45,18 +46,27 @@ class StreamSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     ladder: int  # TaylorSeer order + 1; 1 = plain DBCache (reuse the last residual)
+    absolute: bool = False  # calibrator_cache_type="hidden_states": forecast the value, not its residual
+
+
+class Clear(str, enum.Enum):
+    """What clears a state tensor on device (``ChainState.reset`` clears every one with an initial value)."""
+
+    NEVER = "never"
+    REQUEST = "request"  # a new request
+    CONTEXT = "context"  # a new request, or a forced refresh (force_refresh_step_hint) within one
 
 
 @dataclass(frozen=True)
 class StateField:
     """One state tensor: its shape and dtype, the value :meth:`ChainState.reset` gives it (None: loaded
-    by :meth:`ChainState.configure`), and whether a new request found on device clears it as well."""
+    by :meth:`ChainState.configure`), and what clears it on device."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     initial: float | None
-    per_request: bool
+    clear: Clear
 
 
 @dataclass(frozen=True)
@@ -75,32 +85,39 @@ class ChainLayout:
 
     def fields(self) -> list[StateField]:
         """The state table, in the order the graph takes the tensors. Reference and ladders keep their
-        values on a new request found on device: ``has_ref`` / ``n_computed`` say they are stale."""
+        values when cleared on device: ``has_ref`` / ``ladder_len`` say they are stale."""
         nb, s, cap, f64, i64 = self.n_branches, self.slots, self.capacity, torch.float64, torch.int64
+        never, request, context = Clear.NEVER, Clear.REQUEST, Clear.CONTEXT
         table = [
-            # name           shape                 dtype         reset()   new request
-            ("params",       (len(PARAM_NAMES),),  f64,          None,     False),
-            ("mask",         (cap,),               torch.int8,   None,     False),
-            ("last_t",       (1,),                 f64,          -math.inf, False),
-            ("t_dir",        (1,),                 f64,          0.0,      False),
-            ("branch_hint",  (1,),                 i64,          -1,       False),
-            ("calls_total",  (1,),                 i64,          0,        True),
-            ("calls",        (nb,),                i64,          0,        True),
-            ("cached_count", (nb, s),              i64,          0,        True),
-            ("run",          (nb, s),              i64,          0,        True),
-            ("n_computed",   (nb, s),              i64,          0,        True),
-            ("last_computed", (nb, s),             i64,          0,        True),
-            ("has_ref",      (nb, s),              torch.bool,   False,    True),
-            ("acc_diff",     (nb, s),              torch.float32, 0.0,     True),
-            ("shared_diff",  (s,),                 torch.float32, math.nan, True),
-            ("diff_log",     (nb, cap, s),         torch.float32, math.nan, True),
-            ("gate_log",     (nb, cap, s),         torch.int8,   0,        True),
-            ("cached_log",   (nb, cap, s),         torch.bool,   False,    True),
-            ("ref",          (nb, *self.fn_shape), self.fn_dtype, 0.0,     False),
+            # name           shape                 dtype          reset()    cleared on device by
+            ("params",       (len(PARAM_NAMES),),  f64,           None,      never),
+            ("mask",         (cap,),               torch.int8,    None,      never),
+            ("last_t",       (1,),                 f64,           -math.inf, never),
+            ("t_dir",        (1,),                 f64,           0.0,       never),
+            ("branch_hint",  (1,),                 i64,           -1,        never),
+            ("refreshes",    (1,),                 i64,           0,         request),
+            ("calls_total",  (1,),                 i64,           0,         context),
+            ("calls",        (nb,),                i64,           0,         context),
+            ("cached_count", (nb, s),              i64,           0,         context),
+            ("run",          (nb, s),              i64,           0,         context),
+            ("ladder_len",   (nb, s),              i64,           0,         context),
+            ("last_computed", (nb, s),             i64,           0,         context),
+            ("has_ref",      (nb, s),              torch.bool,    False,     context),
+            ("acc_diff",     (nb, s),              f64,           0.0,       context),
+            ("shared_diff",  (s,),                 torch.float32, math.nan,  context),
+            ("diff_log",     (nb, cap, s),         torch.float32, math.nan,  context),
+            ("gate_log",     (nb, cap, s),         torch.int8,    0,         context),
+            ("cached_log",   (nb, cap, s),         torch.bool,    False,     context),
+            ("ref",          (nb, *self.fn_shape), self.fn_dtype, 0.0,       never),
         ]
-        table += [(f"ladder_{k}", (nb, st.ladder, *st.shape), st.dtype, 0.0, False)
+        table += [(f"ladder_{k}", (nb, st.ladder, *st.shape), st.dtype, 0.0, never)
                   for k, st in enumerate(self.streams)]
         return [StateField(*row) for row in table]
+
+    @property
+    def ladder(self) -> int:
+        """The longest ladder of the chain's streams (``ladder_len`` counts up to it)."""
+        return max([1, *(st.ladder for st in self.streams)])
 
     def names(self) -> list[str]:
         return [f.name for f in self.fields()]
@@ -112,14 +129,15 @@ class ChainLayout:
         """Every field by name, JSON-able (export metadata)."""
         out = dataclasses.asdict(self)
         out["fn_shape"], out["fn_dtype"] = list(self.fn_shape), _dtype_name(self.fn_dtype)
-        out["streams"] = [{"shape": list(s.shape), "dtype": _dtype_name(s.dtype), "ladder": s.ladder}
-                          for s in self.streams]
+        out["streams"] = [{"shape": list(s.shape), "dtype": _dtype_name(s.dtype), "ladder": s.ladder,
+                           "absolute": s.absolute} for s in self.streams]
         out["branch_by"] = self.branch_by.value
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ChainLayout":
-        streams = tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"]) for s in d["streams"])
+        streams = tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"], s["absolute"])
+                        for s in d["streams"])
         return cls(**{**d, "fn_shape": tuple(d["fn_shape"]), "fn_dtype": _dtype(d["fn_dtype"]), "streams": streams,
                       "branch_by": BranchBy(d["branch_by"])})
 
@@ -132,12 +150,44 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+@dataclass(frozen=True)
+class ChainAbout:
+    """What a cached chain is, for statistics and reports: its lists, pattern, length and Fn / Bn."""
+
+    name: str
+    pattern: str
+    n_blocks: int
+    fn: int
+    bn: int
+
+
+def stream_spec(shape: tuple[int, ...], dtype: torch.dtype, calib: TaylorSeerCalibratorConfig | None,
+                role: str) -> StreamSpec:
+    """How a middle output of stream ``role`` ("H" / "E") is cached: H follows ``enable_calibrator``, E
+    ``enable_encoder_calibrator``; a calibrated stream keeps ``taylorseer_order + 1`` ladder entries of
+    its residual (or, with ``calibrator_cache_type="hidden_states"``, of the value itself)."""
+    on = calib is not None and (calib.enable_calibrator if role == "H" else calib.enable_encoder_calibrator)
+    if not on:
+        return StreamSpec(shape, dtype, 1)
+    return StreamSpec(shape, dtype, calib.taylorseer_order + 1, calib.calibrator_cache_type == "hidden_states")
+
+
+def diff_shared(cache: DBCacheConfig, n_branches: int) -> bool:
+    """The second CFG call of a step reuses the first's diff (``cfg_diff_compute_separate=False``), as
+    cache-dit does only when the non-CFG call comes first (``cfg_compute_first=False``)."""
+    return n_branches == 2 and not cache.cfg_diff_compute_separate and not cache.cfg_compute_first
+
+
 def params_from_config(cfg: DBCacheConfig) -> tuple[list[float], list[int]]:
     acc = cfg.max_accumulated_residual_diff_threshold
     mask = list(cfg.steps_computation_mask or [])[:LOG_CAPACITY]
-    params = [cfg.residual_diff_threshold, cfg.max_warmup_steps, cfg.warmup_interval, cfg.max_cached_steps,
+    warmup = cfg.max_warmup_steps
+    if mask:  # a mask's leading computed steps bound the warmup
+        warmup = min(warmup, next((i for i, bit in enumerate(mask) if bit == 0), len(mask)))
+    params = [cfg.residual_diff_threshold, warmup, cfg.warmup_interval, cfg.max_cached_steps,
               cfg.max_continuous_cached_steps, 0.0 if acc is None else acc, float(bool(mask)),
-              float(cfg.steps_computation_policy == "static")]
+              float(cfg.steps_computation_policy == "static"), cfg.num_inference_steps or 0,
+              cfg.force_refresh_step_hint or 0, float(cfg.force_refresh_step_policy == "repeat")]
     return params, mask + [0] * (LOG_CAPACITY - len(mask))
 
 
@@ -169,9 +219,10 @@ class ChainState:
 
 
 def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int) -> torch.Tensor:
-    """mean|prev - cur| / mean|prev|, over everything (slots=1) or per batch element. Shape (slots,)."""
-    p, c = prev.float().reshape(slots, -1), cur.float().reshape(slots, -1)
-    return (p - c).abs().mean(dim=1) / p.abs().mean(dim=1)
+    """mean|prev - cur| / mean|prev| in the residuals' own dtype, over everything (slots=1) or per batch
+    element; returned as float32, shape (slots,)."""
+    p, c = prev.reshape(slots, -1), cur.reshape(slots, -1)
+    return ((p - c).abs().mean(dim=1) / p.abs().mean(dim=1)).float()
 
 
 def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
@@ -180,7 +231,7 @@ def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
     ``step`` is a 0-dim int tensor; ``diff`` the relative L1 of the Fn residual (S,), possibly NaN.
     ``recorded_diff`` is the diff the step records (gates 8/9), NaN where an earlier gate fired.
     """
-    thr, warmup, interval, max_cached, max_cont, max_acc, has_mask, static = params.unbind(0)
+    thr, warmup, interval, max_cached, max_cont, max_acc, has_mask, static = params.unbind(0)[:8]
     stepf = step.to(torch.float64)
     in_mask = step < mask.shape[0]
     # index_select, not mask[step]: indexing with a 0-dim tensor calls __index__ (a host read)
@@ -192,7 +243,7 @@ def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
         ((has_mask > 0) & ~mask_bit & (static > 0), True),
         ((max_cached >= 0) & (cached_count.double() >= max_cached), False),
         ((max_cont >= 0) & (run.double() >= max_cont), False),
-        ((max_acc > 0) & (acc_diff.double() >= max_acc), False),
+        ((max_acc > 0) & (acc_diff >= max_acc), False),
         (thr <= 0, False),
         (~has_ref, False),
         (thr >= 1, True),
@@ -214,42 +265,51 @@ def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
     return use_cache, gate, recorded
 
 
-def taylor_update(ladder, n_valid, value, window):
+def taylor_update(ladder, ladder_len, value, window, step):
     """New derivative ladder after a computed step: d0 = value, d[i+1] = (d[i] - d_prev[i]) / window.
 
-    ``ladder`` (K, *shape); ``n_valid`` (S,) entries valid before this step; ``window`` (S,) steps
-    since the previous computed step. Entries whose previous derivative did not exist become 0.
+    ``ladder`` (K, *shape); ``ladder_len`` (S,) valid entries before this step; ``window`` (S,) steps
+    since the previous computed step. A derivative exists only where its previous entry did and from
+    step ``TAYLOR_START`` on (cache-dit's rule); the others become 0 (``next_ladder_len`` says so).
     """
     new = [value]
     w = slot_view(window.to(value.dtype), value)
+    late = step >= TAYLOR_START
     for i in range(ladder.shape[0] - 1):
         d = (new[i] - ladder[i]) / w
-        new.append(torch.where(slot_view(n_valid > i, value), d, torch.zeros_like(d)))
+        new.append(torch.where(slot_view((ladder_len > i) & late, value), d, torch.zeros_like(d)))
     return torch.stack(new)
 
 
-def taylor_approx(ladder, n_valid, distance):
+def next_ladder_len(ladder_len, step, longest: int):
+    """Valid ladder entries after a computed step: one more (up to ``longest``) from ``TAYLOR_START`` on,
+    else the value alone."""
+    return torch.where(step >= TAYLOR_START, (ladder_len + 1).clamp(max=longest), torch.ones_like(ladder_len))
+
+
+def taylor_approx(ladder, ladder_len, distance):
     """Forecast sum_i d[i] * distance^i / i! over the valid entries; plain reuse when K == 1."""
     out = ladder[0]
     dist = slot_view(distance.to(ladder.dtype), out)
     for i in range(1, ladder.shape[0]):
         term = ladder[i] * dist.pow(i) / math.factorial(i)
-        out = out + torch.where(slot_view(n_valid > i, out), term, torch.zeros_like(term))
+        out = out + torch.where(slot_view(ladder_len > i, out), term, torch.zeros_like(term))
     return out
 
 
-def commit(use_cache, step, recorded_diff, cached_count, run, n_computed, last_computed, has_ref, acc_diff):
+def commit(use_cache, step, recorded_diff, longest, cached_count, run, ladder_len, last_computed, has_ref,
+           acc_diff):
     """Counter updates after a step (S,) each: cached steps count and extend the run, computed steps
-    reset it and become the new reference point; positive finite recorded diffs accumulate."""
+    reset it, grow the ladder and become the new reference point; positive recorded diffs (+inf too,
+    NaN not) accumulate."""
     computed = ~use_cache
-    positive = torch.isfinite(recorded_diff) & (recorded_diff > 0)
     return dict(
         cached_count=cached_count + use_cache.long(),
         run=torch.where(use_cache, run + 1, torch.zeros_like(run)),
-        n_computed=n_computed + computed.long(),
+        ladder_len=torch.where(computed, next_ladder_len(ladder_len, step, longest), ladder_len),
         last_computed=torch.where(computed, step.expand_as(last_computed), last_computed),
         has_ref=has_ref | computed,
-        acc_diff=acc_diff + torch.where(positive, recorded_diff, torch.zeros_like(recorded_diff)),
+        acc_diff=acc_diff + torch.where(recorded_diff > 0, recorded_diff.double(), torch.zeros_like(acc_diff)),
     )
 
 

@@ -88,17 +88,18 @@ def cache_stats(handle: CacheHandle, transformer: str) -> list[CacheStats]:
     options = {"cache_config": handle.cache_config, "calibrator_config": handle.calibrator_config}
     out = [CacheStats(cache_options=options, transformer=transformer, unmatched=g.unmatched)
            for g in handle.graphs if g.unmatched]
+    cfg_branch = 0 if handle.cache_config.cfg_compute_first else 1  # the CFG (uncond) call's state set
     for chain in handle.chains:
         by_branch = {s.branch: s for s in _chain_stats(chain)}
-        cached, diffs, gates = _branch_fields(by_branch.get(0))
-        cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(1))
-        info = chain.info
+        cached, diffs, gates = _branch_fields(by_branch.get(1 - cfg_branch))
+        cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(cfg_branch))
         out.append(CacheStats(
             cache_options=options, cached_steps=cached, residual_diffs=diffs, cfg_cached_steps=cfg_cached,
             cfg_residual_diffs=cfg_diffs, accumulated_cached_steps=len(cached),
             cfg_accumulated_cached_steps=len(cfg_cached), accumulated_executed_steps=max(len(gates), len(cfg_gates)),
             accumulated_transformer_executed_steps=len(gates) + len(cfg_gates), transformer=transformer,
-            chain=info.name, pattern=info.pattern, n_blocks=info.n_blocks, Fn=chain.split.fn, Bn=chain.split.bn,
+            chain=chain.about.name, pattern=chain.about.pattern, n_blocks=chain.about.n_blocks, Fn=chain.about.fn,
+            Bn=chain.about.bn,
             gates=gates, cfg_gates=cfg_gates))
     return out
 
@@ -136,8 +137,8 @@ def _chain_stats(chain) -> list[ChainStats]:
             # uncond calls compiled to graphs of their own (different text lengths).
             continue
         out.append(ChainStats(
-            chain=chain.info.name, pattern=chain.info.pattern, n_blocks=chain.info.n_blocks,
-            fn=chain.split.fn, bn=chain.split.bn, branch=b, steps=steps,
+            chain=chain.about.name, pattern=chain.about.pattern, n_blocks=chain.about.n_blocks,
+            fn=chain.about.fn, bn=chain.about.bn, branch=b, steps=steps,
             cached=[bool(x) for x in t["cached_log"][b, :steps].all(dim=1)],
             diffs=[float(x) for x in t["diff_log"][b, :steps].nanmean(dim=1)] if steps else [],
             gates=[GATE_NAMES.get(int(g), "-") for g in t["gate_log"][b, :steps, 0]],

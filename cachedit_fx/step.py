@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .state import BranchBy, ChainLayout, commit, decide, relative_l1, slot_view, taylor_approx, taylor_update
+from .state import BranchBy, ChainLayout, Clear, commit, decide, relative_l1, slot_view, taylor_approx, taylor_update
 
 
 class PreStep(NamedTuple):
@@ -23,7 +23,7 @@ class PreStep(NamedTuple):
     recorded: torch.Tensor  # (S,) the diff the step logs
     step: torch.Tensor  # 0-dim, the branch's 0-based step
     branch: torch.Tensor  # (1,), the CFG branch of this call
-    n_valid: torch.Tensor  # (S,) ladder entries valid (computed steps so far)
+    ladder_len: torch.Tensor  # (S,) valid TaylorSeer ladder entries
     distance: torch.Tensor  # (S,) steps since the last computed step
     ladders: tuple[torch.Tensor, ...]  # the branch's TaylorSeer ladder per middle output
 
@@ -41,35 +41,62 @@ def _state(layout: ChainLayout, state):
     return dict(zip(layout.names(), state))
 
 
-def pre_step(layout: ChainLayout, fn_res, timestep, *state):
-    """Start a call: auto-reset on a new request, advance the branch's step, decide.
+def _clear(layout: ChainLayout, st: dict, when, scopes: tuple[Clear, ...]) -> None:
+    """Give the fields cleared by ``scopes`` their initial values where ``when`` (a 1-element bool) holds."""
+    for f in layout.fields():
+        if f.clear in scopes:
+            st[f.name].copy_(torch.where(when, torch.full_like(st[f.name], f.initial), st[f.name]))
 
-    Returns a :class:`PreStep`.
-    """
-    st = _state(layout, state)
+
+def _branch(layout: ChainLayout, st: dict, same_timestep):
+    """The CFG branch of this call: the caller's hint (diffusers' cache_context), else a repeated
+    timestep (BranchBy.TIMESTEP), else alternating calls."""
+    hint = st["branch_hint"]
+    if layout.branch_by is BranchBy.TIMESTEP and same_timestep is not None:
+        auto = same_timestep.long()
+    else:
+        auto = torch.remainder(st["calls_total"], layout.n_branches)
+    return torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1), auto)
+
+
+def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep):
+    """Clear the state where this call starts a new request or context; returns the call's branch.
+
+    A request ends when the timestep turns back against the direction it has been moving (down for
+    most samplers, up for Lumina2 / Mochi; equal timesteps are CFG pairs), or after
+    ``num_inference_steps`` steps; a context ends at step ``force_refresh_step_hint`` (once per request,
+    or at every multiple with the "repeat" policy): the rest of the request starts afresh."""
+    same_timestep = None
     if timestep is not None:
-        # A request ends when the timestep turns back against the direction it has been moving
-        # (down for most samplers, up for Lumina2 / Mochi); equal timesteps are CFG pairs.
         now = timestep.reshape(-1)[:1].to(torch.float64)
         last, direction = st["last_t"], st["t_dir"]
         delta = now - last
         same_timestep = delta == 0
-        new_request = (direction != 0) & (delta * direction < 0)
-        for f in layout.fields():
-            if f.per_request:
-                fresh = torch.full_like(st[f.name], f.initial)
-                st[f.name].copy_(torch.where(new_request, fresh, st[f.name]))
+        turned = (direction != 0) & (delta * direction < 0)
+        _clear(layout, st, turned, (Clear.REQUEST, Clear.CONTEXT))
         learn = (direction == 0) & torch.isfinite(last) & (delta != 0)
-        direction.copy_(torch.where(new_request, torch.zeros_like(direction),
+        direction.copy_(torch.where(turned, torch.zeros_like(direction),
                                     torch.where(learn, torch.sign(delta), direction)))
         last.copy_(now)
-    # The caller may say which CFG branch this call is (diffusers' cache_context); else alternate.
-    hint = st["branch_hint"]
-    if layout.branch_by is BranchBy.TIMESTEP and timestep is not None:
-        auto = same_timestep.long()
-    else:
-        auto = torch.remainder(st["calls_total"], layout.n_branches)
-    branch = torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1), auto)
+    n_steps, hint, repeat = st["params"][8:9], st["params"][9:10], st["params"][10:11]
+    branch = _branch(layout, st, same_timestep)
+    done = (n_steps > 0) & (st["calls"].index_select(0, branch).double() >= n_steps)
+    _clear(layout, st, done, (Clear.REQUEST, Clear.CONTEXT))
+    branch = _branch(layout, st, same_timestep)
+    at_hint = (hint > 0) & (st["calls"].index_select(0, branch).double() == hint)
+    refresh = at_hint & ((repeat > 0) | (st["refreshes"] == 0))
+    _clear(layout, st, refresh, (Clear.CONTEXT,))
+    st["refreshes"].add_(refresh.long())
+    return _branch(layout, st, same_timestep)
+
+
+def pre_step(layout: ChainLayout, fn_res, timestep, *state):
+    """Start a call: clear the state at a new request or context, advance the branch's step, decide.
+
+    Returns a :class:`PreStep`.
+    """
+    st = _state(layout, state)
+    branch = _start_of_request_or_context(layout, st, timestep)
     st["calls_total"].add_(1)
     calls = st["calls"].index_select(0, branch) + 1
     st["calls"].index_copy_(0, branch, calls)
@@ -82,19 +109,22 @@ def pre_step(layout: ChainLayout, fn_res, timestep, *state):
         diff = torch.where(second, st["shared_diff"], diff)
         st["shared_diff"].copy_(torch.where(second, st["shared_diff"], diff))
     sel = {n: _select(layout, st[n], branch) for n in ("has_ref", "cached_count", "run", "acc_diff",
-                                                       "n_computed", "last_computed")}
+                                                       "ladder_len", "last_computed")}
     use_cache, gate, recorded = decide(step, diff, sel["has_ref"], sel["cached_count"], sel["run"],
                                        sel["acc_diff"], st["params"], st["mask"])
     distance = (step - sel["last_computed"]).to(torch.float32)
     ladders = tuple(_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams)))
-    return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["n_computed"], distance, ladders)
+    return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["ladder_len"], distance, ladders)
 
 
-def forecast(layout: ChainLayout, passthrough, n_valid, distance, ladders):
-    """What a cached step produces for each middle output: the blocks-skipped value plus the
-    (TaylorSeer-forecast) cached residual."""
-    return [base + taylor_approx(ladder, n_valid, distance).to(base.dtype)
-            for base, ladder in zip(passthrough, ladders)]
+def forecast(layout: ChainLayout, passthrough, ladder_len, distance, ladders):
+    """What a cached step produces for each middle output: the (TaylorSeer-forecast) value itself for
+    an absolute stream, else the blocks-skipped value plus the forecast residual."""
+    out = []
+    for spec, base, ladder in zip(layout.streams, passthrough, ladders):
+        approx = taylor_approx(ladder, ladder_len, distance).to(base.dtype)
+        out.append(approx if spec.absolute else base + approx)
+    return out
 
 
 def post_step(layout: ChainLayout, pre: PreStep, fn_res, outs, passthrough, *state):
@@ -105,18 +135,19 @@ def post_step(layout: ChainLayout, pre: PreStep, fn_res, outs, passthrough, *sta
     computed = ~use_cache
     # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
     window = pre.distance
-    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "n_computed", "last_computed",
+    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "ladder_len", "last_computed",
                                                        "has_ref", "acc_diff")}
     mixed = list(outs)
     if layout.slots > 1:
-        approx = forecast(layout, passthrough, pre.n_valid, window, pre.ladders)
+        approx = forecast(layout, passthrough, pre.ladder_len, window, pre.ladders)
         mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
-    for k, (out, base, ladder) in enumerate(zip(outs, passthrough, pre.ladders)):
-        fresh = taylor_update(ladder, pre.n_valid, (out - base).to(ladder.dtype), window)
+    for k, (spec, out, base, ladder) in enumerate(zip(layout.streams, outs, passthrough, pre.ladders)):
+        value = (out if spec.absolute else out - base).to(ladder.dtype)
+        fresh = taylor_update(ladder, pre.ladder_len, value, window, step)
         _write(st[f"ladder_{k}"], branch, torch.where(slot_view(computed, fresh[0]).unsqueeze(0), fresh, ladder))
     ref = _select(layout, st["ref"], branch)
     _write(st["ref"], branch, torch.where(slot_view(computed, ref), fn_res.to(ref.dtype), ref))
-    for name, value in commit(use_cache, step, pre.recorded, **sel).items():
+    for name, value in commit(use_cache, step, pre.recorded, layout.ladder, **sel).items():
         _write(st[name], branch, value)
     at = step.clamp(0, layout.capacity - 1).reshape(1)
     for name, value in (("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", use_cache)):

@@ -5,15 +5,20 @@ Written from that text only: plain Python objects, loops and ``.item()``. It mus
 
 Semantics pinned down there:
 - step = number of calls of this branch so far - 1; branch = (calls since request start) % n_branches.
-- Gates in the documented order, first that fires wins. Mask: 1 -> compute; 0 + static -> cache; 0 + dynamic ->
-  continue; past the mask's end counts as 0. Gate 5 only when the threshold is not None and > 0.
-- diff = mean|prev - cur| / mean|prev| in float32, prev = Fn residual of the branch's last computed
-  step (per sample in per-sample mode). Non-finite diff -> compute.
+- Gates in the documented order, first that fires wins. Warmup: steps < min(max_warmup_steps, the
+  mask's leading 1s) on the interval. Mask: 1 -> compute; 0 + static -> cache; 0 + dynamic -> continue;
+  past the mask's end counts as 0. Gate 5 only when the threshold is not None and > 0.
+- diff = mean|prev - cur| / mean|prev| in the residual's dtype, prev = Fn residual of the branch's last
+  computed step (per sample in per-sample mode). Non-finite diff -> compute.
 - recorded diff: -1 when gate 8 fires, the diff when gate 9 decides, NaN otherwise; the accumulated
-  diff is the sum of the positive finite recorded diffs of the branch in this request.
-- cached step: output = passthrough + forecast; computed step: new reference, new TaylorSeer ladder.
-- separate CFG with cfg_diff_compute_separate=False: branch 1 reuses branch 0's diff of the same step.
-- a call whose timestep is greater than the previous call's starts a new request.
+  diff is the sum of the positive recorded diffs (+inf included) of the branch in this request.
+- cached step: output = passthrough + forecast (the forecast itself for hidden-states caching);
+  computed step: new reference, new TaylorSeer ladder, which gains a derivative only from step 3 on.
+- separate CFG with cfg_diff_compute_separate=False (and the non-CFG call first): branch 1 reuses
+  branch 0's diff of the same step.
+- a call whose timestep is greater than the previous call's, or whose branch has had
+  num_inference_steps steps, starts a new request; the call at step force_refresh_step_hint (once, or
+  every time with "repeat") starts the rest of the request afresh.
 """
 from __future__ import annotations
 
@@ -32,8 +37,7 @@ NAN = float("nan")
 
 
 def relative_l1(prev: torch.Tensor, cur: torch.Tensor) -> float:
-    p, c = prev.float(), cur.float()
-    return ((p - c).abs().mean() / p.abs().mean()).item()
+    return ((prev - cur).abs().mean() / prev.abs().mean()).item()
 
 
 class _Slot:
@@ -87,27 +91,42 @@ class Oracle:
 
     def _new_request(self) -> None:
         self.request += 1
+        self.refreshed = False
+        self._new_context()
+
+    def _new_context(self) -> None:
         self.calls_total = 0
         self.branches = None  # built lazily: the number of slots is known at the first call
         self.shared_diffs = {}  # step -> branch 0's diffs (cfg_diff_compute_separate=False)
 
-    def ladder_length(self, stream: int) -> int:
+    def calibrated(self, stream: int) -> bool:
         cal = self.calibrator
-        if cal is None or not cal.enable_calibrator:
-            return 1
-        if stream != self.hidden_stream and not cal.enable_encoder_calibrator:
-            return 1
-        return cal.taylorseer_order + 1
+        if cal is None:
+            return False
+        return cal.enable_calibrator if stream == self.hidden_stream else cal.enable_encoder_calibrator
+
+    def ladder_length(self, stream: int) -> int:
+        return self.calibrator.taylorseer_order + 1 if self.calibrated(stream) else 1
+
+    def absolute(self, stream: int) -> bool:
+        return self.calibrated(stream) and self.calibrator.calibrator_cache_type == "hidden_states"
 
     @property
     def diff_shared(self) -> bool:
-        return self.n_branches == 2 and not self.cfg.cfg_diff_compute_separate
+        return self.n_branches == 2 and not self.cfg.cfg_diff_compute_separate and not self.cfg.cfg_compute_first
+
+    def warmup(self) -> int:
+        mask = self.cfg.steps_computation_mask
+        if mask is None:
+            return self.cfg.max_warmup_steps
+        leading = next((i for i, bit in enumerate(mask) if bit == 0), len(mask))
+        return min(self.cfg.max_warmup_steps, leading)
 
     # --------------------------------------------------------------- the algorithm
     def decide(self, step: int, slot: _Slot, diff: float) -> tuple[bool, int, float]:
         """(use_cache, gate, recorded diff) for one slot at one step."""
         c = self.cfg
-        if step < c.max_warmup_steps and step % c.warmup_interval == 0:
+        if step < self.warmup() and step % c.warmup_interval == 0:
             return False, WARMUP, NAN
         if c.steps_computation_mask is not None:
             mask = list(c.steps_computation_mask)
@@ -154,6 +173,17 @@ class Oracle:
         if self.branches is None:
             self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
         b = self.calls_total % self.n_branches
+        if self.cfg.num_inference_steps and self.branches[b].calls >= self.cfg.num_inference_steps:
+            self._new_request()
+            self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
+            b = 0
+        hint = self.cfg.force_refresh_step_hint
+        if hint and self.branches[b].calls == hint and (not self.refreshed or
+                                                         self.cfg.force_refresh_step_policy == "repeat"):
+            self.refreshed = True
+            self._new_context()
+            self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
+            b = 0
         self.calls_total += 1
         branch = self.branches[b]
         step = branch.calls
@@ -177,7 +207,8 @@ class Oracle:
             for s, slot in enumerate(branch.slots):
                 base = self._piece(passthrough[k], s)
                 if use_cache[s]:
-                    pieces.append(base + self.forecast(slot.ladders[k], step - slot.last_computed).to(base.dtype))
+                    forecast = self.forecast(slot.ladders[k], step - slot.last_computed).to(base.dtype)
+                    pieces.append(forecast if self.absolute(k) else base + forecast)
                 else:
                     pieces.append(self._piece(computed_outs[k], s))
             outs.append(torch.cat(pieces) if self.per_sample else pieces[0])
@@ -185,17 +216,20 @@ class Oracle:
         # state updates
         for s, slot in enumerate(branch.slots):
             cached, _, recorded = decisions[s]
-            if math.isfinite(recorded) and recorded > 0:
+            if recorded > 0:  # +inf too; NaN is not > 0
                 slot.acc += recorded
             if cached:
                 slot.cached += 1
                 slot.run += 1
                 continue
             for k in range(self.n_streams):
-                residual = self._piece(computed_outs[k], s) - self._piece(passthrough[k], s)
-                old, new = slot.ladders[k], [residual]
-                for i in range(min(len(old), self.ladder_length(k) - 1)):
-                    new.append((new[i] - old[i]) / (step - slot.last_computed))
+                value = self._piece(computed_outs[k], s)
+                if not self.absolute(k):
+                    value = value - self._piece(passthrough[k], s)
+                old, new = slot.ladders[k], [value]
+                if step >= 3:  # derivatives from step 3 on, each from an existing previous one
+                    for i in range(min(len(old), self.ladder_length(k) - 1)):
+                        new.append((new[i] - old[i]) / (step - slot.last_computed))
                 slot.ladders[k] = new
             slot.prev = self._piece(fn_res, s).clone()
             slot.last_computed = step

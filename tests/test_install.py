@@ -246,5 +246,5 @@ def test_layout_round_trips_every_field_by_name():
     again = ChainLayout.from_dict(layout.to_dict())
     assert again == layout
     assert [f.name for f in again.fields()][-2:] == ["ref", "ladder_0"]
-    assert {f.name for f in layout.fields() if f.per_request} >= {"calls", "has_ref", "diff_log"}
+    assert {f.name for f in layout.fields() if f.clear == "context"} >= {"calls", "has_ref", "diff_log"}
     assert layout.shapes()["ladder_0"] == ((2, 3, 3, 8, 16), torch.float16)

@@ -22,6 +22,8 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
         assert len(scope["outputs"]) == 8
     if "image" in scope:
         assert torch.isfinite(scope["image"]).all()
+    if "stats" in scope:
+        assert scope["stats"][0].cached_steps, scope["stats"]
 
 
 def test_cli_diff_json_lists_chain(capsys):

@@ -14,7 +14,7 @@ import torch
 
 from cachedit_fx import config
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
-from cachedit_fx.state import ChainLayout, ChainState, StreamSpec, decide, params_from_config
+from cachedit_fx.state import ChainLayout, ChainState, decide, diff_shared, params_from_config, stream_spec
 from cachedit_fx.step import forecast, post_step, pre_step
 
 from oracle import Oracle, run_chain
@@ -39,18 +39,18 @@ class Glue:
 
     def __init__(self, cache_config, calib=None, n_branches=1, batch=1):
         slots = batch if cache_config.per_sample else 1
-        ladder = order_of(calib) + 1
         self.layout = ChainLayout(
             n_branches, slots, (batch, *H_SHAPE), torch.float32,
-            (StreamSpec((batch, *H_SHAPE), torch.float32, ladder), StreamSpec((batch, *E_SHAPE), torch.float32, ladder)),
-            diff_shared=n_branches == 2 and not cache_config.cfg_diff_compute_separate)
+            (stream_spec((batch, *H_SHAPE), torch.float32, calib, "H"),
+             stream_spec((batch, *E_SHAPE), torch.float32, calib, "E")),
+            diff_shared=diff_shared(cache_config, n_branches))
         self.state = ChainState(self.layout, cache_config)
 
     def call(self, fn_res, middle_outputs_fn, passthrough, timestep=None):
         st = self.state.ordered()
         pre = pre_step(self.layout, fn_res, timestep, *st)
         if bool(pre.pred):
-            outs = forecast(self.layout, list(passthrough), pre.n_valid, pre.distance, pre.ladders)
+            outs = forecast(self.layout, list(passthrough), pre.ladder_len, pre.distance, pre.ladders)
         else:
             outs = list(middle_outputs_fn())
         outs = post_step(self.layout, pre, fn_res, outs, list(passthrough), *st)
@@ -303,8 +303,9 @@ def test_taylorseer_forecast_matches_oracle(order):
 
 def test_taylorseer_order1_is_exact_on_linear_residuals():
     calib = TaylorSeerCalibratorConfig(taylorseer_order=1)
-    # warmup computes steps 0, 1 (so d1 exists); then C every 3rd step: CC rr C rr C r
-    c = cfg(residual_diff_threshold=1.0, max_warmup_steps=2, max_continuous_cached_steps=2)
+    # warmup computes steps 0..3 (a derivative needs a computed step >= 3, so d1 exists from step 3 on);
+    # then two cached steps between computed ones: rrrr CC r CC
+    c = cfg(residual_diff_threshold=1.0, max_warmup_steps=4, max_continuous_cached_steps=2)
     calls = Calls([[1.0] * 9])
     for p in calls.poly[0]:
         p[2:] = 0  # residual = a + b * t / 10
@@ -314,7 +315,7 @@ def test_taylorseer_order1_is_exact_on_linear_residuals():
         exact = middle()
         for got, want in zip(outs, exact):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert calls.middle_calls == 9 + 4  # 4 computed steps + the 9 reference evaluations above
+    assert calls.middle_calls == 9 + 5  # 5 computed steps + the 9 reference evaluations above
 
 
 def test_ladder_length_one_is_plain_reuse():
@@ -326,6 +327,59 @@ def test_ladder_length_one_is_plain_reuse():
     for t in (1, 2, 3):
         for k in range(2):
             torch.testing.assert_close(outs[t][k], calls.inputs[0][t][k] + first_res[k], **TOL)
+
+
+def test_taylorseer_derivatives_start_at_step_three():
+    """cache-dit's ladder: a computed step adds a derivative only from step 3 on, each from an existing
+    previous entry; so with warmup 3 the first cached step (3, computed at 0-2) reuses the last residual
+    and with warmup 4 it forecasts with d1."""
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=2)
+    for warmup, want in ((3, 1), (4, 2), (5, 3)):
+        glue, _ = run_both(cfg(max_warmup_steps=warmup, residual_diff_threshold=1.0), Calls([[1.0] * (warmup + 1)]),
+                           calib)
+        assert glue.state.tensors["ladder_len"].item() == want, warmup
+
+
+def test_hidden_states_calibrator_forecasts_the_value_and_e_follows_its_own_flag():
+    for calib in (TaylorSeerCalibratorConfig(calibrator_cache_type="hidden_states"),
+                  TaylorSeerCalibratorConfig(enable_calibrator=False, enable_encoder_calibrator=True)):
+        glue, _ = run_both(cfg(max_warmup_steps=5, residual_diff_threshold=1.0), Calls([[1.0] * 9], seed=3), calib)
+    assert [s.ladder for s in glue.layout.streams] == [1, 2]  # E forecast, H reused
+
+
+def test_an_infinite_diff_accumulates_and_stops_caching():
+    c = cfg(residual_diff_threshold=0.5, max_accumulated_residual_diff_threshold=10.0)
+    _, o = run_both(c, Calls([[1.0, 1.01, 1.02, 1.03, 1.04, 1.05]], inf_at=[2]))
+    assert decisions(o) == "CrCCCC" and gates(o)[3:] == [5, 5, 5]
+
+
+def test_a_mask_bounds_the_warmup_by_its_leading_computed_steps():
+    mask = [1, 1, 0, 0, 1, 0]
+    _, o = run_both(cfg(max_warmup_steps=4, steps_computation_mask=mask, residual_diff_threshold=0.5),
+                    Calls([[1.0 + 0.01 * t for t in range(6)]]))
+    assert decisions(o) == "CCrrCr" and gates(o)[:4] == [1, 1, 9, 9]
+
+
+def test_num_inference_steps_ends_a_request_without_a_timestep():
+    c = cfg(num_inference_steps=3, residual_diff_threshold=0.5)
+    _, o = run_both(c, Calls([[1.0, 1.01, 1.02] * 2]), timesteps=False)
+    assert [e["request"] for e in o.log] == [0, 0, 0, 1, 1, 1] and [e["step"] for e in o.log] == [0, 1, 2] * 2
+
+
+@pytest.mark.parametrize("policy, steps", [("once", [0, 1, 0, 1, 2, 3, 4]), ("repeat", [0, 1, 0, 1, 0, 1, 0])])
+def test_force_refresh_starts_the_rest_of_the_request_afresh(policy, steps):
+    c = cfg(force_refresh_step_hint=2, force_refresh_step_policy=policy, residual_diff_threshold=0.5)
+    glue, o = run_both(c, Calls([[1.0 + 0.01 * t for t in range(7)]]))
+    assert [e["step"] for e in o.log] == steps
+    assert decisions(o)[:1] == "C"  # the refreshed context has no reference
+
+
+def test_cfg_compute_first_never_shares_the_diff():
+    mults = [[1.0 + 0.01 * t for t in range(4)], [2.0 ** t for t in range(4)]]
+    c = cfg(enable_separate_cfg=True, cfg_diff_compute_separate=False, cfg_compute_first=True)
+    glue, o = run_both(c, Calls(mults))
+    assert not glue.layout.diff_shared
+    assert decisions(o, 1) == "CCCC"  # its own (large) diffs, not branch 0's
 
 
 # ----------------------------------------------------------------------------- separate CFG

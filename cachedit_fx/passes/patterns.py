@@ -178,7 +178,7 @@ def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node
     return False
 
 
-def _return_order(cls: type | None) -> list[str] | None:
+def return_order(cls: type | None) -> list[str] | None:
     """Names the block's forward returns, as 'H'/'E', from its source (None when unreadable)."""
     try:
         src = textwrap.dedent(inspect.getsource(cls.forward))
@@ -197,11 +197,13 @@ def _return_order(cls: type | None) -> list[str] | None:
 def _pattern(bs: BlockStreams) -> ForwardPattern:
     ins, outs = sorted(set(bs.inputs.values())), list(bs.outputs.values())
     created = any(src is None for src in bs.continues.values())
-    order = _return_order(bs.block.cls)
+    order = return_order(bs.block.cls)
     e_first = order == ["E", "H"]
     if ins == ["E", "H"]:
         return ForwardPattern.Pattern_1 if e_first else ForwardPattern.Pattern_0
-    if created and len(outs) == 2:
+    # A block that returns a new E the next block does not take: only the last block's E is live in
+    # the graph, its return statement says all of them create one.
+    if (created and len(outs) == 2) or (order is not None and len(order) == 2):
         return ForwardPattern.Pattern_5 if e_first else ForwardPattern.Pattern_4
     return ForwardPattern.Pattern_2 if bs.takes_context else ForwardPattern.Pattern_3
 

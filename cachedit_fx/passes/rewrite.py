@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
 from ..errors import NoCacheableChain
 from ..fx_utils import concrete_shape, node_value
-from ..state import BranchBy, ChainLayout, ChainState, StreamSpec
+from ..state import BranchBy, ChainAbout, ChainLayout, ChainState, diff_shared, stream_spec
 from ..step import PreStep, forecast, post_step, pre_step
 from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module
@@ -51,13 +51,13 @@ def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_operands: int
     """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
     passthrough from the operands rather than taking it as operands, which would alias them."""
     n_in, k = len(_placeholders(passthrough)), len(layout.streams)
-    forecast_fn = _named(lambda base, n_valid, distance, ladders: tuple(forecast(layout, base, n_valid, distance,
+    forecast_fn = _named(lambda base, ladder_len, distance, ladders: tuple(forecast(layout, base, ladder_len, distance,
                                                                                  ladders)), "cachedit_forecast")
 
     def body(g, ops):
         base = inline(g, passthrough, ops[:n_in])
-        n_valid, distance, *ladders = ops[n_in:]
-        fc = g.call_function(forecast_fn, (base, n_valid, distance, ladders))
+        ladder_len, distance, *ladders = ops[n_in:]
+        fc = g.call_function(forecast_fn, (base, ladder_len, distance, ladders))
         return [g.call_function(operator.getitem, (fc, i)) for i in range(k)]
 
     return _branch(n_operands, body)
@@ -75,6 +75,10 @@ class RewrittenChain:
     state: ChainState
     inserted: list[Node]
 
+    @property
+    def about(self) -> ChainAbout:
+        return ChainAbout(self.info.name, self.info.pattern, self.info.n_blocks, self.split.fn, self.split.bn)
+
 
 def find_timestep(gm: GraphModule) -> Node | None:
     for n in gm.graph.nodes:
@@ -87,13 +91,6 @@ def find_timestep(gm: GraphModule) -> Node | None:
 
 def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
                 n_branches: int, branch_by: BranchBy = BranchBy.PARITY) -> ChainLayout:
-    def ladder(role: str) -> int:
-        if calib is None or not calib.enable_calibrator:
-            return 1
-        if role == "E" and not calib.enable_encoder_calibrator:
-            return 1
-        return calib.taylorseer_order + 1
-
     h = node_value(split.h_fn)
     h_in = node_value(split.h_in)
     if concrete_shape(h) != concrete_shape(h_in):
@@ -104,14 +101,14 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
         v = node_value(o)
         if not isinstance(v, torch.Tensor):
             raise NoCacheableChain(f"chain {split.info.name}: middle output {o.name} is not a tensor")
-        streams.append(StreamSpec(concrete_shape(v), v.dtype, ladder(split.output_roles[o])))
+        streams.append(stream_spec(concrete_shape(v), v.dtype, calib, split.output_roles[o]))
     if cache.per_sample and not isinstance(h.shape[0], int):
         raise NoCacheableChain(f"chain {split.info.name}: per_sample=True needs a static batch size (one state slot "
                          "per sample); keep the batch dimension static")
     slots = h.shape[0] if cache.per_sample else 1
     return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=concrete_shape(h), fn_dtype=h.dtype,
                        streams=tuple(streams),
-                       diff_shared=n_branches == 2 and not cache.cfg_diff_compute_separate, branch_by=branch_by)
+                       diff_shared=diff_shared(cache, n_branches), branch_by=branch_by)
 
 
 @torch.library.custom_op("cachedit::dense_copy", mutates_args=())
@@ -200,7 +197,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     ladders = [add("call_function", operator.getitem, (ladder_nodes, i)) for i in range(k)]
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], field("n_valid"), field("distance"), *ladders)
+    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], field("ladder_len"), field("distance"), *ladders)
     cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
     outs = [add("call_function", operator.getitem, (cond, i)) for i in range(k)]
     post = add("call_function", post_fn, (pre, fn_res, outs, base, *state_nodes))
