@@ -229,16 +229,22 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
 
 
 def strify(obj) -> str:
-    """cache-dit's tag of each cached transformer: its configs (``_CFG1`` when it runs separate CFG) and
+    """cache-dit's tag of each cached transformer (or of ``summary()``'s stats): its configs (``_CFG1`` when it runs separate CFG) and
     the non-CFG cached steps of the last request (``_S<n>``, left out when none cached), joined by commas."""
+    if isinstance(obj, CacheStats):
+        obj = [obj]
+    if isinstance(obj, list) and all(isinstance(s, CacheStats) for s in obj):  # summary()'s result
+        groups = [obj] if obj else []
+    else:
+        groups = [cache_stats(h, "") for _, h in _handles(obj)]
     parts = []
-    for _, h in _handles(obj):
-        stats = cache_stats(h, "")
-        cache = h.cache_config
+    for stats in groups:
+        options = stats[0].cache_options
+        cache = options["cache_config"]
         if cache.enable_separate_cfg is None:
             cache = dataclasses.replace(cache, enable_separate_cfg=any(s.cfg_steps for s in stats))
         cached = sum(len(s.cached_steps) for s in stats)
-        parts.append(config_strify(cache, h.calibrator_config) + (f"_S{cached}" if cached else ""))
+        parts.append(config_strify(cache, options["calibrator_config"]) + (f"_S{cached}" if cached else ""))
     return ",".join(parts)
 
 

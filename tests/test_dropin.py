@@ -139,6 +139,8 @@ def test_a_cache_dit_script_runs_unchanged():
     try:
         denoise(model, 8)
         stats = cache_dit.summary(model, logging=False)
+        assert cache_dit.strify(stats) == cache_dit.strify(model) == \
+            f"DBCache_F1B0_W2I1M0MC0_R0.9_CFG0_T0O0_S{len(stats[0].cached_steps)}"
         assert isinstance(stats[0], cache_dit.CacheStats) and stats[0].chain == "transformer_blocks[4]"
         assert stats[0].cached_steps and all(isinstance(s, int) and s >= 2 for s in stats[0].cached_steps)
         assert set(stats[0].residual_diffs) >= {str(s) for s in stats[0].cached_steps}
@@ -151,12 +153,14 @@ def test_a_cache_dit_script_runs_unchanged():
         assert cache_hook(model).handle.graphs[0] is graph
         assert cache_dit.summary(model, logging=False)[0].cached_steps == []
 
+        mask = cache_dit.steps_mask(total_steps=8, mask_policy="fast")
         cache_dit.refresh_context(model, cache_config=cache_dit.DBCacheConfig(
-            Fn_compute_blocks=2, residual_diff_threshold=0.9, max_warmup_steps=2))  # structure: recompiles
+            Fn_compute_blocks=2, residual_diff_threshold=0.9, max_warmup_steps=2, steps_computation_mask=mask,
+            steps_computation_policy="static"))  # structure: recompiles
         assert cache_hook(model).mode is Mode.NOT_COMPILED
         denoise(model, 8)
         stats = cache_dit.summary(model, logging=False)
-        assert stats[0].Fn == 2 and stats[0].cached_steps
+        assert stats[0].Fn == 2 and stats[0].cached_steps == [i for i, bit in enumerate(mask) if bit == 0]
     finally:
         cache_dit.disable_cache(adapter)
     assert cache_hook(model) is None and torch.equal(denoise(model, 8), ref)
