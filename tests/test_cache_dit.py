@@ -24,6 +24,8 @@ from torch import nn
 import cachedit_fx
 from cachedit_fx.testing import zoo
 
+from tinydit import D, attend, euler, latent
+
 os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "1")  # cache-dit's default: Flux as one chain
 reference = pytest.importorskip("cache_dit", reason="cache-dit 1.5.3 (pip install --no-deps cache-dit==1.5.3)")
 for _name in list(logging.root.manager.loggerDict):
@@ -170,14 +172,6 @@ def test_zoo_family_matches_cache_dit(name, cache):
 
 # ----------------------------------------------------------------------------- the six forward patterns
 
-D = 16
-
-
-def _attend(x, proj):
-    q, k, v = proj(x).chunk(3, dim=-1)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -185,11 +179,11 @@ class _Block(nn.Module):
         self.e_qkv, self.e_out, self.kv = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 2 * D)
 
     def h_update(self, h):
-        h = h + self.out(_attend(h, self.qkv))
+        h = h + self.out(attend(h, self.qkv))
         return h + self.mlp(h)
 
     def e_update(self, e):
-        return e + self.e_out(_attend(e, self.e_qkv))
+        return e + self.e_out(attend(e, self.e_qkv))
 
 
 # One class per pattern, each with one return statement, as real blocks have (cache-dit's numbering).
@@ -263,17 +257,10 @@ class PatternDiT(nn.Module):
 def test_forward_pattern_matches_cache_dit(p):
     torch.manual_seed(p)
     model = PatternDiT(p).eval()
-    g = torch.Generator().manual_seed(7)
-    x, text = torch.randn(1, 12, D, generator=g), torch.randn(1, 6, D, generator=g)
+    x, text = latent(12, seed=7), latent(6, seed=8)
 
     def loop(m):
-        outs, h = [], x
-        with torch.no_grad():
-            for i in range(STEPS):
-                out = m(h, text, torch.tensor([1.0 - i / STEPS]))
-                outs.append(out)
-                h = h - 0.1 * out
-        return outs
+        return euler(m, x, STEPS, text)
 
     cache = dict(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.8, max_warmup_steps=4)
     calib = dict(taylorseer_order=1)

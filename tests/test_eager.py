@@ -13,7 +13,7 @@ from torch import nn
 import cachedit_fx as cf
 from cachedit_fx.hook import Mode, cache_hook
 
-D = 16
+from tinydit import D, euler, latent
 
 
 class Block(nn.Module):
@@ -57,17 +57,7 @@ def pair():
 
 
 def denoise(model, steps=10, requests=2):
-    g = torch.Generator().manual_seed(1)
-    x0, text = torch.randn(1, 8, D, generator=g), torch.randn(1, 5, D, generator=g)
-    outs = []
-    with torch.no_grad():
-        for _ in range(requests):
-            x = x0
-            for i in range(steps):
-                out = model(x, text, torch.tensor([1.0 - i / steps]))
-                outs.append(out)
-                x = x - 0.1 * out
-    return outs
+    return euler(model, latent(), steps, latent(5, seed=2), requests=requests)
 
 
 CACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.9, max_warmup_steps=4)
@@ -113,9 +103,7 @@ def test_eager_on_request_and_with_grad_runs_uncached():
     assert mode is Mode.EAGER and not warned and stats[0].cached_steps
     cf.enable_cache(clean, cache_config=CACHE, compile=False, eager=True)
     try:
-        g = torch.Generator().manual_seed(1)
-        x, text = torch.randn(1, 8, D, generator=g), torch.randn(1, 5, D, generator=g)
-        with_grad = clean(x, text, torch.tensor([1.0]))  # caching is inference-only: the plain forward
+        with_grad = clean(latent(), latent(5, seed=2), torch.tensor([1.0]))  # caching is inference-only: the plain forward
         assert with_grad.requires_grad and torch.equal(with_grad.detach(), ref[0])
     finally:
         cf.disable_cache(clean)

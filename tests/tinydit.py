@@ -1,0 +1,67 @@
+"""Tiny hand-written DiTs for the tests that need no diffusers model, and the Euler loop that drives them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.cache_utils import CacheMixin
+from torch import nn
+
+D = 16
+
+
+def attend(x: torch.Tensor, qkv: nn.Linear) -> torch.Tensor:
+    q, k, v = qkv(x).chunk(3, dim=-1)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.mlp = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states + self.proj(attend(hidden_states, self.qkv))
+        return hidden_states + self.mlp(hidden_states)
+
+
+class TinyDiT(nn.Module, CacheMixin):
+    """Block lists named and sized by ``lists``, a norm between consecutive lists (so each is a chain)."""
+
+    def __init__(self, lists=(("transformer_blocks", 4),)):
+        super().__init__()
+        self.lists = [name for name, _ in lists]
+        self.proj_in, self.time, self.norm, self.proj_out = nn.Linear(D, D), nn.Linear(1, D), nn.LayerNorm(D), \
+            nn.Linear(D, D)
+        for name, n in lists:
+            setattr(self, name, nn.ModuleList(Block() for _ in range(n)))
+
+    def forward(self, hidden_states, timestep):
+        h = self.proj_in(hidden_states) + self.time(timestep[:, None])[:, None]
+        for k, name in enumerate(self.lists):
+            h = self.norm(h) if k else h
+            for block in getattr(self, name):
+                h = block(h)
+        return self.proj_out(h)
+
+
+def tiny(*lists) -> TinyDiT:
+    torch.manual_seed(0)
+    return TinyDiT(lists or (("transformer_blocks", 4),)).eval()
+
+
+def latent(tokens: int = 8, seed: int = 1) -> torch.Tensor:
+    return torch.randn(1, tokens, D, generator=torch.Generator().manual_seed(seed))
+
+
+def euler(model, x0: torch.Tensor, steps: int, *context, requests: int = 1) -> list[torch.Tensor]:
+    """``requests`` denoising loops of ``steps`` calls ``model(x, *context, t)`` with t falling from 1;
+    the model output of every call."""
+    outs = []
+    with torch.no_grad():
+        for _ in range(requests):
+            x = x0
+            for i in range(steps):
+                out = model(x, *context, torch.tensor([1.0 - i / steps]))
+                outs.append(out)
+                x = x - 0.1 * out
+    return outs
