@@ -114,11 +114,11 @@ class CacheHook(ModelHook):
         if self.mode is Mode.EAGER:
             return self._run_eager(args, kwargs)
         if self.mode in (Mode.NOT_COMPILED, Mode.GRAD):
-            if torch.is_grad_enabled():
-                return self._run_with_grad(args, kwargs)
             if self._want_eager:
                 self._start_eager(None, None)
                 return self._run_eager(args, kwargs)
+            if torch.is_grad_enabled():
+                return self._run_with_grad(args, kwargs)
             return self._compile_and_run(args, kwargs)
         try:
             return self._compiled(*args, **kwargs)

@@ -41,21 +41,13 @@ def _state(layout: ChainLayout, state):
     return dict(zip(layout.names(), state))
 
 
-def _clear(layout: ChainLayout, st: dict, when, scopes: tuple[Clear, ...]) -> None:
-    """Give the fields cleared by ``scopes`` their initial values where ``when`` (a 1-element bool) holds."""
-    for f in layout.fields():
-        if f.clear in scopes:
-            st[f.name].copy_(torch.where(when, torch.full_like(st[f.name], f.initial), st[f.name]))
-
-
-def _branch(layout: ChainLayout, st: dict, same_timestep):
+def _branch(layout: ChainLayout, hint, calls_total, same_timestep):
     """The CFG branch of this call: the caller's hint (diffusers' cache_context), else a repeated
     timestep (BranchBy.TIMESTEP), else alternating calls."""
-    hint = st["branch_hint"]
     if layout.branch_by is BranchBy.TIMESTEP and same_timestep is not None:
         auto = same_timestep.long()
     else:
-        auto = torch.remainder(st["calls_total"], layout.n_branches)
+        auto = torch.remainder(calls_total, layout.n_branches)
     return torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1), auto)
 
 
@@ -64,8 +56,12 @@ def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep):
 
     A request ends when the timestep turns back against the direction it has been moving (down for
     most samplers, up for Lumina2 / Mochi; equal timesteps are CFG pairs), or after
-    ``num_inference_steps`` steps; a context ends at step ``force_refresh_step_hint`` (once per request,
-    or at every multiple with the "repeat" policy): the rest of the request starts afresh."""
+    ``num_inference_steps`` steps of a branch; a context ends at step ``force_refresh_step_hint`` (once
+    per request, or of every context with the "repeat" policy): the rest of the request starts afresh.
+    The conditions are found on the counters as the earlier ones would leave them, so the state is
+    written once."""
+    zero = torch.zeros_like(st["calls_total"])
+    turned = torch.zeros_like(st["calls_total"], dtype=torch.bool)
     same_timestep = None
     if timestep is not None:
         now = timestep.reshape(-1)[:1].to(torch.float64)
@@ -73,21 +69,27 @@ def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep):
         delta = now - last
         same_timestep = delta == 0
         turned = (direction != 0) & (delta * direction < 0)
-        _clear(layout, st, turned, (Clear.REQUEST, Clear.CONTEXT))
         learn = (direction == 0) & torch.isfinite(last) & (delta != 0)
         direction.copy_(torch.where(turned, torch.zeros_like(direction),
                                     torch.where(learn, torch.sign(delta), direction)))
         last.copy_(now)
     n_steps, hint, repeat = st["params"][8:9], st["params"][9:10], st["params"][10:11]
-    branch = _branch(layout, st, same_timestep)
-    done = (n_steps > 0) & (st["calls"].index_select(0, branch).double() >= n_steps)
-    _clear(layout, st, done, (Clear.REQUEST, Clear.CONTEXT))
-    branch = _branch(layout, st, same_timestep)
-    at_hint = (hint > 0) & (st["calls"].index_select(0, branch).double() == hint)
-    refresh = at_hint & ((repeat > 0) | (st["refreshes"] == 0))
-    _clear(layout, st, refresh, (Clear.CONTEXT,))
+    hint_branch, calls_total, calls = st["branch_hint"], st["calls_total"], st["calls"]
+
+    def step_of_call(cleared):  # the step this call takes if the state were cleared where ``cleared``
+        branch = _branch(layout, hint_branch, torch.where(cleared, zero, calls_total), same_timestep)
+        return torch.where(cleared, zero, calls.index_select(0, branch)).double()
+
+    request = turned | ((n_steps > 0) & (step_of_call(turned) >= n_steps))
+    refreshes = torch.where(request, zero, st["refreshes"])
+    refresh = (hint > 0) & (step_of_call(request) == hint) & ((repeat > 0) | (refreshes == 0))
+    context = request | refresh
+    for f in layout.fields():
+        if f.clear is not Clear.NEVER:
+            when = request if f.clear is Clear.REQUEST else context
+            st[f.name].copy_(torch.where(when, torch.full_like(st[f.name], f.initial), st[f.name]))
     st["refreshes"].add_(refresh.long())
-    return _branch(layout, st, same_timestep)
+    return _branch(layout, hint_branch, st["calls_total"], same_timestep)
 
 
 def pre_step(layout: ChainLayout, fn_res, timestep, *state):
