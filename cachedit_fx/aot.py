@@ -19,10 +19,10 @@ import torch
 from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
-from . import islands, shapes
+from . import callspec, islands, shapes
 from .capture import capture
 from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig, coerce, validated
-from .errors import ExportError
+from .errors import ConfigError, ExportError
 from .handle import CacheHandle, CachedChain, CompiledGraph
 from .passes import PassSettings, apply
 from .state import ChainAbout, ChainLayout, ChainState
@@ -39,19 +39,13 @@ class _Program(torch.nn.Module):
     the package's inputs are only the call's tensors plus the cache state. Sizes a dynamic-shape
     capture takes as graph inputs are read off the tensors they come from."""
 
-    def __init__(self, gm, example_inputs, placeholders, user_index):
+    def __init__(self, gm, example_inputs, kinds):
         super().__init__()
         self.gm = gm
-        self.kinds = []
-        for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-            size = None if _is_param(node) else shapes.size_source(node._dynamo_source.name)
-            if _is_param(node):
-                self.register_buffer(f"w{i}", value, persistent=True)
-                self.kinds.append(("w", f"w{i}"))
-            elif size is not None:
-                self.kinds.append(("s", (user_index[size[0]], size[1])))
-            else:
-                self.kinds.append(("u", None))
+        self.kinds = kinds  # per graph input: ("w", buffer name) | ("s", (input index, dim)) | ("u", None)
+        for (kind, name), value in zip(kinds, example_inputs):
+            if kind == "w":
+                self.register_buffer(name, value, persistent=True)
 
     def forward(self, *args):
         it = iter(args)
@@ -66,27 +60,48 @@ class _Program(torch.nn.Module):
         return self.gm(*full, *it)
 
 
+def _graph_inputs(placeholders, example_inputs, call: dict):
+    """How the program fills each graph input (see :class:`_Program`), and the canonical-call path of
+    each tensor it takes."""
+    kinds, paths = [], []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        found = None if _is_param(node) else callspec.source_path(getattr(node, "_dynamo_source", None), call)
+        if found is None:
+            kinds.append(("w", f"w{i}"))
+            continue
+        path, dim = found
+        if dim is None:
+            kinds.append(("u", None))
+            paths.append(path)
+        else:
+            kinds.append(("s", path, dim))
+    kinds = [(k[0], (paths.index(k[1]), k[2])) if k[0] == "s" else k for k in kinds]
+    return kinds, paths
+
+
 def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs=None, cache_config=None,
                    calibrator_config=None, separate_cfg: bool | None = None, dynamic_shapes: dict | None = None,
                    chains: str = "longest"):
     """torch.export of the rewritten transformer. Returns (ExportedProgram, metadata for load()).
 
-    ``dynamic_shapes``: {argument name: {dim: torch.export.Dim | Dim.AUTO | Dim.DYNAMIC}} for the
-    dimensions (batch, tokens) that may vary between calls; the others stay fixed. ``chains``: cache the
-    longest block chain or ``"all"``.
+    ``transformer`` is any module whose forward holds a block chain; ``example_args`` / ``example_kwargs``
+    one call of it (positional, keyword, or both). ``dynamic_shapes``: {argument name: {dim:
+    torch.export.Dim | Dim.AUTO | Dim.DYNAMIC}} for the dimensions (batch, tokens) that may vary between
+    calls; the others stay fixed. ``chains``: cache the longest block chain or ``"all"``.
     """
     cache = validated(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig())
     calib = validated(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"))
     separate = cache.enable_separate_cfg if separate_cfg is None else separate_cfg
     settings = PassSettings(cache, calib, SeparateCFG.ON if separate else SeparateCFG.OFF,
                             ChainPolicy.parse(chains, "chains"))
-    args, kwargs, spec = shapes.mark_dynamic(transformer, tuple(example_args), dict(example_kwargs or {}),
-                                             dynamic_shapes)
+    params = callspec.record_signature(transformer.forward)
+    call = callspec.canonical_call(params, tuple(example_args), dict(example_kwargs or {}))
+    marked, spec = shapes.mark_dynamic(call, dynamic_shapes)
     try:
         # No duck sizing: two dims the user keeps apart must not share a symbol only because the example
         # gives them equal sizes (the state's shape templates are written in these symbols).
         with fx_config.patch(use_duck_shape=not spec):
-            gm, example_inputs = capture(transformer, args, kwargs)
+            gm, example_inputs = capture(transformer, kwargs=marked)
     except ConstraintViolationError as e:
         raise shapes.constraint_error(transformer, e) from e
     hidden = islands.needed_for_graph(transformer, gm)
@@ -100,21 +115,25 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     work, rewritten = result.graph_module, result.chains
     # The rewrite appends the state placeholders after the captured ones.
     placeholders = [n for n in work.graph.nodes if n.op == "placeholder"][:len(example_inputs)]
-    user_nodes = [n for n in placeholders if not _is_param(n) and shapes.size_source(n._dynamo_source.name) is None]
-    sources = [n._dynamo_source.name for n in user_nodes]
-    program = _Program(work, example_inputs, placeholders, {src: i for i, src in enumerate(sources)})
-    by_node = dict(zip(placeholders, example_inputs))
-    user = [by_node[n] for n in user_nodes]
+    kinds, paths = _graph_inputs(placeholders, example_inputs, call)
+    program = _Program(work, example_inputs, kinds)
+    user_nodes = [n for n, (kind, _) in zip(placeholders, kinds) if kind == "u"]
+    user = [x for x, (kind, _) in zip(example_inputs, kinds) if kind == "u"]
     states = [t for c in rewritten for t in c.state.ordered()]
+    with torch.no_grad():  # the program's outputs against the model's, to rebuild its output from them
+        out_program = program(*user, *states)
+        out_model = transformer(**call)
+    for c in rewritten:
+        c.state.reset()
     templates = [shapes.state_templates(c) for c in rewritten]
-    user_specs = [spec.get(shapes.source_arg_name(transformer, src)) for src in sources]
+    user_specs = [spec.get(path[0]) if len(path) == 1 else None for path in paths]
     state_templates = [t.get(name) for c, t in zip(rewritten, templates) for name in c.layout.names()]
     with torch.no_grad():
         ep = torch.export.export(program, tuple(user + states),
                                  dynamic_shapes=(shapes.export_spec(user_specs, state_templates),) if spec else None)
     user_values = [n.meta["example_value"] for n in user_nodes]
     meta = {
-        "user_sources": sources,
+        "call": callspec.build(params, call, paths, out_model, out_program).to_dict(),
         "user_shapes": [shapes.template(v.shape) if isinstance(v, torch.Tensor) else None for v in user_values],
         "symbols": shapes.symbols_of(user_values),
         "bounds": shapes.bounds_of(user_values),
@@ -151,14 +170,16 @@ def _archive_root(z: zipfile.ZipFile) -> str:
 
 
 class CachedTransformer(torch.nn.Module):
-    """A loaded package that drops into a diffusers pipeline as ``pipe.transformer``."""
+    """A loaded package: called as the exported model was (positionally or by keyword), it returns what
+    the model returns, and drops into a diffusers pipeline as ``pipe.transformer``."""
 
     def __init__(self, path: str, device=None):
         super().__init__()
         with zipfile.ZipFile(path) as z:
             meta = json.loads(z.read(f"{_archive_root(z)}/{METADATA}"))
         self._runner = torch._inductor.aoti_load_package(path)
-        self._sources = meta["user_sources"]
+        self._call = callspec.CallSpec.from_dict(meta["call"])
+        self._names = self._call.input_names()
         self._shapes = meta["user_shapes"]
         self._symbols = meta["symbols"]
         self._bounds = {s: (lo, math.inf if hi is None else hi) for s, (lo, hi) in meta["bounds"].items()}
@@ -196,20 +217,24 @@ class CachedTransformer(torch.nn.Module):
     def reset(self) -> None:
         self.handle.reset()
 
+    def _fits(self, size: int, dim) -> bool:
+        if isinstance(dim, int):
+            return size == dim
+        if "sym" not in dim:  # a size derived from other dims: the package checks it itself
+            return True
+        lo, hi = self._bounds[dim["sym"]]
+        return lo <= size <= hi
+
     def _check_shapes(self, inputs) -> None:
-        for src, shape, x in zip(self._sources, self._shapes, inputs):
-            if not isinstance(x, torch.Tensor) or shape is None:
+        for name, shape, x in zip(self._names, self._shapes, inputs):
+            if shape is None:
                 continue
-            ok = x.dim() == len(shape) and all(
-                size == d if isinstance(d, int) else self._bounds[d][0] <= size <= self._bounds[d][1]
-                for size, d in zip(x.shape, shape))
-            if not ok:
-                allowed = [d if isinstance(d, int) else f"{d} in [{self._bounds[d][0]}, {self._bounds[d][1]}]"
+            if not (x.dim() == len(shape) and all(self._fits(size, d) for size, d in zip(x.shape, shape))):
+                allowed = [d if isinstance(d, int) else f"{d.get('sym', d)} in {list(self._bounds.get(d.get('sym'), ()))}"
                            for d in shape]
                 hint = ("the package is static in shape, export again for this size" if not self._symbols else
                         "export again with a dynamic_shapes range that covers it")
-                raise ValueError(f"{shapes.display_name(src)}: shape {list(x.shape)} does not fit the exported shape "
-                                 f"{allowed}; {hint}")
+                raise ConfigError(f"{name}: shape {list(x.shape)} does not fit the exported shape {allowed}; {hint}")
 
     def _fit_state(self, inputs) -> None:
         """Size reference and ladders to this call's shapes; new shapes start them afresh (computed step)."""
@@ -226,9 +251,8 @@ class CachedTransformer(torch.nn.Module):
                 c.state.tensors["ladder_len"].fill_(0)
 
     def forward(self, *args, **kwargs):
-        scope = {"L": {"self": None, "args": args, "kwargs": kwargs}}
-        inputs = [eval(src, scope) for src in self._sources]  # noqa: S307 - our own Dynamo source names
-        shapes_now = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+        inputs = self._call.program_inputs(args, kwargs)
+        shapes_now = [tuple(x.shape) for x in inputs]
         if shapes_now != self._last_shapes:  # host-side checks once per new shape, not per step
             self._check_shapes(inputs)
             self._fit_state(inputs)
@@ -236,13 +260,7 @@ class CachedTransformer(torch.nn.Module):
         for c in self.handle.chains:
             c.state.tensors["branch_hint"].fill_(-1 if self._branch is None else self._branch)
         states = [t for c in self.handle.chains for t in c.state.ordered()]
-        out = self._runner(*inputs, *states)
-        sample = out[0] if isinstance(out, (list, tuple)) else out
-        if kwargs.get("return_dict", True):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=sample)
-        return (sample,)
+        return self._call.output(self._runner(*inputs, *states))
 
 
 def load(path: str, device=None) -> CachedTransformer:

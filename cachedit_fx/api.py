@@ -8,6 +8,7 @@ Every pipeline call starts a new request (state reset).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -147,6 +148,9 @@ def disable_cache(pipe_or_adapter):
         hook = cache_hook(module)
         if hook is not None:
             hook.uninstall(module)
+        elif isinstance(getattr(module, "handle", None), CacheHandle):
+            warnings.warn(f"cachedit: {type(module).__name__} is a loaded export package: its cache is inside the "
+                          "program, nothing to disable (run the original model to go uncached)", stacklevel=2)
     pipe = pipe_or_adapter.pipe if isinstance(pipe_or_adapter, BlockAdapter) else pipe_or_adapter
     base = type(pipe).__dict__.get("_cachedit_base")
     if base is not None:

@@ -294,16 +294,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def export_cmd(args) -> int:
-    from cachedit_fx.models import load_model
     from cachedit_fx.aot import export
+    from cachedit_fx.models import example_tensors, is_import_path, load_model, model_from_factory
     from cachedit_fx.shapes import parse_cli
 
     dynamic = parse_cli(args.dynamic or [])
+    if args.model is None and not is_import_path(args.config):
+        raise ValueError("export needs --model MODEL, or --config package.module:Factory with --args")
+    if args.args and args.model is not None:
+        raise ValueError("--args gives the example call of a --config factory's model; zoo and class models "
+                         "come with theirs")
     with _quiet_libraries():
-        model = load_model(args.model, args.config)
-        inputs = {k: v for k, v in model.inputs.items()}
+        if args.model is None:
+            if not args.args:
+                raise ValueError("--config package.module:Factory needs the example call: --args NAME=SHAPE ...")
+            transformer, inputs = model_from_factory(args.config), example_tensors(args.args)
+        else:
+            model = load_model(args.model, args.config)
+            transformer, inputs = model.transformer, dict(model.inputs)
         calib = {"taylorseer_order": args.taylorseer} if args.taylorseer else None
-        path = export(model.transformer, example_kwargs=inputs, path=args.out, calibrator_config=calib,
+        path = export(transformer, example_kwargs=inputs, path=args.out, calibrator_config=calib,
                       cache_config={"Fn_compute_blocks": args.fn, "Bn_compute_blocks": args.bn,
                                     "residual_diff_threshold": args.threshold, "max_warmup_steps": args.warmup},
                       dynamic_shapes=dynamic)
@@ -414,8 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="torch.export the transformer with the cache decision inside the program and package it with "
                     "AOTInductor. The package serves the example call's shapes, or any size along the --dynamic "
                     "dims; load it with cachedit_fx.load(path) and use it as pipe.transformer.")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--config", help=CONFIG_HELP + "; or, without --model, package.module:Factory: a callable "
+                                                  "returning the module to export (with --args)")
+    p.add_argument("--args", action="append", metavar="NAME=SHAPE[:DTYPE]",
+                   help="an example tensor argument of a --config factory's model, by forward parameter name "
+                        "(repeatable; floats uniform in [0, 1), integers zero), e.g. --args x=1x64x16 --args t=1")
     p.add_argument("--out", default="model.pt2")
     p.add_argument("--dynamic", action="append", metavar="ARG:DIM[:NAME]",
                    help="let dimension DIM of forward argument ARG vary (repeatable; items with the same NAME share "

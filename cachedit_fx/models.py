@@ -24,22 +24,63 @@ class LoadedModel:
     label: str
 
 
-def _import_class(spec: str) -> type:
+def _import(spec: str, what: str):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"model {spec!r}: expected package.module:Class")
+        raise ConfigError(f"{what} {spec!r}: expected package.module:Name")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"model {spec!r}: cannot import module {module_name!r} ({e})") from None
+        raise ConfigError(f"{what} {spec!r}: cannot import module {module_name!r} ({e})") from None
     obj = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ConfigError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}")
-    if not isinstance(obj, type) or not issubclass(obj, torch.nn.Module):
-        raise ConfigError(f"model {spec!r}: {attr} is not a torch.nn.Module class")
+            raise ConfigError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
     return obj
+
+
+def _import_class(spec: str) -> type:
+    obj = _import(spec, "model")
+    if not isinstance(obj, type) or not issubclass(obj, torch.nn.Module):
+        raise ConfigError(f"model {spec!r}: {spec.partition(':')[2]} is not a torch.nn.Module class")
+    return obj
+
+
+def is_import_path(spec: str | None) -> bool:
+    """``package.module:Name`` rather than a file or folder."""
+    return bool(spec) and ":" in spec and not os.path.exists(spec)
+
+
+def model_from_factory(spec: str) -> torch.nn.Module:
+    """The module a ``package.module:Factory`` callable (a function or a module class) returns, in eval mode."""
+    factory = _import(spec, "--config factory")
+    if not callable(factory):
+        raise ConfigError(f"--config factory {spec!r} is not callable")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"--config factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def example_tensors(items: list[str]) -> dict[str, torch.Tensor]:
+    """``NAME=SHAPE[:DTYPE]`` items (``x=1x64x16``, ``t=1``, ``ids=64x3:int64``) as example tensors:
+    floats uniform in [0, 1), integers zero."""
+    out = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        shape, _, dtype_name = rest.partition(":")
+        try:
+            dims = [int(d) for d in shape.split("x")] if shape else []
+        except ValueError:
+            dims = None
+        dtype = getattr(torch, dtype_name or "float32", None)
+        if not name or dims is None or any(d < 0 for d in dims) or not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"--args {item!r}: expected NAME=SHAPE[:DTYPE], e.g. x=1x64x16 or ids=64x3:int64")
+        g = torch.Generator().manual_seed(len(out))
+        out[name] = torch.rand(dims, generator=g).to(dtype) if dtype.is_floating_point else torch.zeros(dims,
+                                                                                                        dtype=dtype)
+    return out
 
 
 def _read_json(path: str, what: str) -> dict:

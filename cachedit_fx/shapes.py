@@ -7,7 +7,6 @@ they change, starts them afresh: the call after a shape change is always a compu
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 
@@ -16,14 +15,13 @@ import torch
 from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
-_KWARG = re.compile(r"^L\['kwargs'\]\['(\w+)'\]$")
-_ARG = re.compile(r"^L\['args'\]\[(\d+)\]$")
-_SIZE = re.compile(r"^(.*)\.size\(\)\[(\d+)\]$")
-_EVAL_NAMESPACE = {"__builtins__": {}, "floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min}
+from .errors import ConfigError, ExportError
 
-
-def _forward_params(module: torch.nn.Module) -> list[str]:
-    return [p for p in inspect.signature(module.forward).parameters if p not in ("self",)]
+# How a size expression of a shape template is evaluated: the sympy functions symbolic shapes use.
+_OPS = {"Add": lambda *a: sum(a), "Mul": math.prod, "FloorDiv": lambda a, b: a // b, "CeilToInt": math.ceil,
+        "Max": max, "Min": min, "PythonMod": lambda a, b: a % b, "Mod": lambda a, b: a % b, "Pow": pow,
+        "IntTrueDiv": lambda a, b: a / b, "FloatTrueDiv": lambda a, b: a / b, "floor": math.floor,
+        "ceiling": math.ceil, "FloorToInt": math.floor}
 
 
 def _dims_of(name: str, spec, ndim: int) -> dict[int, object]:
@@ -33,33 +31,31 @@ def _dims_of(name: str, spec, ndim: int) -> dict[int, object]:
     elif isinstance(spec, (list, tuple)):
         items = enumerate(spec)
     else:
-        raise ValueError(f"dynamic_shapes[{name!r}]: expected a dict {{dim: Dim}} or a list with one entry per "
+        raise ConfigError(f"dynamic_shapes[{name!r}]: expected a dict {{dim: Dim}} or a list with one entry per "
                          f"dimension, got {type(spec).__name__}")
     out = {}
     for d, dim in items:
         if dim is None:
             continue
         if not isinstance(d, int) or not -ndim <= d < ndim:
-            raise ValueError(f"dynamic_shapes[{name!r}]: dimension {d!r} is out of range for a {ndim}-d tensor")
+            raise ConfigError(f"dynamic_shapes[{name!r}]: dimension {d!r} is out of range for a {ndim}-d tensor")
         out[d % ndim] = dim
     return out
 
 
-def mark_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: dict | None):
-    """The call's inputs with the requested dims marked dynamic (on fresh aliases, so the caller's
-    tensors are left unmarked), and the spec by argument name."""
+def mark_dynamic(call: dict, dynamic_shapes: dict | None) -> tuple[dict, dict]:
+    """The canonical call (arguments by name) with the requested dims marked dynamic (on fresh aliases,
+    so the caller's tensors are left unmarked), and the spec by argument name."""
     if not dynamic_shapes:
-        return args, kwargs, {}
+        return call, {}
     if not isinstance(dynamic_shapes, dict):
-        raise ValueError("dynamic_shapes: expected a dict keyed by the forward's argument names, e.g. "
+        raise ConfigError("dynamic_shapes: expected a dict keyed by the forward's argument names, e.g. "
                          "{'hidden_states': {1: torch.export.Dim('tokens')}}")
-    names = _forward_params(module)
-    bound = dict(zip(names, args))
-    tensors = {n: v for n, v in {**bound, **kwargs}.items() if isinstance(v, torch.Tensor)}
+    tensors = {n: v for n, v in call.items() if isinstance(v, torch.Tensor)}
     spec = {}
     for name, value in dynamic_shapes.items():
         if name not in tensors:
-            raise ValueError(f"dynamic_shapes: {name!r} is not a tensor argument of this call; allowed: "
+            raise ConfigError(f"dynamic_shapes: {name!r} is not a tensor argument of this call; allowed: "
                              f"{sorted(tensors)}")
         spec[name] = _dims_of(name, value, tensors[name].dim())
     marked = {}
@@ -67,7 +63,7 @@ def mark_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sha
         alias = tensors[name].detach()
         for d, dim in dims.items():
             if alias.shape[d] < 2:
-                raise ValueError(f"dynamic_shapes[{name!r}]: dimension {d} has size {alias.shape[d]} in the example; "
+                raise ConfigError(f"dynamic_shapes[{name!r}]: dimension {d} has size {alias.shape[d]} in the example; "
                                  "export specialises sizes 0 and 1, give an example with size >= 2 there")
             lo, hi = getattr(dim, "min", None), getattr(dim, "max", None)
             if hi is not None and hi < 2 ** 62:  # Dynamo wants both bounds or neither
@@ -77,37 +73,18 @@ def mark_dynamic(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sha
             else:
                 torch._dynamo.mark_dynamic(alias, d)
         marked[name] = alias
-    new_args = tuple(marked.get(n, a) for n, a in zip(names, args))
-    new_kwargs = {k: marked.get(k, v) for k, v in kwargs.items()}
-    return new_args, new_kwargs, spec
+    return {k: marked.get(k, v) for k, v in call.items()}, spec
 
 
-def constraint_error(module: torch.nn.Module, error: Exception) -> ValueError:
+def constraint_error(module: torch.nn.Module, error: Exception) -> ExportError:
     """Dynamo's ConstraintViolationError (the model's code only works for some sizes of a dim marked
     dynamic) as one readable error naming dynamic_shapes and the first conditions the code imposes."""
     readable = re.sub(r"L\['kwargs'\]\['(\w+)'\]\.size\(\)\[(\d+)\]", r"\1.size(\2)", str(error))
     reasons = [line.strip(" -") for line in readable.splitlines() if "satisfy the generated guard" in line][:2]
-    return ValueError(f"dynamic_shapes: {type(module).__name__} does not allow these dims to take every size in "
+    return ExportError(f"dynamic_shapes: {type(module).__name__} does not allow these dims to take every size in "
                       f"their range: {'; '.join(reasons) or readable.splitlines()[0]}. Narrow the range, or keep "
                       "the dim static (patchified 2-D latents, e.g. SD3's height/width, only take sizes the patch "
                       "embedding accepts; vary their batch, or export once per resolution)")
-
-
-def source_arg_name(module: torch.nn.Module, source: str) -> str | None:
-    m = _KWARG.match(source)
-    if m:
-        return m.group(1)
-    m = _ARG.match(source)
-    if m:
-        names = _forward_params(module)
-        i = int(m.group(1))
-        return names[i] if i < len(names) else None
-    return None
-
-
-def display_name(source: str) -> str:
-    m = _KWARG.match(source)
-    return m.group(1) if m else source
 
 
 def parse_cli(items: list[str]) -> dict:
@@ -117,20 +94,40 @@ def parse_cli(items: list[str]) -> dict:
     for item in items:
         parts = item.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"--dynamic {item!r}: expected ARG:DIM or ARG:DIM:NAME, e.g. hidden_states:1:tokens")
+            raise ConfigError(f"--dynamic {item!r}: expected ARG:DIM or ARG:DIM:NAME, e.g. hidden_states:1:tokens")
         name = parts[2] if len(parts) == 3 else f"{parts[0]}_{parts[1]}"
         spec.setdefault(parts[0], {})[int(parts[1])] = dims.setdefault(name, Dim(name))
     return spec
 
 
-def size_source(source: str) -> tuple[str, int] | None:
-    """``L['kwargs']['x'].size()[1]`` -> (``L['kwargs']['x']``, 1): a size Dynamo passes as a graph input."""
-    m = _SIZE.match(source)
-    return (m.group(1), int(m.group(2))) if m else None
+def _expression(e: sympy.Expr):
+    """A size expression as JSON: an int, {"sym": name}, or {"op": sympy function, "args": [...]}."""
+    if e.is_Integer:
+        return int(e)
+    if e.is_Symbol:
+        return {"sym": str(e)}
+    op = type(e).__name__
+    if op not in _OPS:
+        raise ExportError(f"export: a dynamic size of the cache state is {e} ({op}), which a package cannot size; "
+                          "keep that dimension static")
+    return {"op": op, "args": [_expression(a) for a in e.args]}
+
+
+def _value(expr, env: dict[str, int]) -> int:
+    if isinstance(expr, int):
+        return expr
+    if "sym" in expr:
+        return env[expr["sym"]]
+    return _OPS[expr["op"]](*(_value(a, env) for a in expr["args"]))
 
 
 def template(shape) -> list:
-    return [d if isinstance(d, int) else str(d.node.expr) for d in shape]
+    """A shape as JSON: ints, and size expressions where the capture's shape is symbolic."""
+    return [d if isinstance(d, int) else _expression(d.node.expr) for d in shape]
+
+
+def is_dynamic(template: list) -> bool:
+    return any(not isinstance(d, int) for d in template)
 
 
 def state_templates(chain) -> dict[str, list]:
@@ -141,7 +138,7 @@ def state_templates(chain) -> dict[str, list]:
     out = {"ref": [nb, *template(h.shape)]}
     for k, (node, spec) in enumerate(zip(chain.split.middle_outputs, chain.layout.streams)):
         out[f"ladder_{k}"] = [nb, spec.ladder, *template(node.meta["example_value"].shape)]
-    return {name: dims for name, dims in out.items() if any(isinstance(d, str) for d in dims)}
+    return {name: dims for name, dims in out.items() if is_dynamic(dims)}
 
 
 def _plain_symbols(user_values: list):
@@ -172,14 +169,14 @@ def bounds_of(user_values: list) -> dict[str, list]:
 
 
 def evaluate(template: list, symbols: dict[str, list[int]], inputs: list) -> tuple[int, ...]:
+    """The template's concrete shape for a call whose inputs are ``inputs``."""
     env = {s: inputs[i].shape[d] for s, (i, d) in symbols.items()}
-    return tuple(d if isinstance(d, int) else int(eval(d, dict(_EVAL_NAMESPACE), env))  # noqa: S307
-                 for d in template)
+    return tuple(int(_value(d, env)) for d in template)
 
 
 def export_spec(user_specs: list, state_templates: list) -> tuple:
     """torch.export's dynamic_shapes for (*user inputs, *state): the user's Dims as given; each dynamic
     state size as Dim.AUTO, which export ties to the user dims it must equal."""
-    state = [{d: Dim.AUTO for d, size in enumerate(t) if isinstance(size, str)} if t else None
+    state = [{d: Dim.AUTO for d, size in enumerate(t) if not isinstance(size, int)} if t else None
              for t in state_templates]
     return tuple(user_specs) + tuple(state)

@@ -541,3 +541,16 @@ def test_export_bad_dynamic_flag_is_one_line_error(capsys, tmp_path):
     rc, _, err = run(capsys, "export", "--model", "flux", "--out", str(tmp_path / "m.pt2"), "--dynamic", "tokens")
     assert_one_line_error(rc, err, "--dynamic 'tokens'", "ARG:DIM")
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_export_of_a_factory_model_errors_are_one_line(capsys, tmp_path):
+    out = str(tmp_path / "m.pt2")
+    rc, _, err = run(capsys, "export", "--out", out)
+    assert_one_line_error(rc, err, "--model MODEL, or --config package.module:Factory")
+    rc, _, err = run(capsys, "export", "--config", "tinydit:cross_dit", "--out", out)
+    assert_one_line_error(rc, err, "--args NAME=SHAPE")
+    rc, _, err = run(capsys, "export", "--config", "tinydit:cross_dit", "--args", "x=1xq", "--out", out)
+    assert_one_line_error(rc, err, "expected NAME=SHAPE[:DTYPE]")
+    rc, _, err = run(capsys, "export", "--config", "tinydit:no_such_factory", "--args", "x=1x8x16", "--out", out)
+    assert_one_line_error(rc, err, "has no attribute 'no_such_factory'")
+    assert not os.path.exists(out)

@@ -27,7 +27,11 @@ def flux_pipe():
 
 @pytest.fixture(scope="module", params=[None, {"taylorseer_order": 1}], ids=["dbcache", "taylorseer"])
 def package(request, flux_pipe, tmp_path_factory):
+    """The pipeline's own call (return_dict=False: a tuple), and, for TaylorSeer, the same call with the
+    forward's default return_dict=True (its output class)."""
     kwargs = _pipeline_call_kwargs(flux_pipe)
+    if request.param is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
     path = str(tmp_path_factory.mktemp("pkg") / "flux.pt2")
     export(flux_pipe.transformer, example_kwargs=kwargs, cache_config=CACHE, calibrator_config=request.param,
            path=path)
@@ -57,6 +61,15 @@ def test_package_matches_compiled_path(package, flux_pipe):
     _, again = _loop(loaded, kwargs)
     assert torch.equal(loaded.handle.chains[0].state.tensors["cached_log"][0, :STEPS, 0], pkg_log)
     assert all(torch.equal(a, b) for a, b in zip(out_pkg, again))
+    # The model's own output structure, and the same call by position.
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    with torch.no_grad():
+        by_name = loaded(**kwargs)
+        names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids"]
+        by_position = loaded(*[kwargs[n] for n in names], **{k: v for k, v in kwargs.items() if k not in names})
+    assert type(by_name) is (tuple if kwargs.get("return_dict") is False else Transformer2DModelOutput)
+    assert type(by_position) is type(by_name)
 
 
 def test_package_runs_inside_pipeline(package):
@@ -200,4 +213,105 @@ def test_dynamic_dim_without_bounds_records_an_open_range(flux_pipe):
                              cache_config=CACHE, dynamic_shapes={"hidden_states": {1: tokens}, "img_ids": {0: tokens}})
     (symbol, (lo, hi)), = meta["bounds"].items()
     assert lo >= 2 and hi is None
-    assert meta["chains"][0]["state_shapes"]["ref"] == [1, 1, symbol, 32]
+    assert meta["chains"][0]["state_shapes"]["ref"] == [1, 1, {"sym": symbol}, 32]  # structured, not a string
+
+
+# ----------------------------------------------------------------------------- any DiT, any call
+
+
+@pytest.fixture(scope="module")
+def dit_package(tmp_path_factory):
+    """A hand-written DiT (``forward(x, ctx, t)`` returning a tensor), exported by the CLI from its factory."""
+    from cachedit_fx.cli import main
+
+    path = str(tmp_path_factory.mktemp("dit") / "dit.pt2")
+    assert main(["export", "--config", "tinydit:cross_dit", "--args", "x=1x12x16", "--args", "ctx=1x5x16",
+                 "--args", "t=1", "--fn", "1", "--threshold", "0.9", "--warmup", "2", "--out", path]) == 0
+    return path
+
+
+DIT_CACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.9, max_warmup_steps=2)
+
+
+def test_hand_written_dit_package_called_by_position_and_by_name(dit_package):
+    """Decisions and outputs equal the compiled path's over two requests of different step counts,
+    called positionally and by keyword, and a tensor comes back as a tensor."""
+    from tinydit import cross_dit, euler, latent
+
+    model, loaded = cross_dit(), load(dit_package)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="cachedit", fullgraph=True, dynamic=False,
+                             options=dict(cache_config=DIT_CACHE, inner="eager"))
+    x, ctx = latent(12), latent(5, seed=2)
+    for steps, call in ((8, loaded), (5, lambda x, ctx, t: loaded(x=x, t=t, ctx=ctx))):
+        out_pkg = euler(call, x, steps, ctx)
+        out_cmp = euler(compiled, x, steps, ctx)
+        pkg_log = loaded.handle.chains[0].state.tensors["cached_log"][0, :steps, 0]
+        cmp_log = handles_for(model)[-1].chains[0].state.tensors["cached_log"][0, :steps, 0]
+        assert pkg_log.sum() > 0 and torch.equal(pkg_log, cmp_log), (pkg_log, cmp_log)
+        assert all(type(o) is torch.Tensor for o in out_pkg)
+        for a, b in zip(out_pkg, out_cmp):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_wrong_calls_of_a_loaded_package_name_the_argument(dit_package, package):
+    from tinydit import latent
+
+    loaded = load(dit_package)
+    x, ctx, t = latent(12), latent(5, seed=2), torch.ones(1)
+    with pytest.raises(cachedit_fx.ConfigError, match=r"x: shape \[1, 13, 16\] does not fit"):
+        loaded(latent(13), ctx, t)
+    with pytest.raises(cachedit_fx.ConfigError, match="t: exported as a tensor, called with float"):
+        loaded(x, ctx, 1.0)
+    with pytest.raises(cachedit_fx.ConfigError, match="call: missing a required argument: 't'"):
+        loaded(x, ctx)
+    path, kwargs, _ = package
+    if kwargs.get("return_dict") is False:
+        with pytest.raises(cachedit_fx.ConfigError, match="return_dict: exported with False, called with True"):
+            load(path)(**dict(kwargs, return_dict=True))
+
+
+def test_loaded_package_summary_reset_refresh_and_disable(dit_package):
+    from tinydit import euler, latent
+
+    loaded = load(dit_package)
+    x, ctx = latent(12), latent(5, seed=2)
+    euler(loaded, x, 6, ctx)
+    cached = cachedit_fx.summary(loaded, logging=False)[0].cached_steps
+    assert cached
+    cachedit_fx.reset(loaded)
+    assert cachedit_fx.summary(loaded, logging=False)[0].cached_steps == []
+    cachedit_fx.refresh_context(loaded, residual_diff_threshold=0.0)  # a number: the package takes it
+    euler(loaded, x, 6, ctx)
+    assert cachedit_fx.summary(loaded, logging=False)[0].cached_steps == []
+    with pytest.raises(cachedit_fx.ConfigError, match="Fn_compute_blocks are compiled into"):
+        cachedit_fx.refresh_context(loaded, Fn_compute_blocks=2)
+    with pytest.warns(UserWarning, match="loaded export package"):
+        cachedit_fx.disable_cache(loaded)
+
+
+def test_separate_cfg_package_matches_compiled_path(tmp_path):
+    """Wan, cond and uncond calls alternating: both branches decide as the compiled path does, over two
+    requests of different step counts; the layout (branch_by included) round-trips by name."""
+    transformer, inputs = zoo.build_transformer("wan")
+    fam = zoo.get("wan")
+    uncond = fam.uncond_inputs(transformer, 0)
+    cache = dict(Fn_compute_blocks=1, residual_diff_threshold=0.1, max_warmup_steps=2, enable_separate_cfg=True)
+    path = export(transformer, example_kwargs=inputs, cache_config=cache, path=str(tmp_path / "wan.pt2"))
+    loaded = load(path)
+    torch._dynamo.reset()
+    compiled = torch.compile(transformer, backend="cachedit", fullgraph=True, dynamic=False,
+                             options=dict(cache_config=cache, inner="eager"))
+    for steps in (6, 4):
+        _, out_pkg = zoo.denoise(None, fam, inputs, num_steps=steps, uncond=uncond, call=loaded)
+        _, out_cmp = zoo.denoise(None, fam, inputs, num_steps=steps, uncond=uncond, call=compiled)
+        cmp_chain = handles_for(transformer)[-1].chains[0]
+        assert loaded.handle.chains[0].layout == cmp_chain.layout  # every field, by name, through the package
+        for b in (0, 1):
+            pkg_log = loaded.handle.chains[0].state.tensors["cached_log"][b, :steps, 0]
+            assert torch.equal(pkg_log, cmp_chain.state.tensors["cached_log"][b, :steps, 0]), b
+        assert loaded.handle.chains[0].state.tensors["cached_log"][:, :steps].any()
+        for a, b in zip(out_pkg, out_cmp):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -65,3 +65,39 @@ def euler(model, x0: torch.Tensor, steps: int, *context, requests: int = 1) -> l
                 outs.append(out)
                 x = x - 0.1 * out
     return outs
+
+
+class CrossBlock(nn.Module):
+    """Self-attention on H, cross-attention to a read-only context (pattern 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.kv, self.mlp = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 2 * D), \
+            nn.Linear(D, D)
+
+    def forward(self, x, ctx):
+        x = x + self.proj(attend(x, self.qkv))
+        k, v = self.kv(ctx).chunk(2, dim=-1)
+        x = x + F.scaled_dot_product_attention(x, k, v)
+        return x + self.mlp(x)
+
+
+class CrossDiT(nn.Module):
+    """A DiT written by hand, not diffusers: ``forward(x, ctx, t)`` returns a plain tensor."""
+
+    def __init__(self, depth: int = 4):
+        super().__init__()
+        self.proj_in, self.time, self.proj_out = nn.Linear(D, D), nn.Linear(1, D), nn.Linear(D, D)
+        self.layers = nn.ModuleList(CrossBlock() for _ in range(depth))
+
+    def forward(self, x, ctx, t):
+        h = self.proj_in(x) + self.time(t[:, None])[:, None]
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.proj_out(h)
+
+
+def cross_dit() -> CrossDiT:
+    """The factory ``cachedit-fx export --config tinydit:cross_dit`` builds (seeded, eval mode)."""
+    torch.manual_seed(0)
+    return CrossDiT().eval()
