@@ -38,9 +38,9 @@ def package(request, flux_pipe, tmp_path_factory):
     return path, kwargs, request.param
 
 
-def _loop(call, inputs):
+def _loop(call, inputs, steps=STEPS):
     with torch.no_grad():
-        return zoo.denoise(None, "flux", inputs, num_steps=STEPS, call=call)
+        return zoo.denoise(None, "flux", inputs, num_steps=steps, call=call)
 
 
 def test_package_matches_compiled_path(package, flux_pipe):
@@ -61,6 +61,13 @@ def test_package_matches_compiled_path(package, flux_pipe):
     _, again = _loop(loaded, kwargs)
     assert torch.equal(loaded.handle.chains[0].state.tensors["cached_log"][0, :STEPS, 0], pkg_log)
     assert all(torch.equal(a, b) for a, b in zip(out_pkg, again))
+    # A request of another step count decides as the compiled path does too.
+    _, short_pkg = _loop(loaded, kwargs, STEPS // 2)
+    _, short_cmp = _loop(compiled, kwargs, STEPS // 2)
+    assert torch.equal(loaded.handle.chains[0].state.tensors["cached_log"][0, :STEPS // 2, 0],
+                       handles_for(flux_pipe.transformer)[-1].chains[0].state.tensors["cached_log"][0, :STEPS // 2, 0])
+    for a, b in zip(short_pkg, short_cmp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # The model's own output structure, and the same call by position.
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
