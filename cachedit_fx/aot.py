@@ -247,8 +247,8 @@ class CachedTransformer(torch.nn.Module):
                     c.state.tensors[name] = torch.zeros(shape, dtype=current.dtype, device=current.device)
                     changed = True
             if changed:
-                c.state.tensors["has_ref"].fill_(False)
-                c.state.tensors["ladder_len"].fill_(0)
+                for name, value in (("has_ref", False), ("ladder_len", 0), ("latent_seen", False)):
+                    c.state.tensors[name].fill_(value)
 
     def forward(self, *args, **kwargs):
         inputs = self._call.program_inputs(args, kwargs)

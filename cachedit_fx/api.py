@@ -14,7 +14,7 @@ import torch
 
 from .adapter import BlockAdapter
 from .config import (CacheType, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig, coerce, merged,
-                     strify as config_strify)
+                     strify as config_strify, structural_changes)
 from .errors import ConfigError
 from .handle import CacheHandle, handles_for
 from .hook import CacheHook, cache_hook, install
@@ -26,13 +26,6 @@ _CALIBRATOR_FIELDS = {f.name for f in dataclasses.fields(TaylorSeerCalibratorCon
 # cache-dit's older keyword spellings of the calibrator fields
 _OLD_CALIBRATOR_NAMES = {"enable_taylorseer": "enable_calibrator", "enable_encoder_taylorseer": "enable_encoder_calibrator",
                          "taylorseer_cache_type": "calibrator_cache_type", "taylorseer_order": "taylorseer_order"}
-# Fields compiled into the graph; the others are numbers in a state tensor.
-STRUCTURAL_FIELDS = ("cache_type", "Fn_compute_blocks", "Bn_compute_blocks", "per_sample", "enable_separate_cfg",
-                     "cfg_diff_compute_separate")
-STRUCTURAL_CALIBRATOR_FIELDS = ("enable_calibrator", "enable_encoder_calibrator", "calibrator_cache_type",
-                                "taylorseer_order")
-
-
 def configs_from_fields(fields: dict, where: str):
     """Keyword fields (cache-dit's flat spelling) as a partial cache config and a partial calibrator
     config (None where no field of that config was given)."""
@@ -132,6 +125,8 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
 
 def _wrap_pipeline_call(pipe, hooks: list[CacheHook]):
     base = type(pipe)
+    for hook in hooks:
+        hook.handle.resets_per_call = True
 
     def __call__(self, *args, **kwargs):
         for hook in hooks:
@@ -178,15 +173,6 @@ def reset(obj) -> None:
             h.reset()
 
 
-def _structural_change(old_cache, new_cache, old_calib, new_calib) -> list[str]:
-    changed = [f for f in STRUCTURAL_FIELDS if getattr(old_cache, f) != getattr(new_cache, f)]
-    if (old_calib is None) != (new_calib is None):
-        changed.append("calibrator_config")
-    elif old_calib is not None:
-        changed += [f for f in STRUCTURAL_CALIBRATOR_FIELDS if getattr(old_calib, f) != getattr(new_calib, f)]
-    return changed
-
-
 def refresh_context(obj, num_inference_steps: int | None = None, cache_config=None, calibrator_config=None,
                     verbose: bool = False, **fields) -> None:
     """New settings for the next request, which starts afresh (cache-dit's ``refresh_context``).
@@ -217,7 +203,7 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
                                flat_cache)
             new_calib = merged(merged(handle.calibrator_config, coerce(calibrator_config, TaylorSeerCalibratorConfig,
                                                                        "calibrator_config")), flat_calib)
-            changed = _structural_change(handle.cache_config, new_cache, handle.calibrator_config, new_calib)
+            changed = structural_changes(handle.cache_config, new_cache, handle.calibrator_config, new_calib)
             if changed and hook is None:
                 raise ConfigError(f"refresh_context: {', '.join(changed)} are compiled into {name}'s graph, which "
                                   "was not made by enable_cache; compile (or export) again with the new settings")

@@ -103,6 +103,16 @@ def _why_not_cached(gm, example_inputs) -> str | None:
     return None
 
 
+def _warn_if_requests_look_alike(handle, chains) -> None:
+    # Without a timestep the graph cannot see where a request ends; a pipeline call or a step count can.
+    if handle.resets_per_call or handle.cache_config.num_inference_steps or all(c.timestep for c in chains):
+        return
+    handle.warn_once("no timestep", "cachedit: no timestep input found (no call argument of at most one dimension "
+                     "feeds a sinusoidal embedding, none is named like a timestep): consecutive requests look like "
+                     "one. Call cachedit_fx.reset(model) between requests, or set num_inference_steps in "
+                     "the cache config (refresh_context can set it per request)", stacklevel=4)
+
+
 def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = None):
     """Dynamo backend: ``gm`` with each picked chain's middle behind an on-device decision, compiled."""
     opts = parse_options(options)
@@ -121,6 +131,7 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
                        "caches such models: it makes the breaking submodules opaque islands")
         return _uncached(gm, example_inputs, opts, reason)
     handle.add(CompiledGraph(result.chains, weight_ptrs(gm, example_inputs)))
+    _warn_if_requests_look_alike(handle, result.chains)
     states = [t for c in result.chains for t in c.state.ordered()]
     compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options)
 

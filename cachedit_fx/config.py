@@ -163,8 +163,12 @@ class DBCacheConfig(_Config):
             _check_int("force_refresh_step_hint", self.force_refresh_step_hint, 1)
         _check_choice("force_refresh_step_policy", self.force_refresh_step_policy, REFRESH_POLICIES)
         if self.steps_computation_mask is not None:
+            if not isinstance(self.steps_computation_mask, (list, tuple, range)):
+                _fail("steps_computation_mask", "a list of 0 and 1 (steps_mask(...) builds one)",
+                      self.steps_computation_mask)
             mask = list(self.steps_computation_mask)
-            if not mask or any(v not in (0, 1) or isinstance(v, float) and v != int(v) for v in mask):
+            if not mask or any(isinstance(v, bool) or v not in (0, 1) or isinstance(v, float) and v != int(v)
+                               for v in mask):
                 _fail("steps_computation_mask", "a non-empty sequence of 0 and 1", self.steps_computation_mask)
             if self.steps_computation_policy == "static" and self.max_warmup_steps == 0 and mask[0] == 0:
                 _fail("steps_computation_mask", "1 at step 0 with policy 'static' and no warmup "
@@ -280,6 +284,25 @@ class ChainPolicy(_Choice):
 
     LONGEST = "longest"
     ALL = "all"
+
+
+# Fields compiled into the graph; the others are numbers in a state tensor.
+STRUCTURAL_FIELDS = ("cache_type", "Fn_compute_blocks", "Bn_compute_blocks", "per_sample", "enable_separate_cfg",
+                     "cfg_diff_compute_separate")
+STRUCTURAL_CALIBRATOR_FIELDS = ("enable_calibrator", "enable_encoder_calibrator", "calibrator_cache_type",
+                                "taylorseer_order")
+
+
+def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
+                       old_calib: TaylorSeerCalibratorConfig | None = None,
+                       new_calib: TaylorSeerCalibratorConfig | None = None) -> list[str]:
+    """The fields that differ and are compiled into the graph (a change needs a new compile)."""
+    changed = [f for f in STRUCTURAL_FIELDS if getattr(old_cache, f) != getattr(new_cache, f)]
+    if (old_calib is None) != (new_calib is None):
+        changed.append("calibrator_config")
+    elif old_calib is not None:
+        changed += [f for f in STRUCTURAL_CALIBRATOR_FIELDS if getattr(old_calib, f) != getattr(new_calib, f)]
+    return changed
 
 
 def validated(config):

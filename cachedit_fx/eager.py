@@ -30,17 +30,19 @@ from .step import forecast, post_step, pre_step
 _E = "encoder_hidden_states"
 
 
-def timestep_of(forward, args, kwargs) -> torch.Tensor | None:
-    """The call's timestep tensor, found by its parameter name as the graph path finds it."""
+def call_inputs(forward, args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The call's (timestep, latent) tensors: a one-dimensional argument named like a timestep
+    (``timestep``, ``t``, ``sigma``, ``noise_level``), and ``hidden_states`` or the first tensor argument."""
     try:
         bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
     except TypeError:
         bound = dict(kwargs)
     bound = {**bound.pop("kwargs", {}), **bound} if isinstance(bound.get("kwargs"), dict) else bound
-    for name, value in bound.items():
-        if ("timestep" in name.lower() or name == "t") and isinstance(value, torch.Tensor):
-            return value
-    return None
+    tensors = {name: v for name, v in bound.items() if isinstance(v, torch.Tensor)}
+    timestep = next((v for name, v in tensors.items() if v.dim() <= 1 and (
+        "timestep" in name.lower() or name in ("t", "sigma", "sigmas", "noise_level"))), None)
+    latent = tensors.get("hidden_states", next(iter(tensors.values()), None))
+    return timestep, latent
 
 
 @dataclass
@@ -48,6 +50,7 @@ class _Call:
     """What one transformer call has learned so far, block by block."""
 
     timestep: torch.Tensor | None = None
+    latent: torch.Tensor | None = None
     h_in: torch.Tensor | None = None
     fn_res: torch.Tensor | None = None
     base: list | None = None  # the streams entering the middle: what skipping its blocks leaves
@@ -90,8 +93,8 @@ class EagerCache:
             block.__dict__.pop("forward", None)
         self._chains.clear()
 
-    def begin(self, timestep: torch.Tensor | None) -> None:
-        self.call = _Call(timestep=timestep, active=True)
+    def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
+        self.call = _Call(timestep=timestep, latent=latent, active=True)
 
     def end(self) -> None:
         self.call = _Call()
@@ -152,7 +155,8 @@ class EagerCache:
                 call.base = [h_out] + ([e_out] if e_out is not None else [])
                 call.fn_res = h_out - call.h_in
                 call.chain = self._chain_for(call.fn_res, call.base)
-                call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, *call.chain.state.ordered())
+                call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent,
+                                    *call.chain.state.ordered())
             if i == self.last_mid:
                 h_out, e_out, order = self._unpack(out, h)
                 return self._finish(call, [h_out] + ([e_out] if e_out is not None else []), order)
@@ -171,10 +175,11 @@ class EagerCache:
 
     def _chain_for(self, fn_res: torch.Tensor, base: list) -> CachedChain:
         """The state for this call's shapes (a new shape gets its own, as it gets its own graph)."""
-        key = tuple((tuple(t.shape), t.dtype) for t in [fn_res, *base])
+        latent = self.call.latent
+        key = tuple((tuple(t.shape), t.dtype) for t in [fn_res, *base, *([latent] if latent is not None else [])])
         if key not in self._chains:
             cache, calib = self.handle.cache_config, self.handle.calibrator_config
-            layout = eager_layout(fn_res, base, cache, calib, self.separate_cfg, self.call.timestep is not None)
+            layout = eager_layout(fn_res, base, cache, calib, self.separate_cfg, self.call.timestep is not None, latent)
             n = len(self.blocks)
             pattern = ForwardPattern.Pattern_3 if len(base) == 1 else ForwardPattern.Pattern_0
             if self._order == ["encoder_hidden_states", "hidden_states"] or self._source_order == ["E", "H"]:
@@ -188,7 +193,7 @@ class EagerCache:
 
 
 def eager_layout(fn_res: torch.Tensor, base: list, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                 separate: SeparateCFG, sees_timestep: bool) -> ChainLayout:
+                 separate: SeparateCFG, sees_timestep: bool, latent: torch.Tensor | None = None) -> ChainLayout:
     if separate is SeparateCFG.ON:
         n_branches, branch_by = 2, BranchBy.PARITY
     elif separate is SeparateCFG.AUTO and sees_timestep:
@@ -198,4 +203,6 @@ def eager_layout(fn_res: torch.Tensor, base: list, cache: DBCacheConfig, calib: 
     streams = tuple(stream_spec(tuple(t.shape), t.dtype, calib, role) for t, role in zip(base, ("H", "E")))
     return ChainLayout(n_branches=n_branches, slots=fn_res.shape[0] if cache.per_sample else 1,
                        fn_shape=tuple(fn_res.shape), fn_dtype=fn_res.dtype, streams=streams,
-                       diff_shared=diff_shared(cache, n_branches), branch_by=branch_by)
+                       diff_shared=diff_shared(cache, n_branches), branch_by=branch_by,
+                       latent_shape=tuple(latent.shape) if latent is not None else None,
+                       latent_dtype=latent.dtype if latent is not None else torch.float32)

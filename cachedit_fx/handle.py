@@ -3,13 +3,15 @@ stats read it; enable_cache's hook owns one per transformer, a bare ``backend="c
 makes its own."""
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule
 
-from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, validated
+from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, structural_changes, validated
+from .errors import ConfigError
 from .passes.rewrite import RewrittenChain
 from .state import ChainAbout, ChainLayout, ChainState
 
@@ -41,17 +43,47 @@ class CacheHandle:
     calibrator_config: TaylorSeerCalibratorConfig | None
     graphs: list[CompiledGraph] = field(default_factory=list)
     islands_checked: bool = False  # enable_cache looked for islands before compiling (islands.py)
+    resets_per_call: bool = False  # a pipeline install: every pipeline call starts a new request
+    warned: set = field(default_factory=set)  # causes already warned about, one warning each per install
+    held: list | None = None  # warnings waiting for release_warnings(), or None: warn at once
 
     def __post_init__(self) -> None:
         _ALL_HANDLES.add(self)
+
+    def warn_once(self, cause: str, message: str, stacklevel: int = 3) -> None:
+        """Warn about ``cause`` once per install: this handle's and those over the same weights. While
+        ``held`` is a list, the warning waits there (the install may find a deeper cause first)."""
+        ptrs = frozenset().union(*(g.param_ptrs for g in self.graphs))
+        if any(cause in h.warned for h in {self, *handles_sharing(ptrs)}):
+            return
+        self.warned.add(cause)
+        if self.held is not None:
+            self.held.append(message)
+        else:
+            warnings.warn(message, stacklevel=stacklevel + 1)
+
+    def release_warnings(self, drop: bool = False) -> None:
+        """Issue (or ``drop``) the held warnings; later ones are issued at once."""
+        held, self.held = self.held or [], None
+        for message in [] if drop else held:
+            warnings.warn(message, stacklevel=3)
 
     def reset(self) -> None:
         for c in self.chains:
             c.state.reset()
 
     def configure(self, cache_config: DBCacheConfig | dict) -> None:
-        """New thresholds / warmup / masks for the next request, with no recompile."""
-        self.cache_config = validated(coerce(cache_config, DBCacheConfig, "cache_config"))
+        """New thresholds / warmup / masks for the next request, with no recompile.
+
+        Raises:
+            ConfigError: the config also changes fields compiled into the graphs (Fn / Bn ...).
+        """
+        cache_config = validated(coerce(cache_config, DBCacheConfig, "cache_config"))
+        changed = structural_changes(self.cache_config, cache_config)
+        if changed and self.graphs:
+            raise ConfigError(f"configure: {', '.join(changed)} are compiled into the graphs; refresh_context "
+                              "compiles an enable_cache install again, a torch.compile or an export needs a new one")
+        self.cache_config = cache_config
         for c in self.chains:
             c.state.configure(self.cache_config)
 
@@ -72,7 +104,12 @@ _ALL_HANDLES: "weakref.WeakSet[CacheHandle]" = weakref.WeakSet()
 
 def handles_for(module: torch.nn.Module) -> list[CacheHandle]:
     """Handles whose graphs were compiled over this module's parameters."""
-    ptrs = {p.data_ptr() for p in module.parameters()}
+    return handles_sharing({p.data_ptr() for p in module.parameters()})
+
+
+def handles_sharing(ptrs) -> list[CacheHandle]:
+    """Handles with a graph over any of these parameter storages (a bare torch.compile makes a handle
+    per graph: together they are one install)."""
     return [h for h in list(_ALL_HANDLES) if any(g.param_ptrs & ptrs for g in h.graphs)]
 
 

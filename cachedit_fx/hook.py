@@ -23,7 +23,10 @@ Modes, in the order a transformer usually goes through them:
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import enum
+import inspect
 import time
 import warnings
 import weakref
@@ -37,15 +40,18 @@ from . import islands
 from .backend import cachedit_backend, parse_options
 from .capture import breaks_graph, describe_break, our_error, private_code
 from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
-from .eager import EagerCache, timestep_of
-from .errors import ConfigError, IslandsNeeded
+from .eager import EagerCache, call_inputs
+from .errors import ConfigError, IslandsNeeded, NoCacheableChain
 from .handle import CacheHandle
+from .offload import offload_hooks
 from .passes import PinnedList
 
 HOOK_NAME = "cachedit"
 # Graphs one install may compile (one per input shape, e.g. resolution or text length, each with its own
 # state) before calls with new shapes run uncached; Dynamo's default of 8 is low for serving.
 MAX_GRAPHS = 64
+# A float argument with this many values in twice as many calls is a timestep (CFG pairs repeat it).
+_FLOAT_WINDOW = 3
 _ISLAND_ROUNDS = 8  # one-graph compile attempts, each making the islands the last one named
 
 # A child of diffusers' library logger: diffusers.utils.logging.set_verbosity_info() shows these lines.
@@ -59,6 +65,7 @@ class Mode(enum.Enum):
     GRAPH_BREAKS = "graph breaks"
     OVER_SHAPE_LIMIT = "over the shape limit"
     EAGER = "eager cache (block hooks, decisions on the host)"
+    UNCACHED = "uncached (a warning said why)"
 
 
 class _CallContext(StateManager):
@@ -96,29 +103,58 @@ class CacheHook(ModelHook):
         self._new_request = False  # diffusers' reset_state: the next call starts a new request
         self._first_compile = False  # inside the first inference call's compile, which logs on its own
         self._pinned, self._want_eager = pinned, eager
+        self._failed: ConfigError | None = None  # a config that does not fit the model, found at the first call
         self._eager: EagerCache | None = None
         self._module = None
+        self._floats: dict = {}  # the last calls' values of each Python float argument
+        self._calls = 0
+        self.handle.held = []  # the first calls' compile warnings wait until no float timestep shows
 
     # ------------------------------------------------------------------ ModelHook
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        cache = self.handle.cache_config
+        blocks = sum(len(m) for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2)
+        if cache.Fn_compute_blocks + cache.Bn_compute_blocks > blocks:  # no chain can be longer than all lists
+            raise ConfigError(f"Fn_compute_blocks={cache.Fn_compute_blocks}, Bn_compute_blocks={cache.Bn_compute_blocks}: "
+                              f"{type(module).__name__} has {blocks} blocks in all its block lists; need "
+                              f"Fn + Bn <= the chain's length")
         self._module = weakref.ref(module)
         self._had_instance_forward = "forward" in module.__dict__
         return module
 
+    # A torch.compile around an installed transformer (cache-dit's docs compile after enable_cache) would
+    # trace this and the compile inside it: it runs as a call of its own instead, caching as without the
+    # outer compile; with fullgraph=True, Dynamo's error quotes this reason.
+    @torch.compiler.disable(reason="cachedit: enable_cache compiles the transformer itself (compile=True, the "
+                                   "default, uses Inductor); call it without an outer torch.compile")
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self._failed is not None:
+            raise self._failed
         if self._new_request:
             self.reset()
         self._branch = self._branch_of_call()
         self._set_hints(self.handle.chains)
         if self.mode is Mode.EAGER:
             return self._run_eager(args, kwargs)
+        if self.mode is Mode.UNCACHED:
+            return self._original(*args, **kwargs)
+        if self._number_args_changed(args, kwargs):
+            return self._original(*args, **kwargs)
+        self._calls += 1
+        if self._calls == _FLOAT_WINDOW:  # no float timestep showed: what the compile found may be said
+            self.handle.release_warnings()
         if self.mode in (Mode.NOT_COMPILED, Mode.GRAD):
             if self._want_eager:
                 self._start_eager(None, None)
                 return self._run_eager(args, kwargs)
             if torch.is_grad_enabled():
                 return self._run_with_grad(args, kwargs)
+            offloaded = offload_hooks(self._module())
+            if offloaded is not None:
+                self._start_eager(None, f"{offloaded} move weights in every block call, which a compiled graph "
+                                        "cannot hold (cached steps skip the middle blocks' calls and their onload)")
+                return self._run_eager(args, kwargs)
             return self._compile_and_run(args, kwargs)
         try:
             return self._compiled(*args, **kwargs)
@@ -132,6 +168,31 @@ class CacheHook(ModelHook):
                               "calls with further shapes run uncached (raise cachedit_fx.hook.MAX_GRAPHS before "
                               "enable_cache to keep more)", stacklevel=2)
             return self._original(*args, **kwargs)
+
+    def _number_args_changed(self, args, kwargs) -> bool:
+        """Whether a Python float argument changes call by call (a float timestep): the compiler makes
+        one graph per value, each with its own state, so nothing would cache and requests could not be
+        told apart. Switches to uncached with one warning. A float that changes per request keeps
+        caching."""
+        if self.mode is Mode.EAGER:
+            return False
+        for k, v in (*enumerate(args), *kwargs.items()):
+            if isinstance(v, float):
+                seen = self._floats.setdefault(k, collections.deque(maxlen=2 * _FLOAT_WINDOW))
+                seen.append(v)
+                if len(set(seen)) >= _FLOAT_WINDOW:
+                    self.handle.release_warnings(drop=True)  # e.g. "no timestep": this is why
+                    name = repr(k) if isinstance(k, str) else f"argument {k}"
+                    with contextlib.suppress(TypeError, ValueError, IndexError):
+                        name = repr(list(inspect.signature(self._original).parameters)[k]) if isinstance(k, int) \
+                            else name
+                    self.handle.warn_once("float argument", f"cachedit: {self._class_name} takes a Python float "
+                                          f"({name}) that changes call by call; the compiler specialises on its "
+                                          "value (a graph per value), so nothing would cache. Running uncached: "
+                                          "pass it as a tensor, e.g. torch.tensor([t])", stacklevel=4)
+                    self.mode = Mode.UNCACHED
+                    return True
+        return False
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """diffusers calls this at the end of every pipeline call: the next call starts a new request.
@@ -153,7 +214,7 @@ class CacheHook(ModelHook):
         self.options = options
         self.handle.graphs.clear()
         self.handle.cache_config, self.handle.calibrator_config = cache_config, calibrator_config
-        self._compiled = self._grad_forward = None
+        self._compiled = self._grad_forward = self._failed = None
         if self._eager is not None:
             path = self._eager.path
             self._eager.uninstall()
@@ -255,6 +316,8 @@ class CacheHook(ModelHook):
             except torch._dynamo.exc.TorchDynamoException as e:
                 if not breaks_graph(e):
                     ours = our_error(e)  # e.g. Fn + Bn longer than the chain: the ConfigError itself
+                    if isinstance(ours, ConfigError):
+                        self._failed = ours  # the next calls raise it again without compiling again
                     if ours is not None:
                         raise ours from None
                     raise
@@ -283,16 +346,21 @@ class CacheHook(ModelHook):
         path = path or (self._pinned[0].path if self._pinned else _largest_block_list(module))
         if path is None:
             raise ConfigError(f"{type(module).__name__} has no ModuleList of two or more blocks to cache eagerly")
-        self._eager = EagerCache(module.get_submodule(path), path, self.handle, self.separate_cfg, pattern)
+        try:
+            self._eager = EagerCache(module.get_submodule(path), path, self.handle, self.separate_cfg, pattern)
+        except NoCacheableChain as e:
+            self.mode = Mode.UNCACHED
+            warnings.warn(f"cachedit: {type(module).__name__} runs uncached: {e}", stacklevel=4)
+            return
         self.mode = Mode.EAGER
         if reason is not None:
             warnings.warn(f"cachedit: {type(module).__name__} runs the eager cache on {path} (block hooks, decisions "
                           f"on the host, blocks uncompiled): {reason}", stacklevel=4)
 
     def _run_eager(self, args, kwargs):
-        if torch.is_grad_enabled():  # caching is inference-only
+        if self._eager is None or torch.is_grad_enabled():  # uncached, or caching is inference-only
             return self._original(*args, **kwargs)
-        self._eager.begin(timestep_of(self._original, args, kwargs))
+        self._eager.begin(*call_inputs(self._original, args, kwargs))
         try:
             return self._original(*args, **kwargs)
         finally:

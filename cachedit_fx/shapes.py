@@ -136,6 +136,8 @@ def state_templates(chain) -> dict[str, list]:
     nb = chain.layout.n_branches
     h = chain.split.h_fn.meta["example_value"]
     out = {"ref": [nb, *template(h.shape)]}
+    if chain.latent is not None:
+        out["prev_latent"] = template(chain.latent.meta["example_value"].shape)
     for k, (node, spec) in enumerate(zip(chain.split.middle_outputs, chain.layout.streams)):
         out[f"ladder_{k}"] = [nb, spec.ladder, *template(node.meta["example_value"].shape)]
     return {name: dims for name, dims in out.items() if is_dynamic(dims)}

@@ -30,6 +30,9 @@ GATE_NAMES = {
 PARAM_NAMES = ("threshold", "warmup", "interval", "max_cached", "max_continuous", "max_accumulated",
                "has_mask", "static_mask", "n_steps", "refresh_hint", "refresh_repeat")
 TAYLOR_START = 3  # the first step at which a computed step may add a derivative to its ladder
+# A call whose timestep moves on by over twice the last step and whose latent changes by more than this
+# (relative L1; a denoising step changes it by 0.1-0.35, a fresh noise sample by about 1.4) starts a request.
+LATENT_JUMP = 0.5
 
 
 class BranchBy(str, enum.Enum):
@@ -82,6 +85,8 @@ class ChainLayout:
     diff_shared: bool = False  # cfg_diff_compute_separate=False: the 2nd call of a step reuses the 1st's diff
     branch_by: BranchBy = BranchBy.PARITY
     capacity: int = LOG_CAPACITY
+    latent_shape: tuple[int, ...] | None = None  # the latent input's, kept to tell requests apart (None: none)
+    latent_dtype: torch.dtype = torch.float32
 
     def fields(self) -> list[StateField]:
         """The state table, in the order the graph takes the tensors. Reference and ladders keep their
@@ -95,6 +100,9 @@ class ChainLayout:
             ("last_t",       (1,),                 f64,           -math.inf, never),
             ("t_dir",        (1,),                 f64,           0.0,       never),
             ("branch_hint",  (1,),                 i64,           -1,        never),
+            ("last_dt",      (1,),                 f64,           0.0,       never),
+            ("prev_latent",  self.latent_shape or (0,), self.latent_dtype, 0.0, never),
+            ("latent_seen",  (1,),                 torch.bool,    False,     never),
             ("refreshes",    (1,),                 i64,           0,         request),
             ("calls_total",  (1,),                 i64,           0,         context),
             ("calls",        (nb,),                i64,           0,         context),
@@ -129,6 +137,8 @@ class ChainLayout:
         """Every field by name, JSON-able (export metadata)."""
         out = dataclasses.asdict(self)
         out["fn_shape"], out["fn_dtype"] = list(self.fn_shape), _dtype_name(self.fn_dtype)
+        out["latent_shape"] = None if self.latent_shape is None else list(self.latent_shape)
+        out["latent_dtype"] = _dtype_name(self.latent_dtype)
         out["streams"] = [{"shape": list(s.shape), "dtype": _dtype_name(s.dtype), "ladder": s.ladder,
                            "absolute": s.absolute} for s in self.streams]
         out["branch_by"] = self.branch_by.value
@@ -138,8 +148,10 @@ class ChainLayout:
     def from_dict(cls, d: dict[str, Any]) -> "ChainLayout":
         streams = tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"], s["absolute"])
                         for s in d["streams"])
+        latent = None if d["latent_shape"] is None else tuple(d["latent_shape"])
         return cls(**{**d, "fn_shape": tuple(d["fn_shape"]), "fn_dtype": _dtype(d["fn_dtype"]), "streams": streams,
-                      "branch_by": BranchBy(d["branch_by"])})
+                      "branch_by": BranchBy(d["branch_by"]), "latent_shape": latent,
+                      "latent_dtype": _dtype(d["latent_dtype"])})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -297,18 +309,26 @@ def taylor_approx(ladder, ladder_len, distance):
     return out
 
 
-def commit(use_cache, step, recorded_diff, longest, cached_count, run, ladder_len, last_computed, has_ref,
+def all_finite(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """(S,) whether every value of each slot is finite."""
+    return torch.isfinite(x.reshape(slots, -1)).all(dim=1)
+
+
+def commit(use_cache, finite, step, recorded_diff, longest, cached_count, run, ladder_len, last_computed, has_ref,
            acc_diff):
     """Counter updates after a step (S,) each: cached steps count and extend the run, computed steps
     reset it, grow the ladder and become the new reference point; positive recorded diffs (+inf too,
-    NaN not) accumulate."""
+    NaN not) accumulate. A computed step whose residuals are not ``finite`` leaves no reference and an
+    empty ladder: the next step computes afresh."""
     computed = ~use_cache
+    kept = computed & finite
     return dict(
         cached_count=cached_count + use_cache.long(),
         run=torch.where(use_cache, run + 1, torch.zeros_like(run)),
-        ladder_len=torch.where(computed, next_ladder_len(ladder_len, step, longest), ladder_len),
+        ladder_len=torch.where(kept, next_ladder_len(ladder_len, step, longest),
+                               torch.where(computed, torch.zeros_like(ladder_len), ladder_len)),
         last_computed=torch.where(computed, step.expand_as(last_computed), last_computed),
-        has_ref=has_ref | computed,
+        has_ref=torch.where(computed, finite, has_ref),
         acc_diff=acc_diff + torch.where(recorded_diff > 0, recorded_diff.double(), torch.zeros_like(acc_diff)),
     )
 

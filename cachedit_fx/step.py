@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from .state import BranchBy, ChainLayout, Clear, commit, decide, relative_l1, slot_view, taylor_approx, taylor_update
+from .state import (LATENT_JUMP, BranchBy, ChainLayout, Clear, all_finite, commit, decide, relative_l1, slot_view, taylor_approx,
+                    taylor_update)
 
 
 class PreStep(NamedTuple):
@@ -51,27 +52,50 @@ def _branch(layout: ChainLayout, hint, calls_total, same_timestep):
     return torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1), auto)
 
 
-def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep):
+def _latent_change(st: dict, latent):
+    """Relative L1 change of the latent input since the previous call (0 at the first), remembering it."""
+    prev, seen = st["prev_latent"], st["latent_seen"]
+    x = latent.to(prev.dtype)
+    change = ((x - prev).abs().mean() / prev.abs().mean()).double().reshape(1)
+    change = torch.where(seen, change, torch.zeros_like(change))
+    prev.copy_(x)
+    seen.copy_(torch.ones_like(seen))
+    return change
+
+
+def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep, latent):
     """Clear the state where this call starts a new request or context; returns the call's branch.
 
     A request ends when the timestep turns back against the direction it has been moving (down for
-    most samplers, up for Lumina2 / Mochi; equal timesteps are CFG pairs), or after
-    ``num_inference_steps`` steps of a branch; a context ends at step ``force_refresh_step_hint`` (once
-    per request, or of every context with the "repeat" policy): the rest of the request starts afresh.
-    The conditions are found on the counters as the earlier ones would leave them, so the state is
-    written once."""
+    most samplers, up for Lumina2 / Mochi); when it repeats but the latent does not (equal timesteps
+    with one latent are a CFG pair; another latent at the same timestep is a new request, e.g. after a
+    warm-up call); when it moves on by over twice the last step while the latent jumps (an img2img
+    request after a cancelled one); or after ``num_inference_steps`` steps of a branch. A context ends
+    at step ``force_refresh_step_hint`` (once per request, or of every context with the "repeat"
+    policy): the rest of the request starts afresh. The conditions are found on the counters as the
+    earlier ones would leave them, so the state is written once."""
     zero = torch.zeros_like(st["calls_total"])
     turned = torch.zeros_like(st["calls_total"], dtype=torch.bool)
     same_timestep = None
+    change = _latent_change(st, latent) if latent is not None and layout.latent_shape is not None else None
     if timestep is not None:
         now = timestep.reshape(-1)[:1].to(torch.float64)
-        last, direction = st["last_t"], st["t_dir"]
+        last, direction, last_dt = st["last_t"], st["t_dir"], st["last_dt"]
         delta = now - last
         same_timestep = delta == 0
         turned = (direction != 0) & (delta * direction < 0)
+        if change is not None:
+            # Under a named branch (cond/uncond) the pair may carry different latents: the name decides.
+            other_latent = same_timestep & (change > 0) & (st["branch_hint"] < 0)
+            jumped = (direction != 0) & (delta * direction > 0) & (last_dt > 0) & (delta.abs() > 2 * last_dt) & \
+                (change > LATENT_JUMP)
+            turned = turned | other_latent | jumped
+            same_timestep = same_timestep & ~other_latent
         learn = (direction == 0) & torch.isfinite(last) & (delta != 0)
         direction.copy_(torch.where(turned, torch.zeros_like(direction),
                                     torch.where(learn, torch.sign(delta), direction)))
+        moved = torch.isfinite(delta) & (delta != 0)
+        last_dt.copy_(torch.where(turned, torch.zeros_like(last_dt), torch.where(moved, delta.abs(), last_dt)))
         last.copy_(now)
     n_steps, hint, repeat = st["params"][8:9], st["params"][9:10], st["params"][10:11]
     hint_branch, calls_total, calls = st["branch_hint"], st["calls_total"], st["calls"]
@@ -92,13 +116,14 @@ def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep):
     return _branch(layout, hint_branch, st["calls_total"], same_timestep)
 
 
-def pre_step(layout: ChainLayout, fn_res, timestep, *state):
+def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     """Start a call: clear the state at a new request or context, advance the branch's step, decide.
+    ``timestep`` and ``latent`` (the call's inputs, each may be None) tell requests apart.
 
     Returns a :class:`PreStep`.
     """
     st = _state(layout, state)
-    branch = _start_of_request_or_context(layout, st, timestep)
+    branch = _start_of_request_or_context(layout, st, timestep, latent)
     st["calls_total"].add_(1)
     calls = st["calls"].index_select(0, branch) + 1
     st["calls"].index_copy_(0, branch, calls)
@@ -143,13 +168,18 @@ def post_step(layout: ChainLayout, pre: PreStep, fn_res, outs, passthrough, *sta
     if layout.slots > 1:
         approx = forecast(layout, passthrough, pre.ladder_len, window, pre.ladders)
         mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
-    for k, (spec, out, base, ladder) in enumerate(zip(layout.streams, outs, passthrough, pre.ladders)):
-        value = (out if spec.absolute else out - base).to(ladder.dtype)
-        fresh = taylor_update(ladder, pre.ladder_len, value, window, step)
-        _write(st[f"ladder_{k}"], branch, torch.where(slot_view(computed, fresh[0]).unsqueeze(0), fresh, ladder))
+    # A non-finite residual (a NaN or inf step) enters neither the reference nor the ladders.
+    values = [(out if spec.absolute else out - base) for spec, out, base in zip(layout.streams, outs, passthrough)]
+    finite = all_finite(fn_res, layout.slots)
+    for value in values:
+        finite = finite & all_finite(value, layout.slots)
+    kept = computed & finite
+    for k, (value, ladder) in enumerate(zip(values, pre.ladders)):
+        fresh = taylor_update(ladder, pre.ladder_len, value.to(ladder.dtype), window, step)
+        _write(st[f"ladder_{k}"], branch, torch.where(slot_view(kept, fresh[0]).unsqueeze(0), fresh, ladder))
     ref = _select(layout, st["ref"], branch)
-    _write(st["ref"], branch, torch.where(slot_view(computed, ref), fn_res.to(ref.dtype), ref))
-    for name, value in commit(use_cache, step, pre.recorded, layout.ladder, **sel).items():
+    _write(st["ref"], branch, torch.where(slot_view(kept, ref), fn_res.to(ref.dtype), ref))
+    for name, value in commit(use_cache, finite, step, pre.recorded, layout.ladder, **sel).items():
         _write(st[name], branch, value)
     at = step.clamp(0, layout.capacity - 1).reshape(1)
     for name, value in (("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", use_cache)):

@@ -13,12 +13,15 @@ Semantics pinned down there:
 - recorded diff: -1 when gate 8 fires, the diff when gate 9 decides, NaN otherwise; the accumulated
   diff is the sum of the positive recorded diffs (+inf included) of the branch in this request.
 - cached step: output = passthrough + forecast (the forecast itself for hidden-states caching);
-  computed step: new reference, new TaylorSeer ladder, which gains a derivative only from step 3 on.
+  computed step: new reference, new TaylorSeer ladder, which gains a derivative only from step 3 on;
+  a computed step with a non-finite Fn residual or middle residual leaves no reference and empty ladders.
 - separate CFG with cfg_diff_compute_separate=False (and the non-CFG call first): branch 1 reuses
   branch 0's diff of the same step.
-- a call whose timestep is greater than the previous call's, or whose branch has had
-  num_inference_steps steps, starts a new request; the call at step force_refresh_step_hint (once, or
-  every time with "repeat") starts the rest of the request afresh.
+- a new request starts where the timestep turns back against its learned direction, where it repeats
+  with another latent, where both jump (the timestep by over twice its last step, the latent by over
+  1.0 relative), or where a branch has had num_inference_steps steps; the call at step
+  force_refresh_step_hint (once, or every time with "repeat") starts the rest of the request afresh.
+- branch: the caller's hint, else (by_timestep) 1 for a repeated timestep, else alternating calls.
 """
 from __future__ import annotations
 
@@ -70,13 +73,14 @@ class Oracle:
 
     def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None,
                  n_branches: int = 1, per_sample: bool | None = None, n_streams: int = 1,
-                 hidden_stream: int = 0):
+                 hidden_stream: int = 0, by_timestep: bool = False):
         self.cfg = cache_config
         self.calibrator = calibrator_config
         self.n_branches = n_branches
         self.per_sample = cache_config.per_sample if per_sample is None else per_sample
         self.n_streams = n_streams
         self.hidden_stream = hidden_stream
+        self.by_timestep = by_timestep  # two branches told apart by a repeated timestep, not by alternation
         self.log = []  # one dict per call, across requests (request index included)
         self.request = -1
         self.reset()
@@ -86,7 +90,7 @@ class Oracle:
         self.cfg = cache_config
 
     def reset(self) -> None:
-        self.last_t = -math.inf
+        self.last_t, self.direction, self.last_dt, self.prev_latent = -math.inf, 0, 0.0, None
         self._new_request()
 
     def _new_request(self) -> None:
@@ -162,28 +166,61 @@ class Oracle:
     def _piece(self, t: torch.Tensor, s: int) -> torch.Tensor:
         return t[s:s + 1] if self.per_sample else t
 
+    def _boundary(self, timestep, latent, hint=None) -> bool | None:
+        """Start a new request where the call shows one; returns whether its timestep repeats the last
+        call's with the same latent (the second call of a CFG pair), None without a timestep."""
+        change = 0.0
+        if latent is not None:
+            if self.prev_latent is not None:
+                change = ((latent - self.prev_latent).abs().mean() / self.prev_latent.abs().mean()).item()
+            self.prev_latent = latent.clone()
+        if timestep is None:
+            return None
+        t = float(torch.as_tensor(timestep).reshape(-1)[0].item())
+        delta = t - self.last_t
+        same_t = delta == 0
+        new = self.direction != 0 and delta * self.direction < 0  # the timestep turned back
+        if same_t and change > 0 and hint is None:  # the same timestep with another latent: not a CFG pair
+            new, same_t = True, False
+        if (self.direction != 0 and delta * self.direction > 0 and self.last_dt > 0 and abs(delta) > 2 * self.last_dt
+                and change > 0.5):  # a jump of the timestep and of the latent
+            new = True
+        if new:
+            self._new_request()
+            self.direction, self.last_dt = 0, 0.0
+        else:
+            if self.direction == 0 and math.isfinite(self.last_t) and delta != 0:
+                self.direction = 1 if delta > 0 else -1
+            if math.isfinite(delta) and delta != 0:
+                self.last_dt = abs(delta)
+        self.last_t = t
+        return same_t
+
+    def _branch(self, same_t, hint) -> int:
+        if hint is not None:
+            return min(hint, self.n_branches - 1)
+        if self.by_timestep and same_t is not None:
+            return int(same_t)
+        return self.calls_total % self.n_branches
+
     def call(self, fn_res: torch.Tensor, middle_outputs_fn: Callable[[], Sequence[torch.Tensor]],
-             passthrough: Sequence[torch.Tensor], timestep=None):
-        if timestep is not None:
-            t = float(torch.as_tensor(timestep).reshape(-1)[0].item())
-            if t > self.last_t:
-                self._new_request()
-            self.last_t = t
+             passthrough: Sequence[torch.Tensor], timestep=None, latent=None, hint=None):
+        same_t = self._boundary(timestep, latent, hint)
         n_slots = fn_res.shape[0] if self.per_sample else 1
         if self.branches is None:
             self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
-        b = self.calls_total % self.n_branches
+        b = self._branch(same_t, hint)
         if self.cfg.num_inference_steps and self.branches[b].calls >= self.cfg.num_inference_steps:
             self._new_request()
             self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
-            b = 0
-        hint = self.cfg.force_refresh_step_hint
-        if hint and self.branches[b].calls == hint and (not self.refreshed or
-                                                         self.cfg.force_refresh_step_policy == "repeat"):
+            b = self._branch(same_t, hint)
+        refresh_at = self.cfg.force_refresh_step_hint
+        if refresh_at and self.branches[b].calls == refresh_at and (
+                not self.refreshed or self.cfg.force_refresh_step_policy == "repeat"):
             self.refreshed = True
             self._new_context()
             self.branches = [_Branch(n_slots, self.n_streams) for _ in range(self.n_branches)]
-            b = 0
+            b = self._branch(same_t, hint)
         self.calls_total += 1
         branch = self.branches[b]
         step = branch.calls
@@ -222,10 +259,17 @@ class Oracle:
                 slot.cached += 1
                 slot.run += 1
                 continue
+            values = []
             for k in range(self.n_streams):
                 value = self._piece(computed_outs[k], s)
-                if not self.absolute(k):
-                    value = value - self._piece(passthrough[k], s)
+                values.append(value if self.absolute(k) else value - self._piece(passthrough[k], s))
+            slot.run = 0
+            if not all(torch.isfinite(v).all() for v in [self._piece(fn_res, s), *values]):
+                # a NaN / inf step leaves no reference and empty ladders: the next step computes afresh
+                slot.prev, slot.ladders = None, [[] for _ in range(self.n_streams)]
+                slot.last_computed = step
+                continue
+            for k, value in enumerate(values):
                 old, new = slot.ladders[k], [value]
                 if step >= 3:  # derivatives from step 3 on, each from an existing previous one
                     for i in range(min(len(old), self.ladder_length(k) - 1)):
@@ -233,7 +277,6 @@ class Oracle:
                 slot.ladders[k] = new
             slot.prev = self._piece(fn_res, s).clone()
             slot.last_computed = step
-            slot.run = 0
 
         entry = dict(request=self.request, branch=b, step=step, use_cache=use_cache,
                      gate=[d[1] for d in decisions], diff=[d[2] for d in decisions])

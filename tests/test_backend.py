@@ -651,6 +651,31 @@ def test_tensorrt_without_torch_tensorrt_says_how_to_install():
         _compile_call(_TinyMLP(), dict(inner="tensorrt"), torch.randn(2, 8))
 
 
+def test_tensorrt_inner_makes_the_eager_decisions():
+    """With torch-tensorrt and a GPU: the TensorRT-compiled graph caches the steps the eager one does."""
+    pytest.importorskip("torch_tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from cachedit_fx.handle import handles_for
+
+    transformer, inputs = zoo.build_transformer("flux")
+    transformer = transformer.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    cache = dict(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
+    runs = {}
+    for inner in ("eager", "tensorrt"):
+        torch._dynamo.reset()
+        compiled = torch.compile(transformer, backend="cachedit", dynamic=False,
+                                 options=dict(cache_config=cache, inner=inner))
+        _, outs = zoo.denoise(transformer, "flux", inputs, num_steps=8, call=compiled)
+        log = handles_for(transformer)[-1].chains[0].state.tensors["cached_log"][0, :8, 0].tolist()
+        runs[inner] = (outs, log)
+    assert any(runs["eager"][1]) and runs["tensorrt"][1] == runs["eager"][1]
+    for a, b in zip(runs["tensorrt"][0], runs["eager"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    torch._dynamo.reset()
+
+
 def test_fn_plus_bn_larger_than_chain_raises_naming_chain():
     transformer, inputs = zoo.build_transformer("sd3")  # one chain: transformer_blocks, 4 blocks
     opts = dict(cache_config=dict(Fn_compute_blocks=3, Bn_compute_blocks=2), inner="eager")

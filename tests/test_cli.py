@@ -47,6 +47,21 @@ def assert_png(path):
         assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
 
 
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_caches_and_writes_the_side_by_side_png(capsys, tmp_path):
+    out = tmp_path / "demo.png"
+    rc, stdout, _ = run(capsys, "demo", "--inner", "eager", "--steps", "8", "--size", "32", "--warmup", "2",
+                        "--out", str(out))
+    assert rc == 0, stdout
+    cached, steps = map(int, stdout.split("cached steps ")[1].split()[0].split("/"))
+    assert steps == 8 and 0 < cached < 8
+    assert "PSNR" in stdout and "speedup" in stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (32 * 4, 32 * 2)
+
+
 # ----------------------------------------------------------------------------- help
 
 

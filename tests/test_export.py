@@ -228,12 +228,13 @@ def test_dynamic_dim_without_bounds_records_an_open_range(flux_pipe):
 
 @pytest.fixture(scope="module")
 def dit_package(tmp_path_factory):
-    """A hand-written DiT (``forward(x, ctx, t)`` returning a tensor), exported by the CLI from its factory."""
+    """A hand-written DiT (``forward(x, ctx, noise_level)`` returning a tensor), exported by the CLI from its
+    factory."""
     from cachedit_fx.cli import main
 
     path = str(tmp_path_factory.mktemp("dit") / "dit.pt2")
     assert main(["export", "--config", "tinydit:cross_dit", "--args", "x=1x12x16", "--args", "ctx=1x5x16",
-                 "--args", "t=1", "--fn", "1", "--threshold", "0.9", "--warmup", "2", "--out", path]) == 0
+                 "--args", "noise_level=1", "--fn", "1", "--threshold", "0.9", "--warmup", "2", "--out", path]) == 0
     return path
 
 
@@ -250,7 +251,7 @@ def test_hand_written_dit_package_called_by_position_and_by_name(dit_package):
     compiled = torch.compile(model, backend="cachedit", fullgraph=True, dynamic=False,
                              options=dict(cache_config=DIT_CACHE, inner="eager"))
     x, ctx = latent(12), latent(5, seed=2)
-    for steps, call in ((8, loaded), (5, lambda x, ctx, t: loaded(x=x, t=t, ctx=ctx))):
+    for steps, call in ((8, loaded), (5, lambda x, ctx, t: loaded(x=x, noise_level=t, ctx=ctx))):
         out_pkg = euler(call, x, steps, ctx)
         out_cmp = euler(compiled, x, steps, ctx)
         pkg_log = loaded.handle.chains[0].state.tensors["cached_log"][0, :steps, 0]
@@ -262,6 +263,26 @@ def test_hand_written_dit_package_called_by_position_and_by_name(dit_package):
     torch._dynamo.reset()
 
 
+def test_loaded_package_tells_requests_apart(dit_package):
+    """Request boundaries inside the package, from its timestep (``noise_level``, found by dataflow)
+    and latent: a warm-up call, a request abandoned after one call, an img2img request after a
+    cancelled one; each request then runs as after a reset."""
+    from tinydit import latent, request, uniform
+
+    loaded, ctx = load(dit_package), latent(5, seed=2)
+    x, img2img = latent(12), [0.5 - 0.0625 * i for i in range(8)]
+    want = request(loaded, uniform(8), x, ctx)
+    want_img2img = request(loaded, img2img, latent(12, seed=5), ctx)
+    assert loaded.handle.chains[0].state.tensors["cached_log"][0, :8, 0].any()
+    for before in ([1.0], uniform(8)[:1], [1.0, 0.9375, 0.875, 0.8125, 0.75]):
+        cachedit_fx.reset(loaded)
+        request(loaded, before, latent(12, seed=9), ctx)
+        assert all(torch.equal(a, b) for a, b in zip(request(loaded, uniform(8), x, ctx), want)), before
+        request(loaded, [1.0, 0.9375, 0.875, 0.8125, 0.75], latent(12, seed=3), ctx)
+        got = request(loaded, img2img, latent(12, seed=5), ctx)
+        assert all(torch.equal(a, b) for a, b in zip(got, want_img2img)), before
+
+
 def test_wrong_calls_of_a_loaded_package_name_the_argument(dit_package, package):
     from tinydit import latent
 
@@ -269,9 +290,9 @@ def test_wrong_calls_of_a_loaded_package_name_the_argument(dit_package, package)
     x, ctx, t = latent(12), latent(5, seed=2), torch.ones(1)
     with pytest.raises(cachedit_fx.ConfigError, match=r"x: shape \[1, 13, 16\] does not fit"):
         loaded(latent(13), ctx, t)
-    with pytest.raises(cachedit_fx.ConfigError, match="t: exported as a tensor, called with float"):
+    with pytest.raises(cachedit_fx.ConfigError, match="noise_level: exported as a tensor, called with float"):
         loaded(x, ctx, 1.0)
-    with pytest.raises(cachedit_fx.ConfigError, match="call: missing a required argument: 't'"):
+    with pytest.raises(cachedit_fx.ConfigError, match="call: missing a required argument: 'noise_level'"):
         loaded(x, ctx)
     path, kwargs, _ = package
     if kwargs.get("return_dict") is False:

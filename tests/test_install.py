@@ -104,10 +104,16 @@ def test_a_model_error_propagates_without_a_second_compile():
 
 
 def test_fn_bn_that_do_not_fit_raise_the_config_error_itself():
-    model = tiny()
-    with cached(model, Fn_compute_blocks=3, Bn_compute_blocks=2):
-        with torch.no_grad(), pytest.raises(cf.ConfigError, match=r"do not fit chain transformer_blocks\[4\] of 4 blocks"):
-            model(x0(), torch.tensor([1.0]))
+    """Longer than all block lists together: at enable_cache. Longer than the chain (4 of 7 blocks): at the
+    first call, and again at the next without a second compile."""
+    with pytest.raises(cf.ConfigError, match=r"Fn_compute_blocks=5, Bn_compute_blocks=3: TinyDiT has 7 blocks"):
+        cf.enable_cache(tiny(*TWO_CHAINS), cache_config=dict(CACHE, Fn_compute_blocks=5, Bn_compute_blocks=3))
+    model = tiny(*TWO_CHAINS)
+    with cached(model, Fn_compute_blocks=3, Bn_compute_blocks=2) as hook:
+        for _ in range(2):
+            with torch.no_grad(), pytest.raises(cf.ConfigError, match=r"do not fit chain blocks\[4\] of 4 blocks"):
+                model(x0(), torch.tensor([1.0]))
+        assert hook.mode is Mode.NOT_COMPILED
 
 
 class _Records(logging.Handler):

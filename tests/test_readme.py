@@ -22,8 +22,13 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
         assert len(scope["outputs"]) == 8
     if "image" in scope:
         assert torch.isfinite(scope["image"]).all()
-    if "stats" in scope:
-        assert scope["stats"][0].cached_steps, scope["stats"]
+    import cachedit_fx
+
+    if "stats" in scope:  # the snippet read the summary before disabling the cache
+        rows = scope["stats"]
+    else:
+        rows = cachedit_fx.summary(scope.get("pipe", scope.get("transformer")), details=True, logging=False)
+    assert any(r.cached_steps for r in rows), rows
 
 
 def test_cli_diff_json_lists_chain(capsys):

@@ -14,13 +14,14 @@ import torch
 
 from cachedit_fx import config
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
-from cachedit_fx.state import ChainLayout, ChainState, decide, diff_shared, params_from_config, stream_spec
+from cachedit_fx.state import BranchBy, ChainLayout, ChainState, decide, diff_shared, params_from_config, stream_spec
 from cachedit_fx.step import forecast, post_step, pre_step
 
-from oracle import Oracle, run_chain
+from oracle import NO_REFERENCE, Oracle, run_chain
 
 H_SHAPE = (4, 8)   # per-sample shape of H (and of the Fn residual)
 E_SHAPE = (3, 8)   # per-sample shape of E
+LATENT_SHAPE = (2, 8)  # per-sample shape of the latent input
 TOL = dict(atol=1e-6, rtol=1e-6)
 
 
@@ -37,18 +38,20 @@ def order_of(calib) -> int:
 class Glue:
     """Drives the real pre_step / forecast / post_step the way the rewritten graph does."""
 
-    def __init__(self, cache_config, calib=None, n_branches=1, batch=1):
+    def __init__(self, cache_config, calib=None, n_branches=1, batch=1, branch_by=BranchBy.PARITY):
         slots = batch if cache_config.per_sample else 1
         self.layout = ChainLayout(
             n_branches, slots, (batch, *H_SHAPE), torch.float32,
             (stream_spec((batch, *H_SHAPE), torch.float32, calib, "H"),
              stream_spec((batch, *E_SHAPE), torch.float32, calib, "E")),
-            diff_shared=diff_shared(cache_config, n_branches))
+            diff_shared=diff_shared(cache_config, n_branches), branch_by=branch_by,
+            latent_shape=(batch, *LATENT_SHAPE))
         self.state = ChainState(self.layout, cache_config)
 
-    def call(self, fn_res, middle_outputs_fn, passthrough, timestep=None):
+    def call(self, fn_res, middle_outputs_fn, passthrough, timestep=None, latent=None, hint=None):
         st = self.state.ordered()
-        pre = pre_step(self.layout, fn_res, timestep, *st)
+        self.state.tensors["branch_hint"].fill_(-1 if hint is None else hint)
+        pre = pre_step(self.layout, fn_res, timestep, latent, *st)
         if bool(pre.pred):
             outs = forecast(self.layout, list(passthrough), pre.ladder_len, pre.distance, pre.ladders)
         else:
@@ -67,7 +70,7 @@ class Calls:
     The middle residual of each stream is a cubic in the step index, so TaylorSeer has something to fit.
     """
 
-    def __init__(self, mults, batch=1, seed=0, t0=1000.0, nan_at=(), inf_at=()):
+    def __init__(self, mults, batch=1, seed=0, t0=1000.0, nan_at=(), inf_at=(), timesteps=None):
         g = torch.Generator().manual_seed(seed)
         self.n_branches, self.n_steps, self.batch = len(mults), len(mults[0]), batch
         self.mults, self.t0, self.nan_at, self.inf_at = mults, t0, set(nan_at), set(inf_at)
@@ -75,6 +78,9 @@ class Calls:
         self.poly = [[torch.randn(4, batch, *shape, generator=g) for shape in (H_SHAPE, E_SHAPE)] for _ in mults]
         self.inputs = [[[torch.randn(batch, *shape, generator=g) for shape in (H_SHAPE, E_SHAPE)]
                         for _ in range(self.n_steps)] for _ in mults]
+        noise = torch.randn(batch, *LATENT_SHAPE, generator=g)
+        self.latents = [noise * (1 - 0.02 * t) for t in range(self.n_steps)]  # shared by a step's branches
+        self.timesteps = timesteps or [t0 - t for t in range(self.n_steps)]
         self.middle_calls = 0
 
     def fn_res(self, t, b):
@@ -95,10 +101,11 @@ class Calls:
         return run
 
     def __iter__(self):
-        """(fn_res, middle_fn, passthrough, timestep) per call, branches alternating within a step."""
+        """(fn_res, middle_fn, passthrough, timestep, latent) per call, branches alternating within a step."""
         for t in range(self.n_steps):
             for b in range(self.n_branches):
-                yield self.fn_res(t, b), self.middle(t, b), self.inputs[b][t], torch.tensor([self.t0 - t])
+                yield (self.fn_res(t, b), self.middle(t, b), self.inputs[b][t], torch.tensor([self.timesteps[t]]),
+                       self.latents[t])
 
 
 def walk(n, sizes, seed, start=1.0):
@@ -123,15 +130,19 @@ def same_diff(a, b):
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
 
 
-def run_both(cache_config, calls, calib=None, glue=None, oracle=None, timesteps=True):
-    """Feed the same calls to the real glue and the oracle; assert they agree call by call.
-    Returns (glue, oracle)."""
-    glue = glue or Glue(cache_config, calib, calls.n_branches, calls.batch)
-    oracle = oracle or Oracle(cache_config, calib, n_branches=calls.n_branches, n_streams=2)
-    for i, (fn_res, middle, passthrough, t) in enumerate(calls):
-        t = t if timesteps else None
-        g_use, g_outs, g_gate, g_diff, g_step, g_branch = glue.call(fn_res, middle, passthrough, t)
-        o_use, o_outs = oracle.call(fn_res, middle, passthrough, t)
+def run_both(cache_config, calls, calib=None, glue=None, oracle=None, timesteps=True, by_timestep=False,
+             hints=None):
+    """Feed the same calls to the real glue and the oracle; assert they agree call by call. Two
+    branches are told apart by alternation, by a repeated timestep (``by_timestep``) or by the caller's
+    ``hints`` (one branch per call). Returns (glue, oracle)."""
+    branch_by = BranchBy.TIMESTEP if by_timestep else BranchBy.PARITY
+    glue = glue or Glue(cache_config, calib, calls.n_branches, calls.batch, branch_by)
+    oracle = oracle or Oracle(cache_config, calib, n_branches=calls.n_branches, n_streams=2, by_timestep=by_timestep)
+    for i, (fn_res, middle, passthrough, t, x) in enumerate(calls):
+        t, x = (t, x) if timesteps else (None, None)
+        hint = None if hints is None else hints[i]
+        g_use, g_outs, g_gate, g_diff, g_step, g_branch = glue.call(fn_res, middle, passthrough, t, x, hint)
+        o_use, o_outs = oracle.call(fn_res, middle, passthrough, t, x, hint)
         o = oracle.log[-1]
         where = f"call {i} (step {o['step']}, branch {o['branch']})"
         assert (g_step, g_branch) == (o["step"], o["branch"]), where
@@ -310,8 +321,8 @@ def test_taylorseer_order1_is_exact_on_linear_residuals():
     for p in calls.poly[0]:
         p[2:] = 0  # residual = a + b * t / 10
     glue = Glue(c, calib)
-    for t, (fn_res, middle, passthrough, ts) in enumerate(calls):
-        use, outs, *_ = glue.call(fn_res, middle, passthrough, ts)
+    for t, (fn_res, middle, passthrough, ts, x) in enumerate(calls):
+        use, outs, *_ = glue.call(fn_res, middle, passthrough, ts, x)
         exact = middle()
         for got, want in zip(outs, exact):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -322,7 +333,7 @@ def test_ladder_length_one_is_plain_reuse():
     c = cfg(residual_diff_threshold=1.0)
     calls = Calls([[1.0] * 4])
     glue = Glue(c, None)
-    outs = [glue.call(f, m, p, t)[1] for f, m, p, t in calls]
+    outs = [glue.call(f, m, p, t, x)[1] for f, m, p, t, x in calls]
     first_res = [o - p for o, p in zip(outs[0], calls.inputs[0][0])]
     for t in (1, 2, 3):
         for k in range(2):
@@ -497,6 +508,97 @@ def test_configure_changes_threshold_between_requests():
     assert decisions(o) == "CCrrrC"
 
 
+def requests_of(oracle):
+    return [e["request"] for e in oracle.log]
+
+
+def steps_of(oracle):
+    return [(e["request"], e["branch"], e["step"]) for e in oracle.log]
+
+
+@pytest.mark.parametrize("n_branches, by_timestep", [(1, False), (2, True), (2, False)])
+def test_a_warm_up_call_at_the_first_timestep_is_its_own_request(n_branches, by_timestep):
+    """A compile warm-up call with a dummy latent at the request's first timestep, then the request:
+    the request's first call is not the second half of a CFG pair and keeps no warm-up reference."""
+    mults = [walk(10, (0.01, 0.05, 0.12), seed=4 + b) for b in range(n_branches)]
+    c = cfg(enable_separate_cfg=n_branches == 2, max_cached_steps=4)
+    warm = Calls([[5.0]] * n_branches, seed=99)
+    glue, o = run_both(c, warm, by_timestep=by_timestep)
+    run_both(c, Calls(mults), glue=glue, oracle=o, by_timestep=by_timestep)
+    _, fresh = run_both(c, Calls(mults), by_timestep=by_timestep)
+    request = o.log[n_branches:]
+    assert {e["request"] for e in request} == {o.log[0]["request"] + 1}
+    assert [(e["branch"], e["step"], e["use_cache"]) for e in request] == \
+        [(e["branch"], e["step"], e["use_cache"]) for e in fresh.log]
+
+
+def test_a_request_abandoned_after_one_call_does_not_leak_into_the_next():
+    mults = [walk(8, (0.01, 0.05), seed=5)]
+    c = cfg(max_cached_steps=3)
+    glue, o = run_both(c, Calls([mults[0][:1]], seed=7))
+    run_both(c, Calls(mults), glue=glue, oracle=o)
+    assert requests_of(o) == [0] + [1] * 8
+    assert decisions(o) == decisions(run_both(c, Calls(mults))[1])  # the last request's
+
+
+def test_img2img_after_a_cancelled_request_starts_afresh():
+    """A request cancelled at t=0.75, then an img2img request from t=0.5 on: the timestep moves on by
+    more than twice its last step and the latent jumps, so the second request counts from step 0."""
+    first = Calls([[1.0, 1.01, 1.02, 1.03, 1.04]], seed=1, timesteps=[1.0, 0.9375, 0.875, 0.8125, 0.75])
+    second = Calls([[1.0 + 0.01 * i for i in range(8)]], seed=2, timesteps=[0.5 - 0.0625 * i for i in range(8)])
+    c = cfg(residual_diff_threshold=0.05, max_warmup_steps=2)
+    glue, o = run_both(c, first)
+    run_both(c, second, glue=glue, oracle=o)
+    assert requests_of(o) == [0] * 5 + [1] * 8
+    assert decisions(o)[:2] == "CC"  # the new request's warm-up runs again
+
+
+def test_a_bigger_timestep_step_with_a_smooth_latent_stays_in_the_request():
+    """A schedule's last step may be several times the one before it; the latent moves little."""
+    calls = Calls([[1.0 + 0.01 * i for i in range(6)]], timesteps=[1.0, 0.8, 0.6, 0.5, 0.45, 0.0])
+    _, o = run_both(cfg(), calls)
+    assert requests_of(o) == [0] * 6
+
+
+def test_named_branches_may_carry_different_latents():
+    """Under cond/uncond hints the pair's second call may have another latent: the hint decides."""
+    mults = [walk(6, (0.01, 0.05), seed=8), walk(6, (0.01, 0.05), seed=9)]
+    calls = Calls(mults)
+    uncond = [x + 1.0 for x in calls.latents]
+    calls.latents = [x for pair in zip(calls.latents, uncond) for x in pair]  # one latent per call below
+    calls.n_steps_latents = len(calls.latents)
+    c = cfg(enable_separate_cfg=True, max_cached_steps=3)
+    hints = [0, 1] * 6
+    glue = Glue(c, None, 2, 1)
+    o = Oracle(c, None, n_branches=2, n_streams=2)
+    for i, (f, m, p, t, _) in enumerate(calls):
+        x = calls.latents[i]
+        g = glue.call(f, m, p, t, x, hints[i])
+        assert g[0] == o.call(f, m, p, t, x, hints[i])[0]
+    assert requests_of(o) == [0] * 12
+    assert [e["branch"] for e in o.log] == hints
+
+
+def test_a_nan_step_with_taylorseer_recovers_at_the_next_step():
+    """A non-finite residual enters neither the reference nor the ladder: the next step computes and
+    every later output is finite."""
+    mults = [[1.0 + 0.001 * i for i in range(12)]]
+    c = cfg(residual_diff_threshold=0.1, max_warmup_steps=4)
+    calib = TaylorSeerCalibratorConfig(taylorseer_order=1)
+    calls = Calls(mults, nan_at=[6])
+    glue = Glue(c, calib)
+    o = Oracle(c, calib, n_streams=2)
+    outs = []
+    for f, m, p, t, x in calls:
+        use, g_outs, *_ = glue.call(f, m, p, t, x)
+        assert use == o.call(f, m, p, t, x)[0]
+        outs.append(g_outs)
+    # step 6's NaN diff computes, step 7 has no reference and computes, 8.. cache again
+    assert decisions(o) == "CCCCrrCCrrrr"
+    assert gates(o)[7] == NO_REFERENCE
+    assert all(torch.isfinite(t).all() for step in outs[7:] for t in step)
+
+
 # ----------------------------------------------------------------------------- the chain helper
 
 
@@ -556,12 +658,13 @@ def test_glue_compiles_without_graph_breaks():
     glue = Glue(c, TaylorSeerCalibratorConfig(taylorseer_order=2), n_branches=2, batch=2)
     layout = glue.layout
 
-    def f(fn_res, t, out_h, out_e, base_h, base_e, *state):
-        pre = pre_step(layout, fn_res, t, *state)
+    def f(fn_res, t, x, out_h, out_e, base_h, base_e, *state):
+        pre = pre_step(layout, fn_res, t, x, *state)
         outs = post_step(layout, pre, fn_res, [out_h, out_e], [base_h, base_e], *state)
         return pre.pred, outs
 
-    args = [torch.randn(2, *H_SHAPE), torch.tensor([5.0]), torch.randn(2, *H_SHAPE), torch.randn(2, *E_SHAPE),
+    args = [torch.randn(2, *H_SHAPE), torch.tensor([5.0]), torch.randn(2, *LATENT_SHAPE), torch.randn(2, *H_SHAPE),
+            torch.randn(2, *E_SHAPE),
             torch.randn(2, *H_SHAPE), torch.randn(2, *E_SHAPE)]
     torch._dynamo.reset()
     explained = torch._dynamo.explain(f)(*args, *glue.state.ordered())

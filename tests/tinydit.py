@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.cache_utils import CacheMixin
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 D = 16
@@ -67,6 +68,22 @@ def euler(model, x0: torch.Tensor, steps: int, *context, requests: int = 1) -> l
     return outs
 
 
+def uniform(steps: int, start: float = 1.0) -> list[float]:
+    """``steps`` timesteps falling evenly from ``start``."""
+    return [start * (1 - i / steps) for i in range(steps)]
+
+
+def request(model, timesteps, x: torch.Tensor, *context) -> list[torch.Tensor]:
+    """One denoising loop of ``model(x, *context, t)`` over the given timesteps; every call's output."""
+    outs = []
+    with torch.no_grad():
+        for t in timesteps:
+            out = model(x, *context, torch.tensor([t]))
+            outs.append(out)
+            x = x - 0.1 * out
+    return outs
+
+
 class CrossBlock(nn.Module):
     """Self-attention on H, cross-attention to a read-only context (pattern 2)."""
 
@@ -83,15 +100,16 @@ class CrossBlock(nn.Module):
 
 
 class CrossDiT(nn.Module):
-    """A DiT written by hand, not diffusers: ``forward(x, ctx, t)`` returns a plain tensor."""
+    """A DiT written by hand, not diffusers: ``forward(x, ctx, noise_level)`` returns a plain tensor. Its
+    timestep has no timestep-like name; it feeds a sinusoidal embedding, as a real DiT's does."""
 
     def __init__(self, depth: int = 4):
         super().__init__()
-        self.proj_in, self.time, self.proj_out = nn.Linear(D, D), nn.Linear(1, D), nn.Linear(D, D)
+        self.proj_in, self.time, self.proj_out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         self.layers = nn.ModuleList(CrossBlock() for _ in range(depth))
 
-    def forward(self, x, ctx, t):
-        h = self.proj_in(x) + self.time(t[:, None])[:, None]
+    def forward(self, x, ctx, noise_level):
+        h = self.proj_in(x) + self.time(get_timestep_embedding(noise_level * 1000, D))[:, None]
         for layer in self.layers:
             h = layer(h, ctx)
         return self.proj_out(h)

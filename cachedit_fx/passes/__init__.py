@@ -18,7 +18,8 @@ from ..fx_utils import clone_graph_module
 from ..state import BranchBy
 from .patterns import ChainInfo, Unmatched, analyze
 from .pin import PinnedList, pin_chain
-from .rewrite import RewrittenChain, find_timestep, rewrite
+from .blocks import timestep_input
+from .rewrite import RewrittenChain, rewrite
 from .split import split_chain
 
 __all__ = ["PassResult", "PassSettings", "PinnedList", "apply"]
@@ -59,7 +60,7 @@ def cfg_branches(gm: GraphModule, separate: SeparateCFG) -> tuple[int, BranchBy]
     their own, each with its own state."""
     if separate is SeparateCFG.ON:
         return 2, BranchBy.PARITY
-    if separate is SeparateCFG.AUTO and find_timestep(gm) is not None:
+    if separate is SeparateCFG.AUTO and timestep_input(gm) is not None:
         return 2, BranchBy.TIMESTEP
     return 1, BranchBy.PARITY
 

@@ -227,6 +227,28 @@ def latent_input(gm: GraphModule) -> Node | None:
     return (named or inputs)[0]
 
 
+_SINUSOID = ("sin", "cos")
+
+
+def _reaches_sinusoid(gm: GraphModule, root: Node) -> bool:
+    return any(str(getattr(n.target, "__name__", n.target)).split(".")[-1] in _SINUSOID
+               for n in derived_from(gm, root) if n.op in ("call_function", "call_method"))
+
+
+def timestep_input(gm: GraphModule) -> Node | None:
+    """The timestep: a call argument of at most one dimension (a value per sample) that a sinusoidal
+    embedding is computed from, found by dataflow whatever its name (``timestep``, ``t``, ``sigma``,
+    ``noise_level`` ...). Among several (a guidance scale is embedded the same way) the one named like a
+    timestep, else the first; without one, an argument named like a timestep."""
+    def named(n: Node) -> bool:
+        return "timestep" in n.name.lower() or n.name.lower() in ("l_t_", "l_kwargs_t_")
+
+    tensors = [i for i in user_inputs(gm) if isinstance(node_value(i), torch.Tensor)]
+    found = [i for i in tensors if node_value(i).dim() <= 1 and _reaches_sinusoid(gm, i)]
+    return next((i for i in found if named(i)), None) or (found[0] if found else None) or \
+        next((i for i in tensors if named(i)), None)
+
+
 def derived_from(gm: GraphModule, root: Node | None) -> set[Node]:
     """Every node whose value depends on ``root``."""
     if root is None:

@@ -1,7 +1,7 @@
 """Replace each chain's middle by an on-device decision and a ``torch.cond``.
 
     fn_res   = H_after_Fn - H_before_Fn
-    pre      = pre_step(fn_res, timestep, *state)       # decide: a PreStep, pre.pred a 0-dim bool
+    pre      = pre_step(fn_res, timestep, latent, *state)  # decide: a PreStep, pre.pred a 0-dim bool
     outs     = cond(pre.pred, cached_branch, full_branch, operands)
     final    = post_step(pre, fn_res, outs, passthrough, *state) # copy_ into state, outside the cond
 
@@ -22,6 +22,7 @@ from ..errors import NoCacheableChain
 from ..fx_utils import concrete_shape, node_value
 from ..state import BranchBy, ChainAbout, ChainLayout, ChainState, diff_shared, stream_spec
 from ..step import PreStep, forecast, post_step, pre_step
+from .blocks import latent_input, timestep_input
 from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module
 
@@ -74,23 +75,16 @@ class RewrittenChain:
     layout: ChainLayout
     state: ChainState
     inserted: list[Node]
+    latent: Node | None = None  # the latent input the state remembers (to tell requests apart)
+    timestep: Node | None = None  # the timestep input (None: nothing in the graph tells requests apart)
 
     @property
     def about(self) -> ChainAbout:
         return ChainAbout(self.info.name, self.info.pattern, self.info.n_blocks, self.split.fn, self.split.bn)
 
 
-def find_timestep(gm: GraphModule) -> Node | None:
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            name = n.name.lower()
-            if ("timestep" in name or name in ("l_t_", "l_kwargs_t_")) and isinstance(node_value(n), torch.Tensor):
-                return n
-    return None
-
-
 def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                n_branches: int, branch_by: BranchBy = BranchBy.PARITY) -> ChainLayout:
+                n_branches: int, branch_by: BranchBy = BranchBy.PARITY, latent: Node | None = None) -> ChainLayout:
     h = node_value(split.h_fn)
     h_in = node_value(split.h_in)
     if concrete_shape(h) != concrete_shape(h_in):
@@ -106,9 +100,10 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
         raise NoCacheableChain(f"chain {split.info.name}: per_sample=True needs a static batch size (one state slot "
                          "per sample); keep the batch dimension static")
     slots = h.shape[0] if cache.per_sample else 1
+    x = node_value(latent) if latent is not None else None
     return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=concrete_shape(h), fn_dtype=h.dtype,
-                       streams=tuple(streams),
-                       diff_shared=diff_shared(cache, n_branches), branch_by=branch_by)
+                       streams=tuple(streams), diff_shared=diff_shared(cache, n_branches), branch_by=branch_by,
+                       latent_shape=concrete_shape(x), latent_dtype=x.dtype if x is not None else torch.float32)
 
 
 @torch.library.custom_op("cachedit::dense_copy", mutates_args=())
@@ -151,7 +146,10 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     for i in split.middle_inputs:
         if not isinstance(node_value(i), (torch.Tensor, torch.SymInt)):  # sizes of a dynamic-shape capture may pass
             raise NoCacheableChain(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
-    layout = make_layout(split, cache, calib, n_branches, branch_by)
+    timestep, latent = timestep_input(gm), latent_input(gm)
+    if latent is not None and concrete_shape(node_value(latent)) is None:
+        latent = None
+    layout = make_layout(split, cache, calib, n_branches, branch_by, latent)
     state = ChainState(layout, cache, device=device)
 
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
@@ -167,7 +165,6 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     for node, tensor in zip(state_nodes, state.ordered()):
         node.meta["example_value"] = tensor
         node._dynamo_source = None  # caller-owned state, not a user input Dynamo guards on
-    timestep = find_timestep(gm)
     k = len(split.middle_outputs)
     inserted: list[Node] = []
 
@@ -179,7 +176,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
         inserted.append(node)
         return node
 
-    pre_fn = _named(lambda fn_res, t, *st: pre_step(layout, fn_res, t, *st), f"cachedit_pre_step_{idx}")
+    pre_fn = _named(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st), f"cachedit_pre_step_{idx}")
     post_fn = _named(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
     with graph.inserting_before(after_middle):
@@ -188,7 +185,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     while node is not after_middle:
         inserted.append(node)
         node = node.next
-    pre = add("call_function", pre_fn, (fn_res, timestep, *state_nodes))
+    pre = add("call_function", pre_fn, (fn_res, timestep, latent, *state_nodes))
 
     def field(name):
         return add("call_function", operator.getitem, (pre, PreStep._fields.index(name)))
@@ -207,7 +204,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in middle and u not in inserted)
     for node in reversed(split.middle_nodes):
         graph.erase_node(node)
-    return RewrittenChain(info, split, layout, state, inserted)
+    return RewrittenChain(info, split, layout, state, inserted, latent, timestep)
 
 
 def rewrite(gm: GraphModule, splits: list[Split], cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
