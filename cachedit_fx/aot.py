@@ -112,6 +112,10 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     result = apply(gm, settings)
     if not result.modified:
         raise ExportError(f"export: nothing to cache in {type(transformer).__name__}: {result.unmatched}")
+    if any(c.layout.group is not None for c in result.chains):
+        raise ExportError(f"export: {type(transformer).__name__} runs context-parallel collectives (process group "
+                          f"{result.chains[0].layout.group}); an exported package runs in one process: export the transformer "
+                          "without enable_parallelism (serve context-parallel with enable_cache or the backend)")
     work, rewritten = result.graph_module, result.chains
     # The rewrite appends the state placeholders after the captured ones.
     placeholders = [n for n in work.graph.nodes if n.op == "placeholder"][:len(example_inputs)]

@@ -25,10 +25,11 @@ from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibrato
 from .errors import ConfigError
 from .handle import CacheHandle, CompiledGraph, weight_ptrs
 from .inner import check_inner, inner_compile
+from .parallel import check_same_config
 from .passes import PassSettings, PinnedList, apply
 
 OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "blocks", "handle",
-               "inner_options")
+               "inner_options", "process_group")
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,11 @@ class BackendOptions:
     inner_options: dict
     handle: CacheHandle
     pinned: tuple[PinnedList, ...] = ()
+    group: str | None = None
 
     def pass_settings(self, device=None) -> PassSettings:
         return PassSettings(self.cache_config, self.calibrator_config, self.separate_cfg, self.chains, device,
-                            self.pinned)
+                            self.pinned, self.group)
 
 
 def _pinned(blocks) -> tuple[PinnedList, ...]:
@@ -54,6 +56,16 @@ def _pinned(blocks) -> tuple[PinnedList, ...]:
     if not all(isinstance(b, (str, PinnedList)) for b in blocks):
         raise ConfigError(f"blocks must be ModuleList paths (str) or PinnedList entries, got {blocks!r}")
     return tuple(b if isinstance(b, PinnedList) else PinnedList(b) for b in blocks)
+
+
+def _group_name(group) -> str | None:
+    """A process group (or its name) the sequence is sharded over; None: found from the graph."""
+    if group is None or isinstance(group, str):
+        return group
+    name = getattr(group, "group_name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"process_group must be a torch.distributed ProcessGroup or its name, got {group!r}")
+    return name
 
 
 def parse_options(options: dict | None) -> BackendOptions:
@@ -70,7 +82,8 @@ def parse_options(options: dict | None) -> BackendOptions:
         separate_cfg=SeparateCFG.parse(options.get("separate_cfg", cache.enable_separate_cfg), "separate_cfg"),
         chains=ChainPolicy.parse(options.get("chains", "longest"), "chains"),
         inner=inner, inner_options=options.get("inner_options") or {},
-        handle=options.get("handle") or CacheHandle(cache, calib), pinned=_pinned(options.get("blocks")))
+        handle=options.get("handle") or CacheHandle(cache, calib), pinned=_pinned(options.get("blocks")),
+        group=_group_name(options.get("process_group")))
 
 
 def _is_static(example_inputs) -> bool:
@@ -130,6 +143,9 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
                        "shape, e.g. a MoE's routing loop or torch.nonzero), cachedit_fx.enable_cache(model) "
                        "caches such models: it makes the breaking submodules opaque islands")
         return _uncached(gm, example_inputs, opts, reason)
+    group = next((c.layout.group for c in result.chains if c.layout.group is not None), None)
+    if group is not None:
+        check_same_config(group, handle.cache_config, handle.calibrator_config)
     handle.add(CompiledGraph(result.chains, weight_ptrs(gm, example_inputs)))
     _warn_if_requests_look_alike(handle, result.chains)
     states = [t for c in result.chains for t in c.state.ordered()]

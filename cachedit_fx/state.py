@@ -87,6 +87,9 @@ class ChainLayout:
     capacity: int = LOG_CAPACITY
     latent_shape: tuple[int, ...] | None = None  # the latent input's, kept to tell requests apart (None: none)
     latent_dtype: torch.dtype = torch.float32
+    # The process group the sequence is sharded over (context parallelism), by name: diffs, latent
+    # changes, finiteness and the decision are reduced over it so every rank decides alike. None: one process.
+    group: str | None = None
 
     def fields(self) -> list[StateField]:
         """The state table, in the order the graph takes the tensors. Reference and ladders keep their
@@ -230,11 +233,23 @@ class ChainState:
 # ----------------------------------------------------------------------------- pure functions
 
 
-def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int) -> torch.Tensor:
+def across_ranks(x: torch.Tensor, group: str | None, op: str = "sum") -> torch.Tensor:
+    """``x`` reduced over the ranks of ``group`` (a traceable functional collective, so it stays inside
+    the graph); ``x`` itself without a group."""
+    if group is None:
+        return x
+    return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, op, group))
+
+
+def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int, group: str | None = None) -> torch.Tensor:
     """mean|prev - cur| / mean|prev| in the residuals' own dtype, over everything (slots=1) or per batch
-    element; returned as float32, shape (slots,)."""
+    element; returned as float32, shape (slots,). With a ``group`` the tensors are shards of the
+    sequence: the sums of every rank's shard make the ratio (the one of the whole sequence)."""
     p, c = prev.reshape(slots, -1), cur.reshape(slots, -1)
-    return ((p - c).abs().mean(dim=1) / p.abs().mean(dim=1)).float()
+    if group is None:
+        return ((p - c).abs().mean(dim=1) / p.abs().mean(dim=1)).float()
+    sums = across_ranks(torch.stack([(p - c).abs().float().sum(dim=1), p.abs().float().sum(dim=1)]), group)
+    return sums[0] / sums[1]
 
 
 def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
@@ -309,9 +324,10 @@ def taylor_approx(ladder, ladder_len, distance):
     return out
 
 
-def all_finite(x: torch.Tensor, slots: int) -> torch.Tensor:
-    """(S,) whether every value of each slot is finite."""
-    return torch.isfinite(x.reshape(slots, -1)).all(dim=1)
+def all_finite(xs, slots: int, group: str | None = None) -> torch.Tensor:
+    """(S,) whether every value of each slot of every tensor in ``xs`` is finite (on every rank)."""
+    bad = sum((~torch.isfinite(x.reshape(slots, -1))).sum(dim=1) for x in xs)
+    return across_ranks(bad, group) == 0
 
 
 def commit(use_cache, finite, step, recorded_diff, longest, cached_count, run, ladder_len, last_computed, has_ref,

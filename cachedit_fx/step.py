@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from .state import (LATENT_JUMP, BranchBy, ChainLayout, Clear, all_finite, commit, decide, relative_l1, slot_view, taylor_approx,
-                    taylor_update)
+from .state import (LATENT_JUMP, BranchBy, ChainLayout, Clear, across_ranks, all_finite, commit, decide, relative_l1,
+                    slot_view, taylor_approx, taylor_update)
 
 
 class PreStep(NamedTuple):
@@ -52,11 +52,11 @@ def _branch(layout: ChainLayout, hint, calls_total, same_timestep):
     return torch.where(hint >= 0, hint.clamp(max=layout.n_branches - 1), auto)
 
 
-def _latent_change(st: dict, latent):
+def _latent_change(layout: ChainLayout, st: dict, latent):
     """Relative L1 change of the latent input since the previous call (0 at the first), remembering it."""
     prev, seen = st["prev_latent"], st["latent_seen"]
     x = latent.to(prev.dtype)
-    change = ((x - prev).abs().mean() / prev.abs().mean()).double().reshape(1)
+    change = relative_l1(prev, x, 1, layout.group).double()
     change = torch.where(seen, change, torch.zeros_like(change))
     prev.copy_(x)
     seen.copy_(torch.ones_like(seen))
@@ -77,7 +77,7 @@ def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep, latent
     zero = torch.zeros_like(st["calls_total"])
     turned = torch.zeros_like(st["calls_total"], dtype=torch.bool)
     same_timestep = None
-    change = _latent_change(st, latent) if latent is not None and layout.latent_shape is not None else None
+    change = _latent_change(layout, st, latent) if latent is not None and layout.latent_shape is not None else None
     if timestep is not None:
         now = timestep.reshape(-1)[:1].to(torch.float64)
         last, direction, last_dt = st["last_t"], st["t_dir"], st["last_dt"]
@@ -130,7 +130,7 @@ def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     step = calls[0] - 1
 
     slots = layout.slots
-    diff = relative_l1(_select(layout, st["ref"], branch), fn_res, slots)
+    diff = relative_l1(_select(layout, st["ref"], branch), fn_res, slots, layout.group)
     if layout.diff_shared:
         second = branch == 1
         diff = torch.where(second, st["shared_diff"], diff)
@@ -139,6 +139,8 @@ def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
                                                        "ladder_len", "last_computed")}
     use_cache, gate, recorded = decide(step, diff, sel["has_ref"], sel["cached_count"], sel["run"],
                                        sel["acc_diff"], st["params"], st["mask"])
+    if layout.group is not None:  # a rank that computes makes all compute: the middle's collectives match
+        use_cache = across_ranks(use_cache.to(torch.int32), layout.group, "min") > 0
     distance = (step - sel["last_computed"]).to(torch.float32)
     ladders = tuple(_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams)))
     return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["ladder_len"], distance, ladders)
@@ -170,9 +172,7 @@ def post_step(layout: ChainLayout, pre: PreStep, fn_res, outs, passthrough, *sta
         mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
     # A non-finite residual (a NaN or inf step) enters neither the reference nor the ladders.
     values = [(out if spec.absolute else out - base) for spec, out, base in zip(layout.streams, outs, passthrough)]
-    finite = all_finite(fn_res, layout.slots)
-    for value in values:
-        finite = finite & all_finite(value, layout.slots)
+    finite = all_finite([fn_res, *values], layout.slots, layout.group)
     kept = computed & finite
     for k, (value, ladder) in enumerate(zip(values, pre.ladders)):
         fresh = taylor_update(ladder, pre.ladder_len, value.to(ladder.dtype), window, step)

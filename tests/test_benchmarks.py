@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/: each script runs with --quick (tiny zoo Flux, no Inductor, no timing
-asserts), prints its markdown table and writes its JSON. The four run as parallel subprocesses."""
+asserts), prints its markdown table and writes its JSON. The five run as parallel subprocesses."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory")
+SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from ..state import BranchBy
 from .patterns import ChainInfo, Unmatched, analyze
 from .pin import PinnedList, pin_chain
 from .blocks import timestep_input
+from .parallel import sequence_group
 from .rewrite import RewrittenChain, rewrite
 from .split import split_chain
 
@@ -37,6 +38,7 @@ class PassSettings:
     chains: ChainPolicy = ChainPolicy.LONGEST
     device: torch.device | None = None
     pinned: tuple[PinnedList, ...] = ()
+    group: str | None = None  # the process group sharding the sequence, by name; None: found from the graph
 
 
 @dataclass
@@ -94,7 +96,9 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
         splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
                   for info in pick_chains(work, found, settings)]
         n_branches, branch_by = cfg_branches(work, settings.separate_cfg)
-        chains = rewrite(work, splits, cache, settings.calibrator_config, n_branches, branch_by, settings.device)
+        group = settings.group or sequence_group(work)
+        chains = rewrite(work, splits, cache, settings.calibrator_config, n_branches, branch_by, settings.device,
+                         group)
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))
     return PassResult(work, chains)

@@ -84,7 +84,8 @@ class RewrittenChain:
 
 
 def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                n_branches: int, branch_by: BranchBy = BranchBy.PARITY, latent: Node | None = None) -> ChainLayout:
+                n_branches: int, branch_by: BranchBy = BranchBy.PARITY, latent: Node | None = None,
+                group: str | None = None) -> ChainLayout:
     h = node_value(split.h_fn)
     h_in = node_value(split.h_in)
     if concrete_shape(h) != concrete_shape(h_in):
@@ -103,7 +104,8 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
     x = node_value(latent) if latent is not None else None
     return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=concrete_shape(h), fn_dtype=h.dtype,
                        streams=tuple(streams), diff_shared=diff_shared(cache, n_branches), branch_by=branch_by,
-                       latent_shape=concrete_shape(x), latent_dtype=x.dtype if x is not None else torch.float32)
+                       latent_shape=concrete_shape(x), latent_dtype=x.dtype if x is not None else torch.float32,
+                       group=group)
 
 
 @torch.library.custom_op("cachedit::dense_copy", mutates_args=())
@@ -139,7 +141,7 @@ def _named(fn, name):
 
 def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
                   calib: TaylorSeerCalibratorConfig | None, n_branches: int, branch_by: BranchBy,
-                  device=None) -> RewrittenChain:
+                  device=None, group: str | None = None) -> RewrittenChain:
     info = split.info
     if not split.middle_nodes or not split.middle_outputs:
         raise NoCacheableChain(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
@@ -149,7 +151,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     timestep, latent = timestep_input(gm), latent_input(gm)
     if latent is not None and concrete_shape(node_value(latent)) is None:
         latent = None
-    layout = make_layout(split, cache, calib, n_branches, branch_by, latent)
+    layout = make_layout(split, cache, calib, n_branches, branch_by, latent, group)
     state = ChainState(layout, cache, device=device)
 
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
@@ -208,7 +210,8 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
 
 
 def rewrite(gm: GraphModule, splits: list[Split], cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-            n_branches: int = 1, branch_by: BranchBy = BranchBy.PARITY, device=None) -> list[RewrittenChain]:
+            n_branches: int = 1, branch_by: BranchBy = BranchBy.PARITY, device=None,
+            group: str | None = None) -> list[RewrittenChain]:
     """Rewrite ``gm`` in place for every split chain; returns what each rewrite added.
 
     Raises:
@@ -220,7 +223,7 @@ def rewrite(gm: GraphModule, splits: list[Split], cache: DBCacheConfig, calib: T
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     chains: list[RewrittenChain | None] = [None] * len(splits)
     for i in sorted(range(len(splits)), key=lambda i: -order[splits[i].h_in]):
-        chains[i] = rewrite_chain(gm, splits[i], i, cache, calib, n_branches, branch_by, device)
+        chains[i] = rewrite_chain(gm, splits[i], i, cache, calib, n_branches, branch_by, device, group)
     gm.graph.lint()
     gm.recompile()
     return chains
