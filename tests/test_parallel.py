@@ -97,6 +97,15 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
             results["inconsistent"] = "no error"
         except cf.ConfigError as e:
             results["inconsistent"] = str(e)
+        torch._dynamo.reset()
+        transformer, inputs = zoo.build_transformer("flux")
+        transformer.set_attention_backend("native")
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        try:
+            cf.export(transformer, example_kwargs=inputs, cache_config=CACHE, path=os.devnull)
+            results["export"] = "no error"
+        except Exception as e:  # noqa: BLE001 - the test reads the type and message
+            results["export"] = f"{type(e).__name__}: {e}"
         queue.put((rank, results))
     except Exception:
         queue.put((rank, traceback.format_exc()))
@@ -167,3 +176,9 @@ def test_ranks_with_different_configs_fail_clearly(ranks):
     for r in (0, 1):
         message = ranks[r]["inconsistent"]
         assert "ranks disagree on cache_config.residual_diff_threshold" in message, message
+
+
+def test_export_of_a_context_parallel_transformer_says_why_not(ranks):
+    for r in (0, 1):
+        message = ranks[r]["export"]
+        assert message.startswith("ExportError") and "context-parallel" in message, message
