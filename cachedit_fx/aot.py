@@ -24,6 +24,7 @@ from .capture import capture
 from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig, coerce, validated
 from .errors import ConfigError, ExportError
 from .handle import CacheHandle, CachedChain, CompiledGraph
+from .parallel import chains_group
 from .passes import PassSettings, apply
 from .state import ChainAbout, ChainLayout, ChainState
 
@@ -112,9 +113,10 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     result = apply(gm, settings)
     if not result.modified:
         raise ExportError(f"export: nothing to cache in {type(transformer).__name__}: {result.unmatched}")
-    if any(c.layout.group is not None for c in result.chains):
+    group = chains_group(result.chains)
+    if group is not None:
         raise ExportError(f"export: {type(transformer).__name__} runs context-parallel collectives (process group "
-                          f"{result.chains[0].layout.group}); an exported package runs in one process: export the transformer "
+                          f"{group}); an exported package runs in one process: export the transformer "
                           "without enable_parallelism (serve context-parallel with enable_cache or the backend)")
     work, rewritten = result.graph_module, result.chains
     # The rewrite appends the state placeholders after the captured ones.

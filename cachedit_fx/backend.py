@@ -25,7 +25,7 @@ from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibrato
 from .errors import ConfigError
 from .handle import CacheHandle, CompiledGraph, weight_ptrs
 from .inner import check_inner, inner_compile
-from .parallel import check_same_config
+from .parallel import chains_group, check_same_config
 from .passes import PassSettings, PinnedList, apply
 
 OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "blocks", "handle",
@@ -143,7 +143,7 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
                        "shape, e.g. a MoE's routing loop or torch.nonzero), cachedit_fx.enable_cache(model) "
                        "caches such models: it makes the breaking submodules opaque islands")
         return _uncached(gm, example_inputs, opts, reason)
-    group = next((c.layout.group for c in result.chains if c.layout.group is not None), None)
+    group = chains_group(result.chains)
     if group is not None:
         check_same_config(group, handle.cache_config, handle.calibrator_config)
     handle.add(CompiledGraph(result.chains, weight_ptrs(gm, example_inputs)))

@@ -41,8 +41,9 @@ def call_inputs(forward, args, kwargs) -> tuple[torch.Tensor | None, torch.Tenso
     tensors = {name: v for name, v in bound.items() if isinstance(v, torch.Tensor)}
     timestep = next((v for name, v in tensors.items() if v.dim() <= 1 and (
         "timestep" in name.lower() or name in ("t", "sigma", "sigmas", "noise_level"))), None)
-    latent = tensors.get("hidden_states", next(iter(tensors.values()), None))
-    return timestep, latent
+    if timestep is None:  # the latent tells requests apart only beside a timestep
+        return None, None
+    return timestep, tensors.get("hidden_states", next(iter(tensors.values()), None))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 
 from .config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, structural_changes, validated
 from .errors import ConfigError
-from .parallel import check_same_config
+from .parallel import chains_group, check_same_config
 from .passes.rewrite import RewrittenChain
 from .state import ChainAbout, ChainLayout, ChainState
 
@@ -84,7 +84,7 @@ class CacheHandle:
         if changed and self.graphs:
             raise ConfigError(f"configure: {', '.join(changed)} are compiled into the graphs; refresh_context "
                               "compiles an enable_cache install again, a torch.compile or an export needs a new one")
-        group = next((c.layout.group for c in self.chains if c.layout.group is not None), None)
+        group = chains_group(self.chains)
         if group is not None:  # one rank skipping while another computes would hang their collectives
             check_same_config(group, cache_config, self.calibrator_config)
         self.cache_config = cache_config

@@ -24,7 +24,6 @@ Modes, in the order a transformer usually goes through them:
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import inspect
 import time
@@ -139,7 +138,7 @@ class CacheHook(ModelHook):
             return self._run_eager(args, kwargs)
         if self.mode is Mode.UNCACHED:
             return self._original(*args, **kwargs)
-        if self._number_args_changed(args, kwargs):
+        if self._float_timestep(args, kwargs):
             return self._original(*args, **kwargs)
         self._calls += 1
         if self._calls == _FLOAT_WINDOW:  # no float timestep showed: what the compile found may be said
@@ -169,30 +168,32 @@ class CacheHook(ModelHook):
                               "enable_cache to keep more)", stacklevel=2)
             return self._original(*args, **kwargs)
 
-    def _number_args_changed(self, args, kwargs) -> bool:
+    def _float_timestep(self, args, kwargs) -> bool:
         """Whether a Python float argument changes call by call (a float timestep): the compiler makes
         one graph per value, each with its own state, so nothing would cache and requests could not be
         told apart. Switches to uncached with one warning. A float that changes per request keeps
         caching."""
-        if self.mode is Mode.EAGER:
-            return False
         for k, v in (*enumerate(args), *kwargs.items()):
-            if isinstance(v, float):
-                seen = self._floats.setdefault(k, collections.deque(maxlen=2 * _FLOAT_WINDOW))
-                seen.append(v)
-                if len(set(seen)) >= _FLOAT_WINDOW:
-                    self.handle.release_warnings(drop=True)  # e.g. "no timestep": this is why
-                    name = repr(k) if isinstance(k, str) else f"argument {k}"
-                    with contextlib.suppress(TypeError, ValueError, IndexError):
-                        name = repr(list(inspect.signature(self._original).parameters)[k]) if isinstance(k, int) \
-                            else name
-                    self.handle.warn_once("float argument", f"cachedit: {self._class_name} takes a Python float "
-                                          f"({name}) that changes call by call; the compiler specialises on its "
-                                          "value (a graph per value), so nothing would cache. Running uncached: "
-                                          "pass it as a tensor, e.g. torch.tensor([t])", stacklevel=4)
-                    self.mode = Mode.UNCACHED
-                    return True
+            if not isinstance(v, float):
+                continue
+            seen = self._floats.setdefault(k, collections.deque(maxlen=2 * _FLOAT_WINDOW))
+            seen.append(v)
+            if len(set(seen)) >= _FLOAT_WINDOW:
+                self.handle.release_warnings(drop=True)  # e.g. "no timestep": this is why
+                self.handle.warn_once("float argument", f"cachedit: {self._class_name} takes a Python float "
+                                      f"({self._parameter_name(k)}) that changes call by call; the compiler "
+                                      "specialises on its value (a graph per value), so nothing would cache. Running "
+                                      "uncached: pass it as a tensor, e.g. torch.tensor([t])", stacklevel=4)
+                self.mode = Mode.UNCACHED
+                return True
         return False
+
+    def _parameter_name(self, key) -> str:
+        """A call argument's name: keyword arguments by theirs, positional ones by the forward's signature."""
+        if isinstance(key, str):
+            return repr(key)
+        params = list(inspect.signature(self._original).parameters)
+        return repr(params[key]) if key < len(params) else f"argument {key}"
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """diffusers calls this at the end of every pipeline call: the next call starts a new request.

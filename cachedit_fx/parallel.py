@@ -8,6 +8,11 @@ from .config import DBCacheConfig, TaylorSeerCalibratorConfig
 from .errors import ConfigError
 
 
+def chains_group(chains) -> str | None:
+    """The process group the chains' state is reduced over (one per graph), or None."""
+    return next((c.layout.group for c in chains if c.layout.group is not None), None)
+
+
 def check_same_config(group: str, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None) -> None:
     """Compare the configs of every rank in ``group`` (all ranks call this at the same point).
 

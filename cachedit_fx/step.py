@@ -77,8 +77,8 @@ def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep, latent
     zero = torch.zeros_like(st["calls_total"])
     turned = torch.zeros_like(st["calls_total"], dtype=torch.bool)
     same_timestep = None
-    change = _latent_change(layout, st, latent) if latent is not None and layout.latent_shape is not None else None
     if timestep is not None:
+        change = _latent_change(layout, st, latent) if latent is not None and layout.latent_shape else None
         now = timestep.reshape(-1)[:1].to(torch.float64)
         last, direction, last_dt = st["last_t"], st["t_dir"], st["last_dt"]
         delta = now - last

@@ -149,8 +149,8 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
         if not isinstance(node_value(i), (torch.Tensor, torch.SymInt)):  # sizes of a dynamic-shape capture may pass
             raise NoCacheableChain(f"chain {info.name}: the middle takes a non-tensor value {i.name}")
     timestep, latent = timestep_input(gm), latent_input(gm)
-    if latent is not None and concrete_shape(node_value(latent)) is None:
-        latent = None
+    if timestep is None or latent is not None and concrete_shape(node_value(latent)) is None:
+        latent = None  # the latent tells requests apart only beside a timestep, and needs a static shape
     layout = make_layout(split, cache, calib, n_branches, branch_by, latent, group)
     state = ChainState(layout, cache, device=device)
 
