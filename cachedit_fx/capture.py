@@ -9,6 +9,7 @@ included).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import types
@@ -31,6 +32,24 @@ class Trace:
 
     graphs: list[tuple[GraphModule, list]] = field(default_factory=list)
     error: Exception | None = None
+
+
+def _logging_methods() -> set:
+    names = ("debug", "info", "warning", "warn", "error", "exception", "critical", "log",
+             "warning_once", "info_once")  # the *_once methods are what transformers adds to Logger
+    return {getattr(logging.Logger, name) for name in names if hasattr(logging.Logger, name)}
+
+
+def logging_ignored(fn):
+    """``fn`` with the ``logging.Logger`` calls in the code Dynamo traces dropped, as torch.export drops
+    them: otherwise a library's log call in the forward breaks the graph (diffusers' context-parallel
+    hooks call ``logger.warning_once`` when a planned input, e.g. Wan's 1-D timestep, is not split)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        ignored = torch._dynamo.config.ignore_logging_functions | _logging_methods()
+        with torch._dynamo.config.patch(ignore_logging_functions=ignored):
+            return fn(*args, **kwargs)
+    return call
 
 
 def private_code(method):
@@ -83,7 +102,8 @@ def trace(fn, args=(), kwargs=None, *, fullgraph: bool = True) -> Trace:
         return gm.forward
 
     forward = private_code(fn.forward if isinstance(fn, torch.nn.Module) else fn)
-    compiled = torch.compile(forward, backend=keep, fullgraph=fullgraph, dynamic=False, isolate_recompiles=True)
+    compiled = logging_ignored(torch.compile(forward, backend=keep, fullgraph=fullgraph, dynamic=False,
+                                             isolate_recompiles=True))
     with torch.no_grad(), _quiet_dynamo():
         if not fullgraph:
             compiled(*args, **(kwargs or {}))
@@ -111,6 +131,12 @@ def breaks_graph(error: BaseException) -> bool:
     own exception as it is.
     """
     return isinstance(error, GRAPH_BREAK_ERRORS) or any(isinstance(e, IslandsNeeded) for e in _causes(error))
+
+
+def raised_by_model(error: BaseException) -> bool:
+    """Did tracing stop at a ``raise`` in the model's own code? No island or eager cache changes that:
+    the model raises the same error uncached."""
+    return any(isinstance(e, torch._dynamo.exc.ObservedException) for e in _causes(error))
 
 
 def our_error(error: BaseException) -> CacheditError | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import parallel
 from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
 from .errors import ConfigError, NoCacheableChain
 from .forward_pattern import ForwardPattern
@@ -68,7 +69,7 @@ class EagerCache:
     """Hooks on one block list that cache its middle blocks; states per input shape, in ``handle``."""
 
     def __init__(self, blocks: torch.nn.ModuleList, path: str, handle: CacheHandle, separate_cfg: SeparateCFG,
-                 pattern: ForwardPattern | None = None):
+                 pattern: ForwardPattern | None = None, group: str | None = None):
         cache = handle.cache_config
         n, fn, bn = len(blocks), cache.Fn_compute_blocks, cache.Bn_compute_blocks
         if fn + bn > n:
@@ -78,7 +79,7 @@ class EagerCache:
             raise NoCacheableChain(f"chain {path}[{n}]: the middle segment is empty (Fn + Bn == number of blocks)")
         self.blocks, self.path, self.handle, self.separate_cfg = blocks, path, handle, separate_cfg
         self.last_fn, self.first_mid, self.last_mid = fn - 1, fn, n - bn - 1
-        self.pattern = pattern
+        self.pattern, self.group = pattern, group
         self.call = _Call()
         self._chains: dict[tuple, CachedChain] = {}
         cls = type(blocks[0])
@@ -154,6 +155,8 @@ class EagerCache:
             if i == self.last_fn:
                 h_out, e_out, _ = self._unpack(out, h)
                 call.base = [h_out] + ([e_out] if e_out is not None else [])
+                if self.group is not None and h_out.shape != call.h_in.shape:
+                    call.h_in = parallel.own_shard(call.h_in, h_out, self.group)
                 call.fn_res = h_out - call.h_in
                 call.chain = self._chain_for(call.fn_res, call.base)
                 call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent,
@@ -180,7 +183,8 @@ class EagerCache:
         key = tuple((tuple(t.shape), t.dtype) for t in [fn_res, *base, *([latent] if latent is not None else [])])
         if key not in self._chains:
             cache, calib = self.handle.cache_config, self.handle.calibrator_config
-            layout = eager_layout(fn_res, base, cache, calib, self.separate_cfg, self.call.timestep is not None, latent)
+            layout = eager_layout(fn_res, base, cache, calib, self.separate_cfg, self.call.timestep is not None, latent,
+                                  self.group)
             n = len(self.blocks)
             pattern = ForwardPattern.Pattern_3 if len(base) == 1 else ForwardPattern.Pattern_0
             if self._order == ["encoder_hidden_states", "hidden_states"] or self._source_order == ["E", "H"]:
@@ -194,7 +198,8 @@ class EagerCache:
 
 
 def eager_layout(fn_res: torch.Tensor, base: list, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                 separate: SeparateCFG, sees_timestep: bool, latent: torch.Tensor | None = None) -> ChainLayout:
+                 separate: SeparateCFG, sees_timestep: bool, latent: torch.Tensor | None = None,
+                 group: str | None = None) -> ChainLayout:
     if separate is SeparateCFG.ON:
         n_branches, branch_by = 2, BranchBy.PARITY
     elif separate is SeparateCFG.AUTO and sees_timestep:
@@ -206,4 +211,4 @@ def eager_layout(fn_res: torch.Tensor, base: list, cache: DBCacheConfig, calib: 
                        fn_shape=tuple(fn_res.shape), fn_dtype=fn_res.dtype, streams=streams,
                        diff_shared=diff_shared(cache, n_branches), branch_by=branch_by,
                        latent_shape=tuple(latent.shape) if latent is not None else None,
-                       latent_dtype=latent.dtype if latent is not None else torch.float32)
+                       latent_dtype=latent.dtype if latent is not None else torch.float32, group=group)

@@ -35,9 +35,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils import logging as diffusers_logging
 
-from . import islands
+from . import islands, parallel
 from .backend import cachedit_backend, parse_options
-from .capture import breaks_graph, describe_break, our_error, private_code
+from .capture import breaks_graph, describe_break, logging_ignored, our_error, private_code, raised_by_model
 from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
 from .eager import EagerCache, call_inputs
 from .errors import ConfigError, IslandsNeeded, NoCacheableChain
@@ -282,8 +282,8 @@ class CacheHook(ModelHook):
         return type(self._module()).__name__
 
     def _compile(self, backend, fullgraph: bool):
-        return torch.compile(private_code(self._original), backend=backend, dynamic=False, fullgraph=fullgraph,
-                             recompile_limit=MAX_GRAPHS)
+        return logging_ignored(torch.compile(private_code(self._original), backend=backend, dynamic=False,
+                                             fullgraph=fullgraph, recompile_limit=MAX_GRAPHS))
 
     def _run_with_grad(self, args, kwargs):
         if self._grad_forward is None:
@@ -310,6 +310,7 @@ class CacheHook(ModelHook):
         return out
 
     def _fit_one_graph(self, module, args, kwargs):
+        ran_eagerly = False
         for _ in range(_ISLAND_ROUNDS):
             fn = self._compile(self._one_graph_backend, fullgraph=True)
             try:
@@ -323,7 +324,16 @@ class CacheHook(ModelHook):
                         raise ours from None
                     raise
                 self.handle.graphs.clear()
+                if raised_by_model(e):
+                    break
                 new = islands.needed_for_error(module, e)
+                if not new and not ran_eagerly:
+                    # What breaks may sit on a path taken only on the first call (diffusers' context-parallel
+                    # hooks look a block's signature up once with inspect, a RoPE table built lazily): one
+                    # uncached run takes it, then the forward is traced again.
+                    ran_eagerly = True
+                    self._original(*args, **kwargs)
+                    continue
                 if not new:
                     path = islands.breaking_block_list(module, e)
                     if path is None:
@@ -347,8 +357,12 @@ class CacheHook(ModelHook):
         path = path or (self._pinned[0].path if self._pinned else _largest_block_list(module))
         if path is None:
             raise ConfigError(f"{type(module).__name__} has no ModuleList of two or more blocks to cache eagerly")
+        group = parallel.model_group(module)
+        if group is not None:
+            parallel.check_same_config(group, self.handle.cache_config, self.handle.calibrator_config)
         try:
-            self._eager = EagerCache(module.get_submodule(path), path, self.handle, self.separate_cfg, pattern)
+            self._eager = EagerCache(module.get_submodule(path), path, self.handle, self.separate_cfg, pattern,
+                                     group)
         except NoCacheableChain as e:
             self.mode = Mode.UNCACHED
             warnings.warn(f"cachedit: {type(module).__name__} runs uncached: {e}", stacklevel=4)

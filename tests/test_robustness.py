@@ -5,6 +5,7 @@ do not fit. Each runs through enable_cache and the bare backend (eager inner com
 exported package's boundaries are in test_export."""
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -334,3 +335,57 @@ def test_offloaded_blocks_cache_and_skipped_blocks_are_not_onloaded(offload, ord
     assert onloads[0] > 0, onloads
     assert all(n * 8 == onloads[0] * (8 - len(steps)) for n in onloads[1:]), (onloads, steps)
     cf.disable_cache(pipe)
+
+
+# ----------------------------------------------------------------------------- the model's own code
+
+
+_LOG = logging.getLogger("cachedit_fx.tests")
+
+
+class LoggingBlock(tinydit.CrossBlock):
+    """A block as diffusers' context-parallel hooks are written: a log call in the forward, and a lookup
+    Dynamo cannot trace (there: ``inspect.signature`` of the block class) on the first call only, its
+    result kept for the later calls."""
+    positions: dict | None = None
+
+    def forward(self, x, ctx):
+        if LoggingBlock.positions is None:
+            torch._dynamo.graph_break()  # stands in for the untraceable lookup
+            LoggingBlock.positions = {"x": 0, "ctx": 1}
+        _LOG.warning("block called with %d tokens", x.shape[1])
+        return super().forward(x, ctx)
+
+
+class RaisingBlock(tinydit.CrossBlock):
+    def forward(self, x, ctx):
+        raise ValueError("this attention needs a GPU")
+
+
+def _with_blocks(block_class):
+    model = cross_dit()
+    torch.manual_seed(0)
+    model.layers = nn.ModuleList(block_class() for _ in range(4))
+    return model.eval()
+
+
+def test_log_calls_and_a_first_call_only_lookup_still_fit_one_graph():
+    model = _with_blocks(LoggingBlock)
+    want = request(model, uniform(8))
+    LoggingBlock.positions = None  # the cached install's first call takes the lookup path
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = request(model, uniform(8))
+    assert cache_hook(model).mode is Mode.ONE_GRAPH and cached_steps(model) > 0
+    assert torch.allclose(got[1], want[1], atol=1e-6)  # a computed step equals the uncached one
+    cf.disable_cache(model)
+
+
+def test_an_error_the_model_raises_in_a_block_propagates_as_it_is():
+    model = _with_blocks(RaisingBlock)
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    with pytest.raises(ValueError, match="this attention needs a GPU"):
+        request(model, uniform(2))
+    assert not cache_hook(model).islands  # no island was made of the raising attention
+    cf.disable_cache(model)

@@ -7,7 +7,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import ConfigError, NoCacheableChain
-from ..fx_utils import node_value
+from ..fx_utils import concrete_shape, node_value
 from .patterns import BlockStreams, ChainInfo
 
 
@@ -40,6 +40,35 @@ def _role_output(bs: BlockStreams, role: str) -> Node | None:
     return next((o for o, r in bs.outputs.items() if r == role), None)
 
 
+# Ops that select or re-lay out part of a tensor without computing on it: how a context-parallel hook
+# shards a block's input (``x.chunk(world, dim)[rank]``).
+_SELECTIONS = {"chunk", "split", "tensor_split", "narrow", "getitem", "select", "slice", "contiguous", "view",
+               "reshape"}
+
+
+def _selection(node: Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_function", "call_method") and name.split(".")[0] in _SELECTIONS
+
+
+def _as_block_reads(h_in: Node, h_fn: Node, fn_nodes: list[Node]) -> Node:
+    """H as the first block reads it: ``h_in`` itself, or, where a hook inside the first block selects
+    this rank's shard of it (context parallelism splits the sequence at ``blocks.0``), that shard, which
+    has H's shape after Fn. The residual of Fn is taken against it."""
+    want = concrete_shape(node_value(h_fn))
+    if concrete_shape(node_value(h_in)) == want:
+        return h_in
+    inside, frontier = set(fn_nodes), [h_in]
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in inside and _selection(user) and user.all_input_nodes[:1] == [node]:
+                if concrete_shape(node_value(user)) == want:
+                    return user
+                frontier.append(user)
+    return h_in
+
+
 def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int) -> Split:
     n = info.n_blocks
     if fn < 1 or bn < 0 or fn + bn > n:
@@ -53,6 +82,7 @@ def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int) -> Split:
     fn_nodes, middle, bn_nodes = chain_nodes[:cut1], chain_nodes[cut1:cut2], chain_nodes[cut2:]
     h_in = next(i for i, r in info.streams[0].inputs.items() if r == "H")
     h_fn = _role_output(info.streams[fn - 1], "H")
+    h_in = _as_block_reads(h_in, h_fn, fn_nodes)
     inside = set(middle)
     inputs = list(dict.fromkeys(a for m in middle for a in m.all_input_nodes if a not in inside))
     outputs = [m for m in middle if any(u not in inside for u in m.users)]
