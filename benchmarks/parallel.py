@@ -1,8 +1,9 @@
 """Context parallelism: one cached request on 2 gloo ranks (diffusers' Ulysses-2) against 1 process.
 
-    python benchmarks/parallel.py [--quick]
+    python benchmarks/parallel.py [--quick] [--inductor]
 
-Both runs cache the same model with the same config (F1B0, enable_cache, eager inner). The table gives
+Both runs cache the same model with the same config (F1B0, enable_cache; the eager inner compiler,
+or Inductor with ``--inductor``). The table gives
 the cached steps of each rank and of the single process (they must be equal: the diff is all-reduced
 inside the graph), the largest output difference, and the median request time. On a 2-core CPU the two
 ranks share the cores and gloo moves the all-to-alls through loopback TCP, so the time column shows
@@ -37,10 +38,10 @@ def request(transformer, inputs, steps: int):
     return seconds, rows[0].cached_steps, latent
 
 
-def run(transformer, inputs, steps: int, repeats: int):
+def run(transformer, inputs, steps: int, repeats: int, inductor: bool):
     import cachedit_fx as cf
 
-    cf.enable_cache(transformer, cache_config=CACHE, compile=False)
+    cf.enable_cache(transformer, cache_config=CACHE, compile=inductor)
     request(transformer, inputs, steps)  # compile
     times, cached, latent = [], None, None
     for _ in range(repeats):
@@ -49,7 +50,7 @@ def run(transformer, inputs, steps: int, repeats: int):
     return statistics.median(times), cached, latent.numpy()
 
 
-def rank_main(rank: int, port: int, quick: bool, steps: int, repeats: int, queue) -> None:
+def rank_main(rank: int, port: int, quick: bool, steps: int, repeats: int, inductor: bool, queue) -> None:
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
@@ -60,21 +61,23 @@ def rank_main(rank: int, port: int, quick: bool, steps: int, repeats: int, queue
     transformer, inputs, _ = build_model(quick)
     transformer.set_attention_backend("native")
     transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    queue.put((rank, run(transformer, inputs, steps, repeats)))
+    queue.put((rank, run(transformer, inputs, steps, repeats, inductor)))
     dist.destroy_process_group()
 
 
 def main():
-    args = parse_args("parallel")
+    args = parse_args("parallel", lambda p: p.add_argument("--inductor", action="store_true",
+                                                           help="compile with Inductor (default: the eager inner compiler)"))
     steps, repeats = (8, 2) if args.quick else (28, 5)
     transformer, inputs, info = build_model(args.quick)
-    single = run(transformer, inputs, steps, repeats)
+    single = run(transformer, inputs, steps, repeats, args.inductor)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=rank_main, args=(r, port, args.quick, steps, repeats, queue)) for r in range(2)]
+    procs = [ctx.Process(target=rank_main, args=(r, port, args.quick, steps, repeats, args.inductor,
+                                                                queue)) for r in range(2)]
     for p in procs:
         p.start()
     ranks = dict(queue.get(timeout=1800) for _ in procs)
@@ -89,10 +92,11 @@ def main():
                      "median request s": seconds, "ratio vs 1 process": seconds / single[0]})
     heads = ["run", "cached steps", "same steps as 1 process", "max abs diff vs 1 process", "median request s",
              "ratio vs 1 process"]
-    print(f"## parallel ({info['model']}; {steps} steps, F1B0 thr {CACHE['residual_diff_threshold']}, Ulysses-2 on "
-          f"gloo; 2 CPU cores shared by the ranks: correctness, not speed)\n")
+    inner = "Inductor" if args.inductor else "eager inner"
+    print(f"## parallel ({info['model']}; {steps} steps, F1B0 thr {CACHE['residual_diff_threshold']}, {inner}, "
+          f"Ulysses-2 on gloo; 2 CPU cores shared by the ranks: correctness, not speed)\n")
     print(table(heads, rows))
-    write_json("parallel", args, {"info": info, "steps": steps, "repeats": repeats, "rows": rows})
+    write_json("parallel", args, {"info": info, "inner": inner, "steps": steps, "repeats": repeats, "rows": rows})
     return 0 if all(r["same steps as 1 process"] for r in rows) else 1
 
 
