@@ -1,4 +1,4 @@
-"""``cachedit-fx`` command line: demo | diff | trace | metrics."""
+"""``cachedit-fx`` command line: demo | tune | diff | trace | metrics | export."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,46 @@ def demo(args) -> int:
     print(f"classifier accuracy: uncached {acc_base:.1%}  cached {acc_cached:.1%}")
     print(f"wrote {args.out} (left: uncached, middle: cached, right: per-step residual diffs)")
     return 0 if n_cached > 0 else 1
+
+
+def tune_cmd(args) -> int:
+    import torch
+
+    import cachedit_fx
+    from cachedit_fx.digits import load_digits_pipeline
+    from cachedit_fx.digits.classifier import DigitClassifier
+
+    if args.steps < 1 or args.rows < 1:
+        raise ValueError(f"--steps and --rows must be >= 1, got --steps {args.steps} --rows {args.rows}")
+    if args.plot:
+        _check_out_dir(args.plot)
+    torch.set_num_threads(args.threads) if args.threads else None
+    with _quiet_libraries():
+        pipe = load_digits_pipeline()
+    labels = [d for _ in range(args.rows) for d in range(10)]
+    cachedit_fx.enable_cache(pipe, cache_config=cachedit_fx.DBCacheConfig(
+        Fn_compute_blocks=args.fn, Bn_compute_blocks=0, max_warmup_steps=args.warmup), inner=args.inner)
+    classifier = DigitClassifier()
+    print(f"tune: digits DiT, {len(labels)} digits, {args.steps} steps, CFG {args.guidance:g}, F{args.fn}B0, "
+          f"warmup {args.warmup}, inner={args.inner}")
+    result = cachedit_fx.tune(
+        pipe, dict(labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   generator=torch.Generator().manual_seed(args.seed), output_type="pt"),
+        target_speedup=args.target_speedup, min_psnr=args.min_psnr, max_trials=args.trials,
+        max_threshold=args.max_threshold, score=lambda out: classifier.accuracy(out.images, labels),
+        score_name="accuracy", plot=args.plot)
+    if args.json:
+        print(json.dumps({"reached": result.reached, "message": result.message,
+                          "graphs_compiled": result.graphs_compiled,
+                          "chosen": None if result.chosen is None else result.chosen.threshold,
+                          "trials": [vars(t) for t in result.trials]}, indent=2, default=str))
+    else:
+        print(result.table())
+        print(f"{'reached' if result.reached else 'not reached'}: {result.message}; "
+              f"graphs compiled during the trials: {result.graphs_compiled}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0 if result.reached else 1
 
 
 # ----------------------------------------------------------------------------- diff
@@ -399,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cachedit-fx", description=__doc__,
                      epilog="Errors print one line on stderr; set CACHEDIT_FX_TRACEBACK=1 for the traceback of an "
                             "unexpected one.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,trace,metrics,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,tune,diff,trace,metrics,export}")
     p = sub.add_parser("demo", help="generate digits with the shipped trained DiT uncached and cached; print "
                                     "speedup, cached steps, PSNR / SSIM and classifier accuracy",
                        description="Generate a grid of digits (a column per class) with the small class-conditioned "
@@ -419,6 +459,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     p.add_argument("--out", default="cachedit_demo.png")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("tune", help="pick residual_diff_threshold for a target speedup or PSNR floor on the "
+                                    "shipped digits DiT (no recompile between trials)",
+                       description="Calibrate the threshold on the shipped digits DiT: a few pipeline calls, each with "
+                                   "a threshold loaded into the compiled graph's state (no recompile), bisected to "
+                                   "--target-speedup (counted in transformer blocks run) and / or --min-psnr against "
+                                   "the uncached images; prints the frontier (threshold, cached calls, speedup, PSNR, "
+                                   "classifier accuracy). Exit 1 when the target is not reached. Without a target: a "
+                                   "sweep.")
+    p.add_argument("--target-speedup", type=float, default=None)
+    p.add_argument("--min-psnr", type=float, default=None, help="dB against the uncached images")
+    p.add_argument("--trials", type=int, default=8, help="calibration calls after the uncached reference")
+    p.add_argument("--max-threshold", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--rows", type=int, default=2, help="digits per class in each calibration call")
+    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inner", choices=("inductor", "aot_eager", "eager"), default="eager",
+                   help="the decisions do not depend on it; eager starts fastest")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", default=None, help="write the frontier plot (PNG)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=tune_cmd)
 
     p = sub.add_parser(
         "diff", help="show what the passes do to a model's graph (text, json, dot, png, svg)",

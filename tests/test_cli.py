@@ -72,7 +72,7 @@ def test_demo_caches_the_trained_digits_model_and_writes_one_png(capsys, tmp_pat
 # ----------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["diff"], ["trace"], ["metrics"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["tune"], ["diff"], ["trace"], ["metrics"]])
 def test_help_for_every_command(capsys, command):
     rc, out, _ = run(capsys, *command, "--help")
     assert rc == 0

@@ -113,3 +113,14 @@ def test_tune_says_when_a_speedup_cannot_be_reached(cached_pipe):
                               target_speedup=50.0, max_threshold=0.3, progress=False)
     assert not result.reached and "cannot reach 50.00x" in result.message
     assert len(compiles) == n and result.graphs_compiled == 0
+
+
+def test_tune_command_exits_1_with_the_reason_when_the_target_is_out_of_reach(capsys, tmp_path):
+    from cachedit_fx.cli import main
+
+    plot = tmp_path / "frontier.png"
+    rc = main(["tune", "--target-speedup", "50", "--steps", "8", "--rows", "1", "--trials", "1",
+               "--max-threshold", "0.5", "--plot", str(plot)])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "not reached: cannot reach 50.00x" in out and "graphs compiled during the trials: 0" in out
+    assert "| 0.5 * | " in out and "tune [" in err and plot.stat().st_size > 0
