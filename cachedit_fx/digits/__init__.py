@@ -14,7 +14,7 @@ def load_digits_pipeline(dtype: torch.dtype = torch.float32, device: str | torch
     (the weights are stored in fp16), progress bar off."""
     from .pipeline import DigitsPipeline
 
-    pipe = DigitsPipeline.from_pretrained(MODEL_DIR, torch_dtype=dtype).to(device)
+    pipe = DigitsPipeline.from_pretrained(MODEL_DIR, dtype=dtype).to(device)
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,7 +3,6 @@ and classifier-free guidance as two transformer calls per step (cond, then uncon
 diffusers' ``cache_context`` so a cache keeps one state per branch."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
