@@ -100,7 +100,7 @@ def demo(args) -> int:
           f"cached steps {n_cached}/{args.steps} (uncond {n_cfg_cached}/{args.steps})  "
           f"PSNR {psnr:.2f} dB  SSIM {ssim:.4f}")
     print(f"classifier accuracy: uncached {acc_base:.1%}  cached {acc_cached:.1%}")
-    print(f"wrote {args.out} (left: uncached, middle: cached, right: per-step residual diffs)")
+    print(f"wrote {args.out} (top: uncached | cached digits, bottom: per-step residual diffs)")
     return 0 if n_cached > 0 else 1
 
 
