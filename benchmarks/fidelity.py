@@ -96,7 +96,7 @@ def main():
 
     diffusers_logging.disable_progress_bar()  # a pipeline is loaded per trial
     diffusers_logging.set_verbosity_error()
-    steps, per_class, trials, repeats = (8, 1, 2, 1) if args.quick else (28, 5, 8, 3)
+    steps, per_class, trials, repeats = (8, 1, 1, 1) if args.quick else (28, 5, 8, 3)
     labels = [d for _ in range(per_class) for d in range(10)]
     calls = 2 * steps
     # cached calls sought: 40% and, in full mode, 70% (warmup leaves at most 2 * (steps - 4))
