@@ -71,6 +71,33 @@ def first_block_only(model):
     return m
 
 
+def first_block_cache(model, threshold: float) -> list[bool]:
+    """Apply diffusers' FirstBlockCache to ``model`` in place; returns the list its head-block hook
+    appends each call's decision to (True: the remaining blocks ran, False: cached)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks import first_block_cache as fbc
+
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+    if not getattr(fbc.FBCHeadBlockHook, "_bench_wrapped", False):
+        orig = fbc.FBCHeadBlockHook._should_compute_remaining_blocks
+
+        def counted(hook, r):
+            out = orig(hook, r)
+            getattr(hook, "_bench_log", []).append(out)
+            return out
+
+        fbc.FBCHeadBlockHook._should_compute_remaining_blocks = counted
+        fbc.FBCHeadBlockHook._bench_wrapped = True
+    decisions: list[bool] = []
+    for mod in model.modules():
+        reg = getattr(mod, "_diffusers_hook", None)
+        if reg is not None:
+            for h in reg.hooks.values():
+                if isinstance(h, fbc.FBCHeadBlockHook):
+                    h._bench_log = decisions
+    return decisions
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from _common import build_model, parse_args, table, write_json
+from _common import build_model, first_block_cache, parse_args, table, write_json
 from cachedit_fx.api import enable_cache
 from cachedit_fx.config import DBCacheConfig
 from cachedit_fx.hook import cache_hook
@@ -58,30 +58,10 @@ class FBC:
     """diffusers FirstBlockCache on a copy of the model, counting its cached steps."""
 
     def __init__(self, model, threshold, compile_backend=None):
-        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-        from diffusers.hooks import first_block_cache as fbc
-
         self.m = copy.deepcopy(model)
-        apply_first_block_cache(self.m, FirstBlockCacheConfig(threshold=threshold))
-        self.decisions = []
+        self.decisions = first_block_cache(self.m, threshold)
         self.call_m = self.m if compile_backend is None else torch.compile(self.m, backend=compile_backend,
                                                                            dynamic=False)
-        if not getattr(fbc.FBCHeadBlockHook, "_bench_wrapped", False):
-            orig = fbc.FBCHeadBlockHook._should_compute_remaining_blocks
-
-            def counted(hook, r):
-                out = orig(hook, r)
-                getattr(hook, "_bench_log", []).append(out)
-                return out
-
-            fbc.FBCHeadBlockHook._should_compute_remaining_blocks = counted
-            fbc.FBCHeadBlockHook._bench_wrapped = True
-        for mod in self.m.modules():
-            reg = getattr(mod, "_diffusers_hook", None)
-            if reg is not None:
-                for h in reg.hooks.values():
-                    if isinstance(h, fbc.FBCHeadBlockHook):
-                        h._bench_log = self.decisions
 
     def __call__(self, **kw):
         with self.m.cache_context("cond"):

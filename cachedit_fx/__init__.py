@@ -11,6 +11,7 @@ from .errors import CacheditError, CaptureError, ConfigError, ExportError, Missi
 from .forward_pattern import ForwardPattern
 from .masks import steps_mask
 from .stats import CacheStats
+from .tune import TuneResult, tune
 
 NONE, DBCache = CacheType.NONE, CacheType.DBCache
 Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPattern
@@ -19,7 +20,7 @@ __all__ = [
     "BasicCacheConfig", "BlockAdapter", "CacheStats", "CacheType", "CacheditError", "CaptureError", "ChainPolicy",
     "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern", "MissingDependency", "NONE",
     "NoCacheableChain", "ParamsModifier", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4",
-    "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "disable_cache", "enable_cache", "export", "load",
-    "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_pipelines",
+    "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "disable_cache", "enable_cache", "export", "load",
+    "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_pipelines", "tune",
 ]
 __version__ = "0.1.0"

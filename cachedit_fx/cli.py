@@ -1,4 +1,4 @@
-"""``cachedit-fx`` command line: demo | diff | trace | metrics."""
+"""``cachedit-fx`` command line: demo | tune | diff | trace | metrics | export."""
 from __future__ import annotations
 
 import argparse
@@ -10,58 +10,138 @@ import sys
 import time
 
 
-def _psnr(a, b) -> float:
-    import torch
-
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
-def _save_side_by_side(a, b, path: str) -> None:
+def _digit_grid(images, labels, side: int):
+    """The digits as one grid array (a column per class, upscaled to ``side`` pixels, nearest) and the
+    x positions of the columns' centres."""
     import numpy as np
-    from PIL import Image
 
-    def to_uint8(x):
-        x = x[0] if x.dim() == 4 else x
-        return (x.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    per_class = [[im[0] for im, y in zip(images, labels) if y == d] for d in sorted(set(labels))]
+    rows, pitch = max(len(c) for c in per_class), side + max(1, side // 16)
+    grid = np.ones((rows * pitch - pitch + side, len(per_class) * pitch - pitch + side))
+    scale = side // images.shape[-1]
+    for col, column in enumerate(per_class):
+        for row, im in enumerate(column):
+            grid[row * pitch:row * pitch + side, col * pitch:col * pitch + side] = np.kron(np.asarray(im),
+                                                                                           np.ones((scale, scale)))
+    return grid, [col * pitch + side / 2 for col in range(len(per_class))]
 
-    Image.fromarray(np.concatenate([to_uint8(a), to_uint8(b)], axis=1)).resize(
-        (a.shape[-1] * 4, a.shape[-2] * 2), Image.NEAREST).save(path)
+
+def _save_demo_png(path, base, cached, labels, chains, threshold, side, titles) -> None:
+    from cachedit_fx.stats import draw_diffs, pyplot
+
+    plt = pyplot()
+    rows = math.ceil(len(labels) / len(set(labels)))
+    fig = plt.figure(figsize=(12, 4 + rows))  # each grid is ~half the width: 10 digits across, rows down
+    spec = fig.add_gridspec(2, 2, height_ratios=[0.3 + rows * 0.6, 3])
+    for col, (images, title) in enumerate(zip((base, cached), titles)):
+        ax = fig.add_subplot(spec[0, col])
+        grid, centres = _digit_grid(images, labels, side)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(centres, sorted(set(labels)))
+        ax.set_yticks([])
+    draw_diffs(fig.add_subplot(spec[1, :]), chains, threshold)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def demo(args) -> int:
     import torch
 
     import cachedit_fx
-    from cachedit_fx.testing import zoo
+    from cachedit_fx.digits import load_digits_pipeline
+    from cachedit_fx.digits.classifier import DigitClassifier
+    from cachedit_fx.hook import cache_hook
+    from cachedit_fx.metrics import batch_ssim
+    from cachedit_fx.stats import collect
+    from cachedit_fx.tune import psnr_01
 
+    if args.steps < 1 or args.rows < 1 or args.size < 8 or args.size % 8:
+        raise ValueError(f"--steps and --rows must be >= 1 and --size a multiple of 8, got --steps {args.steps} "
+                         f"--rows {args.rows} --size {args.size}")
+    _check_out_dir(args.out)
     torch.set_num_threads(args.threads) if args.threads else None
-    pipe = zoo.build_pipeline("flux")
-    kwargs = dict(height=args.size, width=args.size)
-    steps = args.steps
-    print(f"tiny Flux (random weights, offline), {args.size}x{args.size}, {steps} steps, inner={args.inner}")
+    with _quiet_libraries():
+        pipe = load_digits_pipeline()
+    labels = [d for _ in range(args.rows) for d in range(10)]
+    print(f"digits DiT (trained Flux transformer, shipped), {len(labels)} digits, {args.steps} steps, CFG "
+          f"{args.guidance:g} (cond + uncond calls), inner={args.inner}")
+
+    def generate():
+        started = time.perf_counter()
+        images = pipe(labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=torch.Generator().manual_seed(args.seed), output_type="pt").images
+        return images, time.perf_counter() - started
+
     if args.inner != "eager":
         pipe.transformer = torch.compile(pipe.transformer, backend=args.inner, dynamic=False)
-    zoo.run_pipeline(pipe, "flux", num_inference_steps=steps, **kwargs)  # warm-up / compile
-    t0 = time.perf_counter()
-    base = zoo.run_pipeline(pipe, "flux", num_inference_steps=steps, **kwargs)
-    t_base = time.perf_counter() - t0
+    generate()  # warm-up / compile
+    base, t_base = generate()
     if args.inner != "eager":
         pipe.transformer = pipe.transformer._orig_mod
     cachedit_fx.enable_cache(pipe, cache_config=cachedit_fx.DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=args.threshold, max_warmup_steps=args.warmup),
         inner=args.inner)
-    zoo.run_pipeline(pipe, "flux", num_inference_steps=steps, **kwargs)  # compile
-    t0 = time.perf_counter()
-    cached = zoo.run_pipeline(pipe, "flux", num_inference_steps=steps, **kwargs)
-    t_cached = time.perf_counter() - t0
-    n_cached = sum(len(s.cached_steps) for s in cachedit_fx.summary(pipe))
-    psnr = _psnr(base, cached)
-    _save_side_by_side(base, cached, args.out)
+    generate()  # compile
+    cached, t_cached = generate()
+    stats = cachedit_fx.summary(pipe, logging=False)
+    n_cached = sum(len(s.cached_steps) for s in stats)
+    n_cfg_cached = sum(len(s.cfg_cached_steps) for s in stats)
+    classifier = DigitClassifier()
+    acc_base, acc_cached = classifier.accuracy(base, labels), classifier.accuracy(cached, labels)
+    psnr, ssim = psnr_01(base, cached), batch_ssim(base, cached)
+    chains = collect(cache_hook(pipe.transformer).handle)
+    _save_demo_png(args.out, base, cached, labels, chains, args.threshold, args.size,
+                   (f"uncached: {t_base:.2f} s\nclassifier accuracy {acc_base:.0%}",
+                    f"cached (F1B0, threshold {args.threshold:g}): {t_cached:.2f} s, {n_cached}+{n_cfg_cached}/"
+                    f"{2 * args.steps} calls cached\nclassifier accuracy {acc_cached:.0%}, PSNR {psnr:.1f} dB"))
     print(f"uncached {t_base:.3f}s  cached {t_cached:.3f}s  speedup {t_base / t_cached:.2f}x  "
-          f"cached steps {n_cached}/{steps}  PSNR {psnr:.2f} dB")
-    print(f"wrote {args.out} (left: uncached, right: cached)")
+          f"cached steps {n_cached}/{args.steps} (uncond {n_cfg_cached}/{args.steps})  "
+          f"PSNR {psnr:.2f} dB  SSIM {ssim:.4f}")
+    print(f"classifier accuracy: uncached {acc_base:.1%}  cached {acc_cached:.1%}")
+    print(f"wrote {args.out} (top: uncached | cached digits, bottom: per-step residual diffs)")
     return 0 if n_cached > 0 else 1
+
+
+def tune_cmd(args) -> int:
+    import torch
+
+    import cachedit_fx
+    from cachedit_fx.digits import load_digits_pipeline
+    from cachedit_fx.digits.classifier import DigitClassifier
+
+    if args.steps < 1 or args.rows < 1:
+        raise ValueError(f"--steps and --rows must be >= 1, got --steps {args.steps} --rows {args.rows}")
+    if args.plot:
+        _check_out_dir(args.plot)
+    torch.set_num_threads(args.threads) if args.threads else None
+    with _quiet_libraries():
+        pipe = load_digits_pipeline()
+    labels = [d for _ in range(args.rows) for d in range(10)]
+    cachedit_fx.enable_cache(pipe, cache_config=cachedit_fx.DBCacheConfig(
+        Fn_compute_blocks=args.fn, Bn_compute_blocks=0, max_warmup_steps=args.warmup), inner=args.inner)
+    classifier = DigitClassifier()
+    print(f"tune: digits DiT, {len(labels)} digits, {args.steps} steps, CFG {args.guidance:g}, F{args.fn}B0, "
+          f"warmup {args.warmup}, inner={args.inner}")
+    result = cachedit_fx.tune(
+        pipe, dict(labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   generator=torch.Generator().manual_seed(args.seed), output_type="pt"),
+        target_speedup=args.target_speedup, min_psnr=args.min_psnr, max_trials=args.trials,
+        max_threshold=args.max_threshold, score=lambda out: classifier.accuracy(out.images, labels),
+        score_name="accuracy", plot=args.plot)
+    if args.json:
+        print(json.dumps({"reached": result.reached, "message": result.message,
+                          "graphs_compiled": result.graphs_compiled,
+                          "chosen": None if result.chosen is None else result.chosen.threshold,
+                          "trials": [vars(t) for t in result.trials]}, indent=2, default=str))
+    else:
+        print(result.table())
+        print(f"{'reached' if result.reached else 'not reached'}: {result.message}; "
+              f"graphs compiled during the trials: {result.graphs_compiled}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0 if result.reached else 1
 
 
 # ----------------------------------------------------------------------------- diff
@@ -89,9 +169,17 @@ class _quiet_libraries:
             log = logging.getLogger(name)
             self._levels.append((log, log.level))
             log.setLevel(logging.ERROR)
+        from diffusers.utils import logging as diffusers_logging
+
+        self._bars = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
         return self
 
     def __exit__(self, *exc):
+        from diffusers.utils import logging as diffusers_logging
+
+        if self._bars:
+            diffusers_logging.enable_progress_bar()
         for log, level in self._levels:
             log.setLevel(level)
         self._warnings.__exit__(*exc)
@@ -351,18 +439,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cachedit-fx", description=__doc__,
                      epilog="Errors print one line on stderr; set CACHEDIT_FX_TRACEBACK=1 for the traceback of an "
                             "unexpected one.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,diff,trace,metrics,export}")
-    p = sub.add_parser("demo", help="run a tiny Flux uncached and cached; print speedup, cached steps, PSNR",
-                       description="Run a tiny random Flux (built offline) uncached and cached; print the speedup, "
-                                   "cached steps and PSNR, and write a side-by-side image.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,tune,diff,trace,metrics,export}")
+    p = sub.add_parser("demo", help="generate digits with the shipped trained DiT uncached and cached; print "
+                                    "speedup, cached steps, PSNR / SSIM and classifier accuracy",
+                       description="Generate a grid of digits (a column per class) with the small class-conditioned "
+                                   "Flux DiT shipped in the package (trained on scikit-learn's digits), uncached and "
+                                   "cached (DBCache F1B0, separate CFG); print the speedup, cached steps, PSNR / SSIM "
+                                   "against uncached and a digit classifier's accuracy both ways, and write one PNG: "
+                                   "both grids and the per-step residual diffs.")
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (multiple of 16)")
-    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--rows", type=int, default=4, help="digits per class")
+    p.add_argument("--size", type=int, default=32, help="pixels per digit in the PNG (multiple of 8; the model "
+                                                        "draws 8x8)")
+    p.add_argument("--threshold", type=float, default=0.12)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inner", choices=("inductor", "aot_eager", "eager"), default="inductor")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     p.add_argument("--out", default="cachedit_demo.png")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("tune", help="pick residual_diff_threshold for a target speedup or PSNR floor on the "
+                                    "shipped digits DiT (no recompile between trials)",
+                       description="Calibrate the threshold on the shipped digits DiT: a few pipeline calls, each with "
+                                   "a threshold loaded into the compiled graph's state (no recompile), bisected to "
+                                   "--target-speedup (counted in transformer blocks run) and / or --min-psnr against "
+                                   "the uncached images; prints the frontier (threshold, cached calls, speedup, PSNR, "
+                                   "classifier accuracy). Exit 1 when the target is not reached. Without a target: a "
+                                   "sweep.")
+    p.add_argument("--target-speedup", type=float, default=None)
+    p.add_argument("--min-psnr", type=float, default=None, help="dB against the uncached images")
+    p.add_argument("--trials", type=int, default=8, help="calibration calls after the uncached reference")
+    p.add_argument("--max-threshold", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--rows", type=int, default=2, help="digits per class in each calibration call")
+    p.add_argument("--fn", type=int, default=1, help="Fn_compute_blocks")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inner", choices=("inductor", "aot_eager", "eager"), default="eager",
+                   help="the decisions do not depend on it; eager starts fastest")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", default=None, help="write the frontier plot (PNG)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=tune_cmd)
 
     p = sub.add_parser(
         "diff", help="show what the passes do to a model's graph (text, json, dot, png, svg)",

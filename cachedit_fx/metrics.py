@@ -247,6 +247,14 @@ def ssim(ref: np.ndarray, test: np.ndarray, gaussian: bool = False) -> float:
         raise MetricError(f"ssim: {e} (frames are {ref.shape[1]}x{ref.shape[0]})") from None
 
 
+def batch_ssim(ref, test) -> float:
+    """Mean :func:`ssim` over a batch of ``(B, C, H, W)`` images in [0, 1] (a pipeline's "pt" output)."""
+    ref, test = (np.asarray(x, dtype=np.float64).transpose(0, 2, 3, 1) * 255.0 for x in (ref, test))
+    if ref.shape != test.shape:
+        raise MetricError(f"ssim: batches of shapes {ref.shape} and {test.shape} differ")
+    return float(np.mean([ssim(a, b) for a, b in zip(ref, test)]))
+
+
 class LPIPS:
     """LPIPS distance with the ``lpips`` package or torchmetrics, from locally cached weights only."""
 

@@ -146,16 +146,22 @@ def _chain_stats(chain) -> list[ChainStats]:
     return out
 
 
-def plot_diffs(stats: list[ChainStats], threshold: float, path: str) -> str:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or MissingDependency naming the extra."""
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependency("the diff plot is drawn with matplotlib, which is not installed: "
+        raise MissingDependency("plots are drawn with matplotlib, which is not installed: "
                                 "pip install 'cachedit-fx[cli]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    return plt
+
+
+def draw_diffs(ax, stats: list[ChainStats], threshold: float) -> None:
+    """The per-step diffs of ``stats`` on a matplotlib axis: one line per chain and branch, cached steps
+    circled, the threshold dashed."""
     for s in stats:
         steps = np.arange(s.steps)
         diffs = np.array(s.diffs, dtype=float)
@@ -167,6 +173,12 @@ def plot_diffs(stats: list[ChainStats], threshold: float, path: str) -> str:
     ax.set_ylabel("relative L1 diff of Fn residual")
     ax.set_title("cachedit-fx: per-step diff (circles = cached steps)")
     ax.legend(fontsize=7)
+
+
+def plot_diffs(stats: list[ChainStats], threshold: float, path: str) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    draw_diffs(ax, stats, threshold)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/: each script runs with --quick (tiny zoo Flux, no Inductor, no timing
-asserts), prints its markdown table and writes its JSON. The five run as parallel subprocesses."""
+"""Smoke test of benchmarks/: each script runs with --quick (tiny zoo Flux, or the shipped digits DiT for
+fidelity; no Inductor, no timing asserts), prints its markdown table and writes its JSON. The six run
+as parallel subprocesses."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel")
+SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity")
 
 
 @pytest.fixture(scope="module")
