@@ -1,0 +1,168 @@
+"""Real-shaped call arguments for a tiny transformer, from its forward's parameter names and its config.
+
+Most diffusers transformers share a vocabulary of argument names (``hidden_states``,
+``encoder_hidden_states``, ``pooled_projections``, ``img_ids``, ``guidance`` ...): one rule per name
+builds every such argument. The latent's layout is not in the signature: :func:`candidates` yields
+the layouts a denoiser's latent takes (image ``B,C,H,W``, video ``B,C,F,H,W``, packed tokens
+``B,N,C``, ...), most likely first, and the matrix keeps the first the model runs on. ``INPUT_FIXES``
+holds, as data per class, the arguments no shared rule builds.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..testing.components import latent_image_ids
+
+TEXT_LEN, SIDE, FRAMES = 8, 4, 2
+TOKENS = SIDE * SIDE
+_CHANNEL_KEYS = ("in_channels", "in_visual_dim", "in_dim", "latent_channels", "in_chans", "latent_dim",
+                 "input_dim", "in_channel")
+_TEXT_KEYS = ("joint_attention_dim", "text_dim", "caption_channels", "cross_attention_dim", "text_embed_dim",
+              "cap_feat_dim", "context_in_dim", "in_text_dim", "text_hidden_dim", "text_emb_dim",
+              "encoder_hidden_size", "cross_attention_input_dim", "text_encoder_dim")
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A latent layout: its name and shape for ``channels``."""
+
+    name: str
+    shape: Callable[[int], tuple]
+    frames: int = 1
+    packed: bool = False
+
+
+LAYOUTS = {
+    "image": Layout("image", lambda c: (1, c, 2 * SIDE, 2 * SIDE)),
+    "video": Layout("video", lambda c: (1, c, FRAMES, 2 * SIDE, 2 * SIDE), FRAMES),
+    "tokens": Layout("tokens", lambda c: (1, TOKENS, c), packed=True),
+    "video_fchw": Layout("video_fchw", lambda c: (1, FRAMES, c, 2 * SIDE, 2 * SIDE), FRAMES),
+    "sequence": Layout("sequence", lambda c: (1, c, TOKENS)),
+    "video_fhwc": Layout("video_fhwc", lambda c: (FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
+}
+
+
+def config_value(config, keys, default=None):
+    return next((getattr(config, k) for k in keys if isinstance(getattr(config, k, None), int)), default)
+
+
+def channels(model) -> int:
+    return config_value(model.config, _CHANNEL_KEYS, 4)
+
+
+def text_dim(model) -> int:
+    return config_value(model.config, _TEXT_KEYS, 32)
+
+
+def forward_parameters(model) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(type(model).forward).parameters
+    return {k: p for k, p in list(params.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def latent_name(model) -> str:
+    return next(iter(forward_parameters(model)))
+
+
+def timestep_name(model) -> str | None:
+    return next((n for n in forward_parameters(model) if n in _TIMESTEP_NAMES), None)
+
+
+def candidates(model) -> Iterator[Layout]:
+    """The latent layouts to try, most likely first: packed tokens for models that take positional ids
+    or image shapes next to the latent, video for 3-d models, image otherwise."""
+    names, cls = set(forward_parameters(model)), type(model).__name__
+    if names & {"img_ids", "img_shapes", "position_ids", "img_sizes"}:
+        order = ["tokens", "image", "video"]
+    elif "3D" in cls or "Video" in cls:
+        order = ["video", "video_fchw", "tokens", "video_fhwc"]
+    elif "1D" in cls or "Audio" in cls or "Music" in cls:
+        order = ["sequence", "tokens"]
+    else:
+        order = ["image", "tokens", "video"]
+    yield from (LAYOUTS[n] for n in dict.fromkeys(order + list(LAYOUTS)))
+
+
+def _ids(columns: int, rows: int, text: bool) -> torch.Tensor:
+    if text:
+        return torch.zeros(rows, columns)
+    grid = latent_image_ids(SIDE)
+    return torch.cat([torch.zeros(rows, columns - 3), grid], 1) if columns > 3 else grid[:, -columns:]
+
+
+def _rope_columns(model) -> int:
+    axes = next((getattr(model.config, k) for k in ("axes_dims_rope", "axes_dims", "axes_dim", "rope_axes_dim")
+                 if isinstance(getattr(model.config, k, None), (list, tuple))), None)
+    return len(axes) if axes else 3
+
+
+def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callable[[], object]]:
+    """One builder per argument name the transformers share."""
+    cfg, c, d = model.config, channels(model), text_dim(model)
+    pooled = config_value(cfg, ("pooled_projection_dim", "in_text_dim2", "pooled_embed_dim"), d)
+    text = lambda dim=d: torch.randn(1, TEXT_LEN, dim, generator=g)  # noqa: E731
+    columns = _rope_columns(model)
+    return {
+        "encoder_hidden_states": text,
+        "encoder_hidden_states_t5": text,
+        "encoder_hidden_states_2": text,
+        "encoder_hidden_states_llama3": text,
+        "cap_feats": text,
+        "text_bth": text,
+        "pooled_projections": lambda: torch.randn(1, pooled, generator=g),
+        "pooled_embeds": lambda: torch.randn(1, pooled, generator=g),
+        "img_ids": lambda: _ids(columns, TOKENS, False),
+        "txt_ids": lambda: _ids(columns, TEXT_LEN, True),
+        "guidance": lambda: torch.tensor([3.5]) if getattr(cfg, "guidance_embeds", False) else None,
+        "img_shapes": lambda: [(1, SIDE, SIDE)],
+        "encoder_attention_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "encoder_hidden_states_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "text_embedding_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "text_embedding_mask_t5": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "class_labels": lambda: torch.tensor([1]),
+        "return_dict": lambda: False,
+        "num_frames": lambda: layout.frames,
+        "height": lambda: SIDE,
+        "width": lambda: SIDE,
+    }
+
+
+# Arguments particular to one class, as data: name -> builder(model, layout, generator).
+INPUT_FIXES: dict[str, dict[str, Callable]] = {}
+
+# Optional arguments filled only when the model needs them (their default None is a valid call).
+_ONLY_IF_REQUIRED = {"encoder_attention_mask", "encoder_hidden_states_mask", "text_embedding_mask",
+                     "text_embedding_mask_t5", "class_labels", "num_frames", "height", "width",
+                     "encoder_hidden_states_2", "encoder_hidden_states_t5"}
+
+
+def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0) -> dict:
+    """The keyword arguments of one call of ``model`` with its latent in ``layout``.
+
+    Raises:
+        KeyError: a required argument no rule builds (its name).
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = forward_parameters(model)
+    rules = {**shared_rules(model, layout, g),
+             **{k: (lambda f=f: f(model, layout, g)) for k, f in INPUT_FIXES.get(type(model).__name__, {}).items()}}
+    latent, t_name = latent_name(model), timestep_name(model)
+    out = {latent: torch.randn(layout.shape(channels(model)), generator=g)}
+    if t_name is not None:
+        out[t_name] = torch.tensor([timestep])
+    fixes = INPUT_FIXES.get(type(model).__name__, {})
+    for name, p in params.items():
+        if name in out:
+            continue
+        required = p.default is inspect.Parameter.empty
+        if name in rules and (required or name not in _ONLY_IF_REQUIRED or name in fixes):
+            value = rules[name]()
+            if value is not None:
+                out[name] = value
+        elif required:
+            raise KeyError(name)
+    return out
