@@ -109,7 +109,7 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
     return {
         "encoder_hidden_states": text,
         "encoder_hidden_states_t5": text,
-        "encoder_hidden_states_2": text,
+        "encoder_hidden_states_2": lambda: text(config_value(cfg, ("text_embed_2_dim",), d)),
         "encoder_hidden_states_llama3": text,
         "cap_feats": text,
         "text_bth": text,
@@ -124,6 +124,20 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
         "text_embedding_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "text_embedding_mask_t5": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "class_labels": lambda: torch.tensor([1]),
+        "encoder_hidden_states_image": lambda: torch.randn(1, 4, config_value(cfg, ("image_dim",), d), generator=g),
+        "image_embeds": lambda: torch.randn(1, 4, config_value(cfg, ("image_embed_dim",), d), generator=g),
+        "global_hidden_states": lambda: torch.randn(1, 1, config_value(cfg, ("global_states_input_dim",), d),
+                                                    generator=g),
+        "control_hidden_states": lambda: torch.randn(
+            (1, config_value(cfg, ("vace_in_channels",), c)) + layout.shape(c)[2:], generator=g),
+        "encoder_attention_mask_2": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "image_meta_size": lambda: torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]),
+        "style": lambda: torch.tensor([0]),
+        "encoder_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "text_lens": lambda: torch.tensor([TEXT_LEN]),
+        "original_size": lambda: torch.tensor([[16.0 * SIDE, 16.0 * SIDE]]),
+        "target_size": lambda: torch.tensor([[16.0 * SIDE, 16.0 * SIDE]]),
+        "crop_coords": lambda: torch.tensor([[0.0, 0.0]]),
         "return_dict": lambda: False,
         "num_frames": lambda: layout.frames,
         "height": lambda: SIDE,
@@ -140,8 +154,10 @@ _ONLY_IF_REQUIRED = {"encoder_attention_mask", "encoder_hidden_states_mask", "te
                      "encoder_hidden_states_2", "encoder_hidden_states_t5"}
 
 
-def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0) -> dict:
-    """The keyword arguments of one call of ``model`` with its latent in ``layout``.
+def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0, optional: bool = False) -> dict:
+    """The keyword arguments of one call of ``model`` with its latent in ``layout``; with ``optional``
+    every argument a rule builds, masks and size hints included (a model that checks none of its
+    conditioning is None).
 
     Raises:
         KeyError: a required argument no rule builds (its name).
@@ -159,7 +175,9 @@ def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0) 
         if name in out:
             continue
         required = p.default is inspect.Parameter.empty
-        if name in rules and (required or name not in _ONLY_IF_REQUIRED or name in fixes):
+        if name not in rules and "timestep" in name and required:  # a second time (mean-flow's r, a target t)
+            out[name] = torch.tensor([timestep])
+        elif name in rules and (required or optional or name not in _ONLY_IF_REQUIRED or name in fixes):
             value = rules[name]()
             if value is not None:
                 out[name] = value

@@ -60,13 +60,28 @@ class _Drive:
 
 
 def block_lists(model: torch.nn.Module) -> dict[str, int]:
-    return {name: len(m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2}
+    """ModuleLists of >= 2 entries of one class with submodules of their own (blocks, not an
+    attention's ``to_out = [Linear, Dropout]``), outside any other such list's blocks."""
+    found: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.ModuleList) or len(m) < 2 or len({type(b) for b in m}) != 1:
+            continue
+        if not any(True for _ in m[0].children()) or any(name.startswith(f"{p}.") for p in found):
+            continue
+        found[name] = len(m)
+    return found
 
 
 def main_list(model: torch.nn.Module) -> str | None:
-    """The block list holding most parameters: the backbone (refiners and side lists are smaller)."""
-    lists = [(sum(p.numel() for p in model.get_submodule(n).parameters()), n) for n in block_lists(model)]
-    return max(lists)[1] if lists else None
+    """The block list holding most parameters (the later one on a tie): the backbone, not a refiner."""
+    lists = [(sum(p.numel() for p in model.get_submodule(n).parameters()), k, n)
+             for k, n in enumerate(block_lists(model))]
+    return max(lists)[2] if lists else None
+
+
+def chain_lists(chain: str | None) -> list[str]:
+    """The list paths of a chain name (``transformer_blocks[2]+single_transformer_blocks[2]``)."""
+    return [part.rsplit("[", 1)[0] for part in (chain or "").split("+") if part]
 
 
 def _one_line(e: BaseException) -> str:
@@ -87,26 +102,37 @@ def find_layout(model) -> tuple[inputs.Layout, dict]:
     Raises:
         RuntimeError: no layout runs (the last error).
     """
-    last = None
-    for layout in inputs.candidates(model):
+    first = None  # the most likely layout's error says most
+    tries = [(layout, optional) for layout in inputs.candidates(model) for optional in (False, True)]
+    for layout, optional in tries:
         try:
-            kwargs = inputs.call_inputs(model, layout)
+            kwargs = inputs.call_inputs(model, layout, optional=optional)
             with torch.no_grad():
                 out = _first_tensor(model(**kwargs))
         except KeyError as e:
             raise RuntimeError(f"no input rule for the required forward argument {e.args[0]!r}") from None
         except Exception as e:  # noqa: BLE001 - the next layout may fit
-            last = e
+            first = first or e
             continue
         latent = kwargs[inputs.latent_name(model)]
-        if isinstance(out, torch.Tensor) and out.dim() == latent.dim() and out.numel() % latent.numel() == 0:
+        if isinstance(out, torch.Tensor) and _predicts(out, latent):
             return layout, kwargs
-        last = RuntimeError(f"output shape {tuple(getattr(out, 'shape', ()))} does not match the latent "
-                            f"{tuple(latent.shape)}")
-    raise RuntimeError(_one_line(last) if last else "no latent layout")
+        first = first or RuntimeError(f"output shape {tuple(getattr(out, 'shape', ()))} does not match the "
+                                      f"latent {tuple(latent.shape)}")
+    raise RuntimeError(_one_line(first) if first else "no latent layout")
 
 
-def _rel_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
+def _predicts(out: torch.Tensor, latent: torch.Tensor) -> bool:
+    """Is ``out`` a prediction in the latent's space (its shape, or more channels: learned sigma)?"""
+    if out.shape == latent.shape:
+        return True
+    return out.dim() == latent.dim() and out.shape[0] == latent.shape[0] and out.shape[2:] == latent.shape[2:] \
+        and out.shape[1] % latent.shape[1] == 0
+
+
+def _rel_l1(x, ref) -> float:
+    if isinstance(x, (list, tuple)):
+        x, ref = torch.cat([t.flatten() for t in x]), torch.cat([t.flatten() for t in ref])
     return float((x - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
 
 
@@ -124,7 +150,7 @@ def _path_result(model, final, reference, caught, main: str | None) -> PathResul
     best = max(cached, key=lambda s: s.n_blocks)
     steps = sorted({i for s in cached for i in s.cached_steps})
     note = None
-    if main is not None and not any(main in (s.chain or "") for s in cached):
+    if main is not None and not any(main in chain_lists(s.chain) for s in cached):
         note = f"the main block list {main} does not cache; only {best.chain} does"
         note += f" ({messages[0]})" if messages else ""
     status = CACHES if note is None else UNCACHED
@@ -156,6 +182,22 @@ def _via_backend(model, inner: str = "eager"):
                          options={"inner": inner, "cache_config": DBCacheConfig(**CACHE)})
 
 
+def subject(cls: type):
+    """The model, one call's arguments, how to drive the loop and the latent layout's name: the zoo's
+    transformer and hand-made inputs where a zoo family has this class, else a tiny build and the
+    first latent layout it runs on."""
+    from ..testing import zoo
+
+    family = zoo.family_for_transformer(cls)
+    if family is not None:
+        model, kwargs = zoo.build_transformer(family.name)
+        return model, kwargs, family, f"zoo:{family.name}"
+    model = tiny.build(cls)
+    layout, kwargs = find_layout(model)
+    drive = _Drive(inputs.latent_name(model), inputs.timestep_name(model) or inputs.latent_name(model))
+    return model, kwargs, drive, layout.name
+
+
 def run_class(cls: type, backend: bool = True) -> ClassResult:
     """The matrix row of ``cls`` (built tiny, seeded)."""
     import cachedit_fx
@@ -167,15 +209,12 @@ def run_class(cls: type, backend: bool = True) -> ClassResult:
         row.status, row.reason = NOT_DIT, excluded
         return row
     try:
-        model = tiny.build(cls)
+        model, kwargs, drive, row.layout = subject(cls)
         row.block_lists, row.main_list = block_lists(model), main_list(model)
-        layout, kwargs = find_layout(model)
     except Exception as e:  # noqa: BLE001 - reported in the matrix
         row.reason = _one_line(e) if not isinstance(e, RuntimeError) else str(e)
         row.seconds = time.perf_counter() - started
         return row
-    row.layout = layout.name
-    drive = _Drive(inputs.latent_name(model), inputs.timestep_name(model) or inputs.latent_name(model))
     with torch.no_grad():
         reference, _ = denoise(model, drive, kwargs, num_steps=STEPS)
     row.enable_cache = _run_path(model, kwargs, drive, reference, row.main_list, _via_enable_cache)

@@ -92,6 +92,11 @@ def tiny_config(cls: type) -> dict:
         elif _AXES.search(name) and value and all(isinstance(a, int) for a in value):
             # Without a head count the axes define the head width (their sum).
             config[name] = _rescaled_axes(value, head_dim or sum(value), HEAD_DIM)
+    # Image-to-video variants widen the latent input with conditioning channels; the text-to-video
+    # variant (input as wide as the output) is the one a denoising loop over the latent drives.
+    if isinstance(base.get("in_channels"), int) and isinstance(base.get("out_channels"), int) \
+            and base["in_channels"] > base["out_channels"]:
+        config["in_channels"] = base["out_channels"]
     config.update(CONFIG_FIXES.get(cls.__name__, {}))
     return config
 
