@@ -39,3 +39,34 @@ def transformer_classes() -> list[type]:
 def exclusion(cls: type) -> str | None:
     """Why ``cls`` is not a diffusion transformer the matrix counts, or None."""
     return NOT_DIT.get(cls.__name__)
+
+
+def pipelines_by_transformer() -> dict[str, list[str]]:
+    """The diffusers pipeline classes per transformer class they take, read from each pipeline's
+    ``__init__`` annotations (``transformer: FluxTransformer2DModel``); pipelines whose module does not
+    import here (a missing optional dependency) are skipped."""
+    import diffusers
+
+    found: dict[str, set[str]] = {}
+    for name in sorted(n for n in dir(diffusers) if n.endswith("Pipeline") and n != "DiffusionPipeline"):
+        try:
+            cls = getattr(diffusers, name)
+            hints = inspect.signature(cls.__init__).parameters
+        except Exception:  # noqa: BLE001 - an optional dependency missing: the pipeline is not listed
+            continue
+        for param in ("transformer", "transformer_2"):
+            hint = hints.get(param)
+            annotation = getattr(hint, "annotation", None) if hint is not None else None
+            for cls_name in _class_names(annotation):
+                found.setdefault(cls_name, set()).add(name)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _class_names(annotation) -> list[str]:
+    if annotation is None or annotation is inspect.Parameter.empty:
+        return []
+    if isinstance(annotation, type):
+        return [annotation.__name__]
+    import re
+
+    return re.findall(r"[A-Za-z0-9_]+Model[A-Za-z0-9_]*|[A-Za-z0-9_]+Transformer[A-Za-z0-9_]*", str(annotation))

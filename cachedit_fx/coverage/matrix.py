@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..handle import chain_lists
 from ..testing.zoo import denoise
 from . import catalog, inputs, tiny
 
@@ -77,11 +78,6 @@ def main_list(model: torch.nn.Module) -> str | None:
     lists = [(sum(p.numel() for p in model.get_submodule(n).parameters()), k, n)
              for k, n in enumerate(block_lists(model))]
     return max(lists)[2] if lists else None
-
-
-def chain_lists(chain: str | None) -> list[str]:
-    """The list paths of a chain name (``transformer_blocks[2]+single_transformer_blocks[2]``)."""
-    return [part.rsplit("[", 1)[0] for part in (chain or "").split("+") if part]
 
 
 def _one_line(e: BaseException) -> str:
