@@ -19,11 +19,11 @@ from ..testing.components import latent_image_ids
 
 TEXT_LEN, SIDE, FRAMES = 8, 4, 2
 TOKENS = SIDE * SIDE
-_CHANNEL_KEYS = ("in_channels", "in_visual_dim", "in_dim", "latent_channels", "in_chans", "latent_dim",
+_CHANNEL_KEYS = ("in_channels", "in_visual_dim", "in_dim", "latent_channels", "in_chans", "latent_dim", "io_channels",
                  "input_dim", "in_channel")
 _TEXT_KEYS = ("joint_attention_dim", "text_dim", "caption_channels", "cross_attention_dim", "text_embed_dim",
               "cap_feat_dim", "context_in_dim", "in_text_dim", "text_hidden_dim", "text_emb_dim",
-              "encoder_hidden_size", "cross_attention_input_dim", "text_encoder_dim")
+              "encoder_hidden_size", "cross_attention_input_dim", "text_encoder_dim", "cond_token_dim")
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma")
 
 
@@ -78,10 +78,10 @@ def candidates(model) -> Iterator[Layout]:
     names, cls = set(forward_parameters(model)), type(model).__name__
     if names & {"img_ids", "img_shapes", "position_ids", "img_sizes"}:
         order = ["tokens", "image", "video"]
-    elif "3D" in cls or "Video" in cls:
-        order = ["video", "video_fchw", "tokens", "video_fhwc"]
     elif "1D" in cls or "Audio" in cls or "Music" in cls:
         order = ["sequence", "tokens"]
+    elif "3D" in cls or "Video" in cls:
+        order = ["video", "video_fchw", "tokens", "video_fhwc"]
     else:
         order = ["image", "tokens", "video"]
     yield from (LAYOUTS[n] for n in dict.fromkeys(order + list(LAYOUTS)))
@@ -124,15 +124,20 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
         "text_embedding_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "text_embedding_mask_t5": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "class_labels": lambda: torch.tensor([1]),
-        "encoder_hidden_states_image": lambda: torch.randn(1, 4, config_value(cfg, ("image_dim",), d), generator=g),
+        # Only where the config has an image projection (image_dim None: a text-to-video variant).
+        "encoder_hidden_states_image": lambda: None if "image_dim" in cfg and cfg.image_dim is None else torch.randn(
+            1, 4, config_value(cfg, ("image_dim",), d), generator=g),
         "image_embeds": lambda: torch.randn(1, 4, config_value(cfg, ("image_embed_dim",), d), generator=g),
-        "global_hidden_states": lambda: torch.randn(1, 1, config_value(cfg, ("global_states_input_dim",), d),
+        "global_hidden_states": lambda: torch.randn(1, 1, config_value(cfg, ("global_states_input_dim", "global_cond_dim"), d),
                                                     generator=g),
         "control_hidden_states": lambda: torch.randn(
             (1, config_value(cfg, ("vace_in_channels",), c)) + layout.shape(c)[2:], generator=g),
         "encoder_attention_mask_2": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "image_meta_size": lambda: torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]),
         "style": lambda: torch.tensor([0]),
+        "position_ids": lambda: torch.cat([_ids(columns, TEXT_LEN, True), _ids(columns, TOKENS, False)]),
+        "mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        "indices_latents": lambda: torch.arange(layout.frames),
         "encoder_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "text_lens": lambda: torch.tensor([TEXT_LEN]),
         "original_size": lambda: torch.tensor([[16.0 * SIDE, 16.0 * SIDE]]),
@@ -146,10 +151,20 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
 
 
 # Arguments particular to one class, as data: name -> builder(model, layout, generator).
-INPUT_FIXES: dict[str, dict[str, Callable]] = {}
+INPUT_FIXES: dict[str, dict[str, Callable]] = {
+    # text features of every layer of the text encoder: (batch, tokens, layers, width)
+    "Krea2Transformer2DModel": {"encoder_hidden_states": lambda m, layout, g: torch.randn(
+        1, TEXT_LEN, m.config.num_text_layers, m.config.text_hidden_dim, generator=g)},
+    "QwenImage21Transformer2DModel": {"img_mask": lambda m, layout, g: torch.zeros(1, TEXT_LEN, dtype=torch.bool),
+                                      "img_shapes": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
+    "GlmImageTransformer2DModel": {
+        "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
+        "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},
+}
 
 # Optional arguments filled only when the model needs them (their default None is a valid call).
-_ONLY_IF_REQUIRED = {"encoder_attention_mask", "encoder_hidden_states_mask", "text_embedding_mask",
+_ONLY_IF_REQUIRED = {"encoder_hidden_states_image", "image_embeds", "global_hidden_states", "control_hidden_states",
+                     "encoder_attention_mask_2", "image_meta_size", "style", "encoder_attention_mask", "encoder_hidden_states_mask", "text_embedding_mask",
                      "text_embedding_mask_t5", "class_labels", "num_frames", "height", "width",
                      "encoder_hidden_states_2", "encoder_hidden_states_t5"}
 

@@ -172,9 +172,12 @@ def _via_enable_cache(model):
 
 
 def _via_backend(model, inner: str = "eager"):
+    from ..capture import private_code
     from ..config import DBCacheConfig
 
-    return torch.compile(model, backend="cachedit", dynamic=False,
+    # The forward's private code copy: diffusers' shared peft wrapper would otherwise count every
+    # class's compile against one recompile limit (8) in this process.
+    return torch.compile(private_code(model.forward), backend="cachedit", dynamic=False,
                          options={"inner": inner, "cache_config": DBCacheConfig(**CACHE)})
 
 

@@ -37,6 +37,8 @@ CONFIG_FIXES: dict[str, dict] = {
                                           sample_height=8),
     "HiDreamImageTransformer2DModel": dict(patch_size=2, out_channels=4, in_channels=4, caption_channels=[32, 16],
                                            text_emb_dim=32, llama_layers=[0, 1], max_resolution=(8, 8)),
+    "ConsisIDTransformer3DModel": dict(sample_width=8, sample_height=8, sample_frames=5, max_text_seq_length=8),
+    "Kandinsky6Transformer3DModel": dict(visual_cond=False),
     "LuminaNextDiT2DModel": dict(num_kv_heads=2),
     "PRXTransformer2DModel": dict(axes_dim=[8, 8]),
     "OmniGenTransformer2DModel": dict(rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
