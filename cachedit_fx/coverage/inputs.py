@@ -19,7 +19,7 @@ from ..testing.components import latent_image_ids
 
 TEXT_LEN, SIDE, FRAMES = 8, 4, 2
 TOKENS = SIDE * SIDE
-_CHANNEL_KEYS = ("in_channels", "in_visual_dim", "in_dim", "latent_channels", "in_chans", "latent_dim", "io_channels",
+_CHANNEL_KEYS = ("audio_acoustic_hidden_dim", "in_channels", "in_visual_dim", "in_dim", "latent_channels", "in_chans", "latent_dim", "io_channels",
                  "input_dim", "in_channel")
 _TEXT_KEYS = ("joint_attention_dim", "text_dim", "caption_channels", "cross_attention_dim", "text_embed_dim",
               "cap_feat_dim", "context_in_dim", "in_text_dim", "text_hidden_dim", "text_emb_dim",
@@ -76,7 +76,7 @@ def candidates(model) -> Iterator[Layout]:
     """The latent layouts to try, most likely first: packed tokens for models that take positional ids
     or image shapes next to the latent, video for 3-d models, image otherwise."""
     names, cls = set(forward_parameters(model)), type(model).__name__
-    if names & {"img_ids", "img_shapes", "position_ids", "img_sizes"}:
+    if names & {"img_ids", "img_shapes", "position_ids", "img_sizes"} and "input_ids" not in names:
         order = ["tokens", "image", "video"]
     elif "1D" in cls or "Audio" in cls or "Music" in cls:
         order = ["sequence", "tokens"]
@@ -151,11 +151,53 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
 
 
 # Arguments particular to one class, as data: name -> builder(model, layout, generator).
+_OMNIGEN_SEQ = TOKENS + TEXT_LEN + 1 + TOKENS  # prompt, time token, latent tokens
+
+
+def _ideogram_positions(m, layout, g):
+    from diffusers.models.transformers.transformer_ideogram4 import IMAGE_POSITION_OFFSET
+
+    grid = latent_image_ids(SIDE).long()
+    grid[:, 0] = 0
+    return (grid + IMAGE_POSITION_OFFSET).unsqueeze(0)
+
+
+def _ideogram_indicator(m, layout, g):
+    from diffusers.models.transformers.transformer_ideogram4 import OUTPUT_IMAGE_INDICATOR
+
+    return torch.full((1, TOKENS), OUTPUT_IMAGE_INDICATOR, dtype=torch.long)
+
+
 INPUT_FIXES: dict[str, dict[str, Callable]] = {
+    "AceStepTransformer1DModel": {"context_latents": lambda m, layout, g: torch.randn(
+        1, TOKENS, 2 * m.config.audio_acoustic_hidden_dim, generator=g)},
+    # one sequence of image tokens (the text rides in encoder_hidden_states at the same positions)
+    "Ideogram4Transformer2DModel": {
+        "encoder_hidden_states": lambda m, layout, g: torch.randn(1, TOKENS, m.config.llm_features_dim, generator=g),
+        "position_ids": _ideogram_positions, "indicator": _ideogram_indicator,
+        "segment_ids": lambda m, layout, g: torch.ones(1, TOKENS, dtype=torch.long)},
+    # a timestep per latent frame
+    "AnyFlowTransformer3DModel": {
+        "timestep": lambda m, layout, g: torch.full((1, layout.frames), 1000.0),
+        "r_timestep": lambda m, layout, g: torch.full((1, layout.frames), 500.0)},
+    # the text encoder's hidden states of every layer, one per block
+    "BriaFiboTransformer2DModel": {"text_encoder_layers": lambda m, layout, g: [
+        torch.randn(1, TEXT_LEN, m.config.text_encoder_dim, generator=g)
+        for _ in range(m.config.num_layers + m.config.num_single_layers)]},
+    # a prompt whose first TOKENS ids are replaced by the tokens of one input image
+    "OmniGenTransformer2DModel": {
+        "input_ids": lambda m, layout, g: torch.randint(0, 10, (1, TOKENS + TEXT_LEN), generator=g),
+        "input_img_latents": lambda m, layout, g: [torch.randn(layout.shape(channels(m)), generator=g)],
+        "input_image_sizes": lambda m, layout, g: {0: [[0, TOKENS]]},
+        "attention_mask": lambda m, layout, g: torch.ones(1, _OMNIGEN_SEQ, _OMNIGEN_SEQ),
+        "position_ids": lambda m, layout, g: torch.arange(_OMNIGEN_SEQ).unsqueeze(0)},
+    "StableAudio3DiTModel": {"global_hidden_states": lambda m, layout, g: torch.randn(
+        1, m.config.global_cond_dim, generator=g)},
     # text features of every layer of the text encoder: (batch, tokens, layers, width)
     "Krea2Transformer2DModel": {"encoder_hidden_states": lambda m, layout, g: torch.randn(
         1, TEXT_LEN, m.config.num_text_layers, m.config.text_hidden_dim, generator=g)},
-    "QwenImage21Transformer2DModel": {"img_mask": lambda m, layout, g: torch.zeros(1, TEXT_LEN, dtype=torch.bool),
+    # one vision slot per 2x2 target latents after the text
+    "QwenImage21Transformer2DModel": {"img_mask": lambda m, layout, g: torch.arange(TEXT_LEN + TOKENS // 4)[None] >= TEXT_LEN,
                                       "img_shapes": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
@@ -183,9 +225,9 @@ def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0, 
              **{k: (lambda f=f: f(model, layout, g)) for k, f in INPUT_FIXES.get(type(model).__name__, {}).items()}}
     latent, t_name = latent_name(model), timestep_name(model)
     out = {latent: torch.randn(layout.shape(channels(model)), generator=g)}
-    if t_name is not None:
-        out[t_name] = torch.tensor([timestep])
     fixes = INPUT_FIXES.get(type(model).__name__, {})
+    if t_name is not None:
+        out[t_name] = rules[t_name]() if t_name in fixes else torch.tensor([timestep])
     for name, p in params.items():
         if name in out:
             continue

@@ -39,6 +39,9 @@ CONFIG_FIXES: dict[str, dict] = {
                                            text_emb_dim=32, llama_layers=[0, 1], max_resolution=(8, 8)),
     "ConsisIDTransformer3DModel": dict(sample_width=8, sample_height=8, sample_frames=5, max_text_seq_length=8),
     "Kandinsky6Transformer3DModel": dict(visual_cond=False),
+    "AceStepTransformer1DModel": dict(in_channels=96),  # the latent and its two context latents, stacked
+    "Ideogram4Transformer2DModel": dict(mrope_section=(2, 1, 1)),
+    "NucleusMoEImageTransformer2DModel": dict(out_channels=16),  # in_channels holds 2x2 patches of 16
     "LuminaNextDiT2DModel": dict(num_kv_heads=2),
     "PRXTransformer2DModel": dict(axes_dim=[8, 8]),
     "OmniGenTransformer2DModel": dict(rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
