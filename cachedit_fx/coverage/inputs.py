@@ -168,7 +168,24 @@ def _ideogram_indicator(m, layout, g):
     return torch.full((1, TOKENS), OUTPUT_IMAGE_INDICATOR, dtype=torch.long)
 
 
+def _hunyuandit_rope(m, layout, g):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    grid = 2 * SIDE // m.config.patch_size
+    return get_2d_rotary_pos_embed(m.inner_dim // m.num_heads, ((0, 0), (grid, grid)), (grid, grid),
+                                   output_type="pt")
+
+
+def _lumina_rope(m, layout, g):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    return get_2d_rotary_pos_embed_lumina(m.head_dim, 384, 384)
+
+
 INPUT_FIXES: dict[str, dict[str, Callable]] = {
+    # the rotary tables the pipelines compute for the latent grid
+    "HunyuanDiT2DModel": {"image_rotary_emb": _hunyuandit_rope},
+    "LuminaNextDiT2DModel": {"image_rotary_emb": _lumina_rope},
     "AceStepTransformer1DModel": {"context_latents": lambda m, layout, g: torch.randn(
         1, TOKENS, 2 * m.config.audio_acoustic_hidden_dim, generator=g)},
     # one sequence of image tokens (the text rides in encoder_hidden_states at the same positions)
@@ -191,6 +208,13 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
         "input_image_sizes": lambda m, layout, g: {0: [[0, TOKENS]]},
         "attention_mask": lambda m, layout, g: torch.ones(1, _OMNIGEN_SEQ, _OMNIGEN_SEQ),
         "position_ids": lambda m, layout, g: torch.arange(_OMNIGEN_SEQ).unsqueeze(0)},
+    # the audio stream beside the video latent (held fixed: the loop drives the video)
+    "LTX2VideoTransformer3DModel": {
+        "audio_hidden_states": lambda m, layout, g: torch.randn(1, 9, m.config.audio_in_channels, generator=g),
+        "audio_encoder_hidden_states": lambda m, layout, g: torch.randn(1, TEXT_LEN, m.config.caption_channels,
+                                                                        generator=g),
+        "audio_num_frames": lambda m, layout, g: 9,
+        "encoder_attention_mask": lambda m, layout, g: torch.ones(1, TEXT_LEN, dtype=torch.bool)},
     "StableAudio3DiTModel": {"global_hidden_states": lambda m, layout, g: torch.randn(
         1, m.config.global_cond_dim, generator=g)},
     # text features of every layer of the text encoder: (batch, tokens, layers, width)

@@ -24,7 +24,8 @@ _AXES = re.compile(r"(axes_dim|axes_dims|axes_dims_rope|rope_axes_dim|rope_dim_l
 
 # Values that depend on another in the model's code, which no name rule sees.
 CONFIG_FIXES: dict[str, dict] = {
-    "HunyuanDiT2DModel": dict(in_channels=4, patch_size=2, sample_size=8),
+    "HunyuanDiT2DModel": dict(in_channels=4, patch_size=2, sample_size=8, cross_attention_dim_t5=32, text_len=8,
+                              text_len_t5=8),
     "LatteTransformer3DModel": dict(in_channels=4, out_channels=8, patch_size=2, sample_size=8, caption_channels=32,
                                     cross_attention_dim=32, num_embeds_ada_norm=1000, norm_type="ada_norm_single",
                                     num_layers=2, video_length=2),
