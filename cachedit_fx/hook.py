@@ -14,7 +14,8 @@ Modes, in the order a transformer usually goes through them:
 - ``ONE_GRAPH``: the first inference call compiled the forward as one graph, making the submodules that
   break it inside every block islands (islands.py) until it fit.
 - ``GRAPH_BREAKS``: the forward still breaks outside the blocks (or a later recompile met a break):
-  compiled with breaks; the graph holding the blocks is cached.
+  compiled with breaks; the graph holding the blocks is cached. When no graph holds two of the largest
+  list's blocks (a break before the block loop that Dynamo cannot resume from), that list goes ``EAGER``.
 - ``OVER_SHAPE_LIMIT``: ``MAX_GRAPHS`` input shapes have compiled; calls with further shapes run the
   plain forward (one warning), known shapes keep their graphs.
 - ``EAGER``: the blocks' own forward breaks the graph (islands cannot isolate a block from itself), or

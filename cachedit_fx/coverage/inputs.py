@@ -44,6 +44,7 @@ LAYOUTS = {
     "video_fchw": Layout("video_fchw", lambda c: (1, FRAMES, c, 2 * SIDE, 2 * SIDE), FRAMES),
     "sequence": Layout("sequence", lambda c: (1, c, TOKENS)),
     "video_fhwc": Layout("video_fhwc", lambda c: (FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
+    "video_bfhwc": Layout("video_bfhwc", lambda c: (1, FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
 }
 
 
@@ -81,7 +82,7 @@ def candidates(model) -> Iterator[Layout]:
     elif "1D" in cls or "Audio" in cls or "Music" in cls:
         order = ["sequence", "tokens"]
     elif "3D" in cls or "Video" in cls:
-        order = ["video", "video_fchw", "tokens", "video_fhwc"]
+        order = ["video", "video_fchw", "tokens", "video_bfhwc", "video_fhwc"]
     else:
         order = ["image", "tokens", "video"]
     yield from (LAYOUTS[n] for n in dict.fromkeys(order + list(LAYOUTS)))
@@ -137,6 +138,9 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
         "style": lambda: torch.tensor([0]),
         "position_ids": lambda: torch.cat([_ids(columns, TEXT_LEN, True), _ids(columns, TOKENS, False)]),
         "mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
+        # rotary positions per axis of the (patchified) latent grid and of the text
+        "visual_rope_pos": lambda: [torch.arange(layout.frames), torch.arange(SIDE), torch.arange(SIDE)],
+        "text_rope_pos": lambda: torch.arange(TEXT_LEN),
         "indices_latents": lambda: torch.arange(layout.frames),
         "encoder_mask": lambda: torch.ones(1, TEXT_LEN, dtype=torch.bool),
         "text_lens": lambda: torch.tensor([TEXT_LEN]),
@@ -215,6 +219,9 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
                                                                         generator=g),
         "audio_num_frames": lambda m, layout, g: 9,
         "encoder_attention_mask": lambda m, layout, g: torch.ones(1, TEXT_LEN, dtype=torch.bool)},
+    # conditioning aligned with the latent's frames
+    "MiniMaxMusic3Transformer1DModel": {"encoder_hidden_states": lambda m, layout, g: torch.randn(
+        1, TOKENS, m.config.condition_dim, generator=g)},
     "StableAudio3DiTModel": {"global_hidden_states": lambda m, layout, g: torch.randn(
         1, m.config.global_cond_dim, generator=g)},
     # text features of every layer of the text encoder: (batch, tokens, layers, width)

@@ -43,6 +43,7 @@ CONFIG_FIXES: dict[str, dict] = {
     "AceStepTransformer1DModel": dict(in_channels=96),  # the latent and its two context latents, stacked
     "Ideogram4Transformer2DModel": dict(mrope_section=(2, 1, 1)),
     "NucleusMoEImageTransformer2DModel": dict(out_channels=16),  # in_channels holds 2x2 patches of 16
+    "MiniMaxMusic3Transformer1DModel": dict(rotary_dim=8),  # a part of the (16-wide) head
     "LuminaNextDiT2DModel": dict(num_kv_heads=2),
     "PRXTransformer2DModel": dict(axes_dim=[8, 8]),
     "OmniGenTransformer2DModel": dict(rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},

@@ -224,31 +224,7 @@ def latent_input(gm: GraphModule) -> Node | None:
                 return i
     named = [i for i in inputs if getattr(getattr(i, "_dynamo_source", None), "local_name", None) == "hidden_states"
              or getattr(getattr(i, "_dynamo_source", None), "index", None) == "hidden_states"]
-    if named:
-        return named[0]
-    # A graph that resumes after a graph break (a host sync while preparing the inputs) takes the latent
-    # already embedded as tokens, whose shape the output does not have: there the latent is the largest
-    # activation the output derives from (image / video tokens outnumber text tokens).
-    feeding = _inputs_reaching(output, inputs)
-    return max(feeding or inputs, key=lambda i: _numel(node_value(i)))
-
-
-def _inputs_reaching(output: Node, inputs: list[Node]) -> list[Node]:
-    wanted, seen, todo = set(inputs), set(), [output]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return [i for i in inputs if i in seen and i in wanted]
-
-
-def _numel(value) -> int:
-    shape = concrete_shape(value) or ()
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
+    return (named or inputs)[0]
 
 
 _SINUSOID = ("sin", "cos")
