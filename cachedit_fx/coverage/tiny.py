@@ -20,7 +20,7 @@ _WIDE = re.compile(r"(dim|_size|_channels|hidden_size|width)$")
 _NOT_WIDE = re.compile(r"^(in_channels|out_channels|latent_channels|sample_size|patch_size|vocab_size|"
                        r"max_position_embeddings|.*_len|.*max.*|.*pos.*|.*patch.*|.*sampling_rate|.*hop_length|"
                        r"text_len.*|.*batch_size|.*num_.*|.*groups)$")
-_AXES = re.compile(r"(axes_dim|axes_dims|axes_dims_rope|rope_axes_dim|rope_dim_list|axes_dim_rope)$")
+_AXES = re.compile(r"(axes_dim|axes_dims|axes_dims_rope|rope_axes_dim|rope_dim_list|axes_dim_rope|rope_dim)$")
 
 # Values that depend on another in the model's code, which no name rule sees.
 CONFIG_FIXES: dict[str, dict] = {
