@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .matrix import CACHES, NOT_DIT
+from .matrix import CACHE, CACHES, NOT_DIT, STEPS
 
 JSON_PATH = os.path.join(os.path.dirname(__file__), "matrix.json")
 
@@ -54,11 +54,12 @@ def markdown(data: dict, command: str) -> str:
         "Every `ModelMixin` class under `diffusers.models.transformers` is built tiny with random weights "
         "(2 blocks per list, 2 heads of 16, widths of 32, from its own config; the offline zoo's builders "
         "for its 18 families), given real-shaped inputs and run for "
-        "a few denoising steps uncached, through `cachedit_fx.enable_cache(transformer, compile=False)` "
+        f"{STEPS} denoising steps uncached, through `cachedit_fx.enable_cache(transformer, compile=False)` "
         "and through `torch.compile(transformer, backend=\"cachedit\", options={\"inner\": \"eager\"})`. "
-        "A class *caches* when `enable_cache` caches a chain that holds its main block list (the list with "
-        "most parameters); a side list caching (a text refiner) does not count. No class has code of its "
-        "own in the passes: chains, streams and patterns come from the graph.",
+        f"with `{', '.join(f'{k}={v}' for k, v in CACHE.items())}` (random weights change more per step "
+        "than trained ones). A class *caches* when `enable_cache` skips steps on a chain that holds its main "
+        "block list (the list with most parameters); a side list caching (a text refiner) does not count. "
+        "No class has code of its own in the passes: chains, streams and patterns come from the graph.",
         "",
         f"**{c['classes']} classes, {c['dits']} diffusion transformers, {c['cache']} cache "
         f"({c['percent']}%).**",

@@ -109,6 +109,15 @@ def tiny_config(cls: type) -> dict:
 
 
 def build(cls: type, seed: int = 0) -> torch.nn.Module:
-    """A seeded, random-weight, eval-mode ``cls`` from :func:`tiny_config`."""
+    """A seeded, random-weight, eval-mode ``cls`` from :func:`tiny_config`.
+
+    Weights a model initialises to zero (adaLN-zero gates, zero output projections) are drawn small
+    and random too, as training leaves them: at zero every block is the identity, its residual zero
+    and the cache's relative diff 0 / 0."""
     torch.manual_seed(seed)
-    return cls(**tiny_config(cls)).eval()
+    model = cls(**tiny_config(cls)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and p.is_floating_point() and not p.any():
+                p.normal_(0.0, 0.02)
+    return model
