@@ -27,6 +27,11 @@ class CachedChain:
     state: ChainState
 
 
+def chain_lists(name: str | None) -> list[str]:
+    """The block list paths of a chain's name (``transformer_blocks[2]+single_transformer_blocks[2]``)."""
+    return [part.rsplit("[", 1)[0] for part in (name or "").split("+") if part]
+
+
 @dataclass(eq=False)
 class CompiledGraph:
     """One compiled graph's chains and the ids of the parameters it was compiled for."""

@@ -14,7 +14,8 @@ Modes, in the order a transformer usually goes through them:
 - ``ONE_GRAPH``: the first inference call compiled the forward as one graph, making the submodules that
   break it inside every block islands (islands.py) until it fit.
 - ``GRAPH_BREAKS``: the forward still breaks outside the blocks (or a later recompile met a break):
-  compiled with breaks; the graph holding the blocks is cached.
+  compiled with breaks; the graph holding the blocks is cached. When no graph holds two of the largest
+  list's blocks (a break before the block loop that Dynamo cannot resume from), that list goes ``EAGER``.
 - ``OVER_SHAPE_LIMIT``: ``MAX_GRAPHS`` input shapes have compiled; calls with further shapes run the
   plain forward (one warning), known shapes keep their graphs.
 - ``EAGER``: the blocks' own forward breaks the graph (islands cannot isolate a block from itself), or
@@ -41,7 +42,7 @@ from .capture import breaks_graph, describe_break, logging_ignored, our_error, p
 from .config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
 from .eager import EagerCache, call_inputs
 from .errors import ConfigError, IslandsNeeded, NoCacheableChain
-from .handle import CacheHandle
+from .handle import CacheHandle, chain_lists
 from .offload import offload_hooks
 from .passes import PinnedList
 
@@ -310,7 +311,7 @@ class CacheHook(ModelHook):
         return out
 
     def _fit_one_graph(self, module, args, kwargs):
-        ran_eagerly = False
+        ran_eagerly, outside = False, None  # outside: a break outside the blocks, which islands cannot help
         for _ in range(_ISLAND_ROUNDS):
             fn = self._compile(self._one_graph_backend, fullgraph=True)
             try:
@@ -337,6 +338,7 @@ class CacheHook(ModelHook):
                 if not new:
                     path = islands.breaking_block_list(module, e)
                     if path is None:
+                        outside = describe_break(e)
                         break
                     self._start_eager(path, f"{describe_break(e)} breaks the graph in the own forward of "
                                             "every block, which islands cannot isolate")
@@ -345,7 +347,7 @@ class CacheHook(ModelHook):
                 continue
             self._compiled, self.mode = fn, Mode.ONE_GRAPH
             return out
-        return self._run_with_breaks(args, kwargs)
+        return self._run_with_breaks(args, kwargs, outside)
 
     def _start_eager(self, path: str | None, reason: str | None) -> None:
         """Cache the block list at ``path`` (the pinned one, else the largest) eagerly from now on."""
@@ -381,9 +383,20 @@ class CacheHook(ModelHook):
         finally:
             self._eager.end()
 
-    def _run_with_breaks(self, args, kwargs):
+    def _run_with_breaks(self, args, kwargs, outside: str | None = None):
+        """Compile with graph breaks. When a break outside the blocks (``outside``: a data-dependent
+        branch or shape while preparing the inputs, inside a loop Dynamo cannot resume in) leaves the
+        backbone's blocks in graphs that hold no two of them, the backbone — the largest block list —
+        gets the eager cache instead, with one warning naming the break: a side list caching (a text
+        refiner in the graph before the break) is not the model caching."""
         self._compiled, self.mode = self._compile(self._backend, fullgraph=False), Mode.GRAPH_BREAKS
-        return self._compiled(*args, **kwargs)
+        out = self._compiled(*args, **kwargs)
+        main = _largest_block_list(self._module())
+        if outside is not None and main is not None and not any(main in chain_lists(c.about.name) for c in self.handle.chains):
+            self.handle.graphs.clear()
+            self._start_eager(main, f"{outside} breaks the graph before the block loop, which leaves the blocks "
+                                    f"of {main} in graphs that hold no two of them")
+        return out
 
 
 def _largest_block_list(module: torch.nn.Module) -> str | None:

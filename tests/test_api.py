@@ -262,8 +262,8 @@ def test_inductor_with_islands_and_glue_cat():
 
 def test_supported_pipelines():
     count, names = cf.supported_pipelines()
-    assert "FluxPipeline" in names and "WanPipeline" in names
-    assert names == sorted(set(names)) and count == len(names) == len(zoo.FAMILY_NAMES)
+    assert names == sorted(set(names)) and count == len(names)
+    assert {f.pipeline_class for f in zoo.families()} <= set(names)  # the zoo's pipelines are in the matrix
 
 
 def test_many_enables_in_one_process_keep_caching():
