@@ -389,3 +389,31 @@ def test_an_error_the_model_raises_in_a_block_propagates_as_it_is():
         request(model, uniform(2))
     assert not cache_hook(model).islands  # no island was made of the raising attention
     cf.disable_cache(model)
+
+
+class FlexBlock(nn.Module):
+    """Self-attention through flex_attention with a score_mod: the higher-order op's subgraph is a
+    get_attr between the block's nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.mlp = nn.Linear(tinydit.D, 3 * tinydit.D), nn.Linear(tinydit.D, tinydit.D)
+
+    def forward(self, x, ctx):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        x = x + flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.1 * (i - j).abs()).squeeze(1)
+        return x + self.mlp(x)
+
+
+def test_flex_attention_blocks_cache_and_a_computed_step_is_exact():
+    model = _with_blocks(FlexBlock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention's "called without torch.compile" note, uncached
+        want = request(model, uniform(8))
+        cf.enable_cache(model, cache_config=CACHE, compile=False)
+        got = request(model, uniform(8))
+    assert cache_hook(model).mode is Mode.ONE_GRAPH and cached_steps(model) > 0
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    cf.disable_cache(model)

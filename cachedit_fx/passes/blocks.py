@@ -17,7 +17,7 @@ from ..fx_utils import concrete_shape, module_path, node_value
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 # Op names that mark an attention block; an island node lists the ones it hides in its name (islands.py).
-ATTENTION_OPS = ("scaled_dot_product_attention", "softmax", "baddbmm", "bmm")
+ATTENTION_OPS = ("scaled_dot_product_attention", "flex_attention", "softmax", "baddbmm", "bmm")
 
 
 @dataclass(eq=False)
@@ -103,8 +103,17 @@ def find_blocks(gm: GraphModule) -> list[Block]:
     return [b for b in blocks if counts[b.list_path] >= 2]
 
 
+def _next_compute(n: Node) -> Node:
+    """The node after ``n``, past get_attr nodes (a higher-order op's subgraphs sit between the block's
+    nodes, e.g. flex_attention's score_mod / mask_mod)."""
+    n = n.next
+    while n.op == "get_attr":
+        n = n.next
+    return n
+
+
 def _is_contiguous(b: Block) -> bool:
-    return all(b.nodes[i].next is b.nodes[i + 1] for i in range(len(b.nodes) - 1))
+    return all(_next_compute(b.nodes[i]) is b.nodes[i + 1] for i in range(len(b.nodes) - 1))
 
 
 def _between(a: Block, b: Block) -> list[Node]:

@@ -34,18 +34,19 @@ def inline(graph: torch.fx.Graph, sub: GraphModule, args) -> list[Node]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _branch(n_operands: int, body) -> GraphModule:
-    """A flat cond branch (no submodules, so torch.export can trace it) returning fresh tensors:
-    branch outputs must not alias operands or each other (Flux single blocks return slices)."""
+def _branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
+    """A flat cond branch returning fresh tensors: branch outputs must not alias operands or each other
+    (Flux single blocks return slices). It holds no submodules, so torch.export can trace it, except the
+    subgraphs a higher-order op in ``segment`` reads (flex_attention's score_mod), copied from it."""
     graph = torch.fx.Graph()
     operands = [graph.placeholder(f"operand_{i}") for i in range(n_operands)]
     outs = body(graph, operands)
     graph.output(tuple(graph.call_method("clone", (o,), {"memory_format": torch.contiguous_format}) for o in outs))
-    return GraphModule(torch.nn.Module(), graph)
+    return GraphModule(segment, graph)  # takes from ``segment`` only what the graph's get_attr nodes name
 
 
 def full_branch(middle: GraphModule, n_operands: int) -> GraphModule:
-    return _branch(n_operands, lambda g, ops: inline(g, middle, ops[: len(_placeholders(middle))]))
+    return _branch(n_operands, lambda g, ops: inline(g, middle, ops[: len(_placeholders(middle))]), middle)
 
 
 def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_operands: int) -> GraphModule:
@@ -61,7 +62,7 @@ def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_operands: int
         fc = g.call_function(forecast_fn, (base, ladder_len, distance, ladders))
         return [g.call_function(operator.getitem, (fc, i)) for i in range(k)]
 
-    return _branch(n_operands, body)
+    return _branch(n_operands, body, passthrough)
 
 
 def _placeholders(gm: GraphModule) -> list[Node]:

@@ -84,11 +84,22 @@ def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int) -> Split:
     h_fn = _role_output(info.streams[fn - 1], "H")
     h_in = _as_block_reads(h_in, h_fn, fn_nodes)
     inside = set(middle)
-    inputs = list(dict.fromkeys(a for m in middle for a in m.all_input_nodes if a not in inside))
+    # A get_attr (a higher-order op's subgraph: flex_attention's score_mod / mask_mod) is code, not data:
+    # the segments copy it rather than take it as an operand.
+    inputs = list(dict.fromkeys(a for m in middle for a in m.all_input_nodes if a not in inside and a.op != "get_attr"))
     outputs = [m for m in middle if any(u not in inside for u in m.users)]
     h_mid = _role_output(info.streams[n - bn - 1], "H") if middle else None
     roles = {o: ("H" if o is h_mid else "E") for o in outputs}
     return Split(info, fn, bn, fn_nodes, middle, bn_nodes, h_in, h_fn, inputs, outputs, roles)
+
+
+def _reader(graph: torch.fx.Graph, env: dict):
+    """Maps a node to its copy in ``graph``; a get_attr the segment reads is copied in on first use."""
+    def read(a: Node) -> Node:
+        if a not in env and a.op == "get_attr":
+            env[a] = graph.node_copy(a)
+        return env[a]
+    return read
 
 
 def segment_module(gm: GraphModule, nodes: list[Node], inputs: list[Node], outputs: list[Node]) -> GraphModule:
@@ -97,8 +108,9 @@ def segment_module(gm: GraphModule, nodes: list[Node], inputs: list[Node], outpu
     env = {i: graph.placeholder(i.name) for i in inputs}
     for i in inputs:
         env[i].meta = dict(i.meta)
+    read = _reader(graph, env)
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda a: env[a])
+        env[node] = graph.node_copy(node, read)
     graph.output(tuple(env[o] for o in outputs))
     return GraphModule(gm, graph)
 
@@ -114,10 +126,11 @@ def passthrough_module(gm: GraphModule, split: Split) -> GraphModule:
                 owner[node] = bs
     graph = torch.fx.Graph()
     env = {i: graph.placeholder(i.name) for i in split.middle_inputs}
+    read = _reader(graph, env)
     for node in split.middle_nodes:
         bs = owner.get(node)
         if bs is None:
-            env[node] = graph.node_copy(node, lambda a: env[a])
+            env[node] = graph.node_copy(node, read)
         elif node in bs.continues:
             src = bs.continues[node]
             if src is None:
