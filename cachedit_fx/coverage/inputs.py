@@ -189,7 +189,8 @@ def _lumina_rope(m, layout, g):
 INPUT_FIXES: dict[str, dict[str, Callable]] = {
     # the rotary tables the pipelines compute for the latent grid
     "HunyuanDiT2DModel": {"image_rotary_emb": _hunyuandit_rope},
-    "LuminaNextDiT2DModel": {"image_rotary_emb": _lumina_rope},
+    # its blocks unpack cross_attention_kwargs unconditionally (None is not a mapping)
+    "LuminaNextDiT2DModel": {"image_rotary_emb": _lumina_rope, "cross_attention_kwargs": lambda m, layout, g: {}},
     "AceStepTransformer1DModel": {"context_latents": lambda m, layout, g: torch.randn(
         1, TOKENS, 2 * m.config.audio_acoustic_hidden_dim, generator=g)},
     # one sequence of image tokens (the text rides in encoder_hidden_states at the same positions)
