@@ -240,6 +240,9 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
     # one vision slot per 2x2 target latents after the text
     "QwenImage21Transformer2DModel": {"img_mask": lambda m, layout, g: torch.arange(TEXT_LEN + TOKENS // 4)[None] >= TEXT_LEN,
                                       "img_shapes": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
+    # the text features as bundles: the Perceiver's first, then one per injection block
+    "BriaFibo2Transformer2DModel": {"encoder_hidden_states": lambda m, layout, g: torch.randn(
+        1, 1 + len(m.config.injection_layer_ids), TEXT_LEN, m.config.cap_feat_dim, generator=g)},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},
