@@ -45,6 +45,8 @@ LAYOUTS = {
     "sequence": Layout("sequence", lambda c: (1, c, TOKENS)),
     "video_fhwc": Layout("video_fhwc", lambda c: (FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
     "video_bfhwc": Layout("video_bfhwc", lambda c: (1, FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
+    # already patchified: one (1, 2, 2) patch of every channel per token
+    "patches": Layout("patches", lambda c: (1, TOKENS, c, 1, 2, 2), packed=True),
 }
 
 
@@ -243,6 +245,8 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
     # the text features as bundles: the Perceiver's first, then one per injection block
     "BriaFibo2Transformer2DModel": {"encoder_hidden_states": lambda m, layout, g: torch.randn(
         1, 1 + len(m.config.injection_layer_ids), TEXT_LEN, m.config.cap_feat_dim, generator=g)},
+    # the (frames, rows, columns) of the patch grid of each image in the sequence (here the target only)
+    "JoyImageEditPlusTransformer3DModel": {"shape_list": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},
