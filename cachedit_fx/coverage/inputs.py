@@ -247,6 +247,9 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
         1, 1 + len(m.config.injection_layer_ids), TEXT_LEN, m.config.cap_feat_dim, generator=g)},
     # the (frames, rows, columns) of the patch grid of each image in the sequence (here the target only)
     "JoyImageEditPlusTransformer3DModel": {"shape_list": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
+    # the noisy latent, the anchor latent and the anchor mask side by side on the channel axis
+    "Kandinsky6SRTransformer3DModel": {"hidden_states": lambda m, layout, g: torch.randn(
+        layout.shape(2 * m.config.in_visual_dim + 1), generator=g)},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},
@@ -272,8 +275,9 @@ def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0, 
     rules = {**shared_rules(model, layout, g),
              **{k: (lambda f=f: f(model, layout, g)) for k, f in INPUT_FIXES.get(type(model).__name__, {}).items()}}
     latent, t_name = latent_name(model), timestep_name(model)
-    out = {latent: torch.randn(layout.shape(channels(model)), generator=g)}
     fixes = INPUT_FIXES.get(type(model).__name__, {})
+    # a latent with conditioning channels beside the noisy ones comes from its class's data
+    out = {latent: rules[latent]() if latent in fixes else torch.randn(layout.shape(channels(model)), generator=g)}
     if t_name is not None:
         out[t_name] = rules[t_name]() if t_name in fixes else torch.tensor([timestep])
     for name, p in params.items():

@@ -49,6 +49,8 @@ CONFIG_FIXES: dict[str, dict] = {
     "OmniGenTransformer2DModel": dict(rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
                                       vocab_size=256, pad_token_id=0),
     "WanVACETransformer3DModel": dict(vace_layers=[0], vace_in_channels=48),
+    # a prediction as wide as the input (the noisy latent, the anchor latent and its mask)
+    "Kandinsky6SRTransformer3DModel": dict(in_visual_dim=8, out_visual_dim=17),
     # an injection block inside the tiny depth; a handful of gist tokens for an 8-token prompt
     "BriaFibo2Transformer2DModel": dict(injection_layer_ids=(1,), min_num_gist_tokens=4, max_num_gist_tokens=8,
                                         gist_step=4, gist_min_text_len=4, gist_max_text_len=16),
