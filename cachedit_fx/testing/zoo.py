@@ -134,7 +134,8 @@ def _guide(uncond, cond, scale):
 
 
 def _match(pred, x):
-    """Models that predict extra channels (learned sigma) return more than the latent holds."""
+    """Models that predict extra channels (learned sigma: a multiple of the latent's) or that return the
+    whole joint sequence (the prompt's tokens, then the latent's) return more than the latent holds."""
     if pred.shape != x.shape and pred.dim() == x.dim() and pred.shape[1] > x.shape[1]:
-        pred = pred[:, : x.shape[1]]
+        pred = pred[:, : x.shape[1]] if pred.shape[1] % x.shape[1] == 0 else pred[:, -x.shape[1]:]
     return pred.reshape(x.shape)
