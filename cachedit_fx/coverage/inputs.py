@@ -230,10 +230,12 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
         "chunk_partition": lambda m, layout, g: [layout.frames],
         "timestep": lambda m, layout, g: torch.full((1, layout.frames), 1000.0),
         "r_timestep": lambda m, layout, g: torch.full((1, layout.frames), 500.0)},
-    # the RoPE of the window's absolute frame positions, as the model builds it
-    "SanaWMLTX2RefinerTransformer3DModel": {"video_rotary_emb": lambda m, layout, g: (
-        m.build_rotary_emb_for_absolute_positions(1, list(range(layout.frames)), 2 * SIDE, 2 * SIDE,
-                                                  torch.device("cpu"), 24.0))},
+    # patchified tokens of one latent frame, a timestep per token, and the RoPE of that frame's absolute
+    # position, as the model builds it
+    "SanaWMLTX2RefinerTransformer3DModel": {
+        "video_rotary_emb": lambda m, layout, g: m.build_rotary_emb_for_absolute_positions(
+            1, [0], SIDE, SIDE, torch.device("cpu"), 24.0),
+        "timestep": lambda m, layout, g: torch.full((1, TOKENS), 1000.0)},
     "StableAudio3DiTModel": {"global_hidden_states": lambda m, layout, g: torch.randn(
         1, m.config.global_cond_dim, generator=g)},
     # text features of every layer of the text encoder: (batch, tokens, layers, width)
