@@ -252,6 +252,10 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
     # the noisy latent, the anchor latent and the anchor mask side by side on the channel axis
     "Kandinsky6SRTransformer3DModel": {"hidden_states": lambda m, layout, g: torch.randn(
         layout.shape(2 * m.config.in_visual_dim + 1), generator=g)},
+    # a timestep per latent frame (B, 1, T) and the prompt as (B, 1, L, D), LTX style
+    "SanaWMTransformer3DModel": {
+        "timestep": lambda m, layout, g: torch.full((1, 1, layout.frames), 1000.0),
+        "encoder_hidden_states": lambda m, layout, g: torch.randn(1, 1, TEXT_LEN, text_dim(m), generator=g)},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},
