@@ -160,6 +160,9 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
 _OMNIGEN_SEQ = TOKENS + TEXT_LEN + 1 + TOKENS  # prompt, time token, latent tokens
 
 
+_FRAMEPACK_HISTORY = {"clean": 1, "history_2x": 2, "history_4x": 4}
+
+
 def _ideogram_positions(m, layout, g):
     from diffusers.models.transformers.transformer_ideogram4 import IMAGE_POSITION_OFFSET
 
@@ -256,6 +259,14 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
     "SanaWMTransformer3DModel": {
         "timestep": lambda m, layout, g: torch.full((1, 1, layout.frames), 1000.0),
         "encoder_hidden_states": lambda m, layout, g: torch.randn(1, 1, TEXT_LEN, text_dim(m), generator=g)},
+    # the CLIP image features its projection reads; clean history latents at full, 2x and 4x downsampling
+    # (one frame, two, four: the embedding's temporal strides) with their frame indices
+    "HunyuanVideoFramepackTransformer3DModel": {
+        "image_embeds": lambda m, layout, g: torch.randn(1, 4, m.config.image_proj_dim, generator=g),
+        **{f"latents_{name}": (lambda m, layout, g, f=frames: torch.randn(
+            1, channels(m), f, 2 * SIDE, 2 * SIDE, generator=g)) for name, frames in _FRAMEPACK_HISTORY.items()},
+        **{f"indices_latents_{name}": (lambda m, layout, g, f=frames: torch.arange(f))
+           for name, frames in _FRAMEPACK_HISTORY.items()}},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},

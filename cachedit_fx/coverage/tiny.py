@@ -49,6 +49,8 @@ CONFIG_FIXES: dict[str, dict] = {
     "OmniGenTransformer2DModel": dict(rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
                                       vocab_size=256, pad_token_id=0),
     "WanVACETransformer3DModel": dict(vace_layers=[0], vace_in_channels=48),
+    # the history patch embedding and the image projection its forward calls unconditionally
+    "HunyuanVideoFramepackTransformer3DModel": dict(has_clean_x_embedder=True, has_image_proj=True),
     # a prediction as wide as the input (the noisy latent, the anchor latent and its mask)
     "Kandinsky6SRTransformer3DModel": dict(in_visual_dim=8, out_visual_dim=17),
     # an injection block inside the tiny depth; a handful of gist tokens for an 8-token prompt
