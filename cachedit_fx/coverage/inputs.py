@@ -267,6 +267,12 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
             1, channels(m), f, 2 * SIDE, 2 * SIDE, generator=g)) for name, frames in _FRAMEPACK_HISTORY.items()},
         **{f"indices_latents_{name}": (lambda m, layout, g, f=frames: torch.arange(f))
            for name, frames in _FRAMEPACK_HISTORY.items()}},
+    # the pose latents of every frame after the reference frame and the face video (pixels) of those frames
+    "WanAnimateTransformer3DModel": {
+        "pose_hidden_states": lambda m, layout, g: torch.randn(
+            1, m.config.latent_channels, layout.frames - 1, 2 * SIDE, 2 * SIDE, generator=g),
+        "face_pixel_values": lambda m, layout, g: torch.randn(
+            1, 3, layout.frames - 1, m.config.motion_encoder_size, m.config.motion_encoder_size, generator=g)},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},

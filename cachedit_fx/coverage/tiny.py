@@ -51,6 +51,11 @@ CONFIG_FIXES: dict[str, dict] = {
     "WanVACETransformer3DModel": dict(vace_layers=[0], vace_in_channels=48),
     # the history patch embedding and the image projection its forward calls unconditionally
     "HunyuanVideoFramepackTransformer3DModel": dict(has_clean_x_embedder=True, has_image_proj=True),
+    # the noisy latent, its reference latent and a 4-channel mask in; four blocks so the one face adapter
+    # (after block 0) leaves a chain of three; a 32-pixel face encoder
+    "WanAnimateTransformer3DModel": dict(latent_channels=4, in_channels=12, out_channels=4, num_layers=4,
+                                         inject_face_latents_blocks=4,
+                                         motion_encoder_channel_sizes={str(2 ** i): 16 for i in range(2, 6)}),
     # a prediction as wide as the input (the noisy latent, the anchor latent and its mask)
     "Kandinsky6SRTransformer3DModel": dict(in_visual_dim=8, out_visual_dim=17),
     # an injection block inside the tiny depth; a handful of gist tokens for an 8-token prompt
