@@ -10,6 +10,7 @@ holds, as data per class, the arguments no shared rule builds.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -163,6 +164,22 @@ _OMNIGEN_SEQ = TOKENS + TEXT_LEN + 1 + TOKENS  # prompt, time token, latent toke
 _FRAMEPACK_HISTORY = {"clean": 1, "history_2x": 2, "history_4x": 4}
 
 
+# MiniMax H3's packed sequence: the video tokens, then the text's, then a few audio tokens.
+_H3_AUDIO = 4
+_H3_SPANS = {"video": (0, TOKENS), "text": (TOKENS, TOKENS + TEXT_LEN),
+             "audio": (TOKENS + TEXT_LEN, TOKENS + TEXT_LEN + _H3_AUDIO)}
+_H3_TAGS = {"video": 0, "text": 1, "audio": 2}
+
+
+def _h3_sequence_inputs(m, layout, g) -> dict[str, Callable]:
+    length = _H3_SPANS["audio"][1]
+    tags = torch.cat([torch.full((b - a,), _H3_TAGS[k], dtype=torch.long) for k, (a, b) in _H3_SPANS.items()])
+    positions = torch.zeros(length, 3, dtype=torch.long)
+    positions[:TOKENS] = latent_image_ids(SIDE).long()
+    return {"timestep_indices": torch.zeros(length, dtype=torch.long), "token_tags": tags, "position_ids": positions,
+            **{f"{k}_indices": torch.arange(a, b) for k, (a, b) in _H3_SPANS.items()}}
+
+
 def _ideogram_positions(m, layout, g):
     from diffusers.models.transformers.transformer_ideogram4 import IMAGE_POSITION_OFFSET
 
@@ -273,6 +290,14 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
             1, m.config.latent_channels, layout.frames - 1, 2 * SIDE, 2 * SIDE, generator=g),
         "face_pixel_values": lambda m, layout, g: torch.randn(
             1, 3, layout.frames - 1, m.config.motion_encoder_size, m.config.motion_encoder_size, generator=g)},
+    # patchified video tokens, audio tokens, and where each row sits in the packed sequence
+    "MiniMaxH3Transformer3DModel": {
+        "hidden_states": lambda m, layout, g: torch.randn(
+            1, TOKENS, m.config.in_channels * math.prod(m.config.patch_size), generator=g),
+        "audio_hidden_states": lambda m, layout, g: torch.randn(1, _H3_AUDIO, m.config.audio_in_channels, generator=g),
+        **{name: (lambda m, layout, g, n=name: _h3_sequence_inputs(m, layout, g)[n])
+           for name in ("timestep_indices", "token_tags", "position_ids", "video_indices", "audio_indices",
+                        "text_indices")}},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},

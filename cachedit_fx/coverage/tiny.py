@@ -56,6 +56,8 @@ CONFIG_FIXES: dict[str, dict] = {
     "WanAnimateTransformer3DModel": dict(latent_channels=4, in_channels=12, out_channels=4, num_layers=4,
                                          inject_face_latents_blocks=4,
                                          motion_encoder_channel_sizes={str(2 ** i): 16 for i in range(2, 6)}),
+    # the rotary part of a head is 6 * rope_freq_dim channels (three axes, each rotated in halves)
+    "MiniMaxH3Transformer3DModel": dict(rope_freq_dim=2),
     # a prediction as wide as the input (the noisy latent, the anchor latent and its mask)
     "Kandinsky6SRTransformer3DModel": dict(in_visual_dim=8, out_visual_dim=17),
     # an injection block inside the tiny depth; a handful of gist tokens for an 8-token prompt
