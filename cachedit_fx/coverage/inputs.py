@@ -284,12 +284,14 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
             1, channels(m), f, 2 * SIDE, 2 * SIDE, generator=g)) for name, frames in _FRAMEPACK_HISTORY.items()},
         **{f"indices_latents_{name}": (lambda m, layout, g, f=frames: torch.arange(f))
            for name, frames in _FRAMEPACK_HISTORY.items()}},
-    # the pose latents of every frame after the reference frame and the face video (pixels) of those frames
+    # a reference frame and two video frames (as the pipeline's T + 1 = 21, a frame count the pose latents'
+    # T does not divide), the pose latents of the video frames and the face video (pixels) of those frames
     "WanAnimateTransformer3DModel": {
+        "hidden_states": lambda m, layout, g: torch.randn(1, m.config.in_channels, 3, 2 * SIDE, 2 * SIDE, generator=g),
         "pose_hidden_states": lambda m, layout, g: torch.randn(
-            1, m.config.latent_channels, layout.frames - 1, 2 * SIDE, 2 * SIDE, generator=g),
+            1, m.config.latent_channels, 2, 2 * SIDE, 2 * SIDE, generator=g),
         "face_pixel_values": lambda m, layout, g: torch.randn(
-            1, 3, layout.frames - 1, m.config.motion_encoder_size, m.config.motion_encoder_size, generator=g)},
+            1, 3, 2, m.config.motion_encoder_size, m.config.motion_encoder_size, generator=g)},
     # patchified video tokens, audio tokens, and where each row sits in the packed sequence
     "MiniMaxH3Transformer3DModel": {
         "hidden_states": lambda m, layout, g: torch.randn(
