@@ -276,12 +276,18 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
     "SanaWMTransformer3DModel": {
         "timestep": lambda m, layout, g: torch.full((1, 1, layout.frames), 1000.0),
         "encoder_hidden_states": lambda m, layout, g: torch.randn(1, 1, TEXT_LEN, text_dim(m), generator=g)},
-    # the CLIP image features its projection reads; clean history latents at full, 2x and 4x downsampling
-    # (one frame, two, four: the embedding's temporal strides) with their frame indices
+    # a batch of two (a CFG batch: at one prompt the model cuts the text to its mask's sum, a data-dependent
+    # length); the CLIP image features its projection reads; clean history latents at full, 2x and 4x
+    # downsampling (one frame, two, four: the embedding's temporal strides) with their frame indices
     "HunyuanVideoFramepackTransformer3DModel": {
-        "image_embeds": lambda m, layout, g: torch.randn(1, 4, m.config.image_proj_dim, generator=g),
+        "hidden_states": lambda m, layout, g: torch.randn((2,) + layout.shape(channels(m))[1:], generator=g),
+        "timestep": lambda m, layout, g: torch.full((2,), 1000.0),
+        "encoder_hidden_states": lambda m, layout, g: torch.randn(2, TEXT_LEN, text_dim(m), generator=g),
+        "encoder_attention_mask": lambda m, layout, g: torch.ones(2, TEXT_LEN, dtype=torch.bool),
+        "pooled_projections": lambda m, layout, g: torch.randn(2, m.config.pooled_projection_dim, generator=g),
+        "image_embeds": lambda m, layout, g: torch.randn(2, 4, m.config.image_proj_dim, generator=g),
         **{f"latents_{name}": (lambda m, layout, g, f=frames: torch.randn(
-            1, channels(m), f, 2 * SIDE, 2 * SIDE, generator=g)) for name, frames in _FRAMEPACK_HISTORY.items()},
+            2, channels(m), f, 2 * SIDE, 2 * SIDE, generator=g)) for name, frames in _FRAMEPACK_HISTORY.items()},
         **{f"indices_latents_{name}": (lambda m, layout, g, f=frames: torch.arange(f))
            for name, frames in _FRAMEPACK_HISTORY.items()}},
     # a reference frame and two video frames (as the pipeline's T + 1 = 21, a frame count the pose latents'
