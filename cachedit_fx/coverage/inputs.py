@@ -10,6 +10,7 @@ holds, as data per class, the arguments no shared rule builds.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -45,6 +46,8 @@ LAYOUTS = {
     "sequence": Layout("sequence", lambda c: (1, c, TOKENS)),
     "video_fhwc": Layout("video_fhwc", lambda c: (FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
     "video_bfhwc": Layout("video_bfhwc", lambda c: (1, FRAMES, 2 * SIDE, 2 * SIDE, c), FRAMES),
+    # already patchified: one (1, 2, 2) patch of every channel per token
+    "patches": Layout("patches", lambda c: (1, TOKENS, c, 1, 2, 2), packed=True),
 }
 
 
@@ -158,6 +161,25 @@ def shared_rules(model, layout: Layout, g: torch.Generator) -> dict[str, Callabl
 _OMNIGEN_SEQ = TOKENS + TEXT_LEN + 1 + TOKENS  # prompt, time token, latent tokens
 
 
+_FRAMEPACK_HISTORY = {"clean": 1, "history_2x": 2, "history_4x": 4}
+
+
+# MiniMax H3's packed sequence: the video tokens, then the text's, then a few audio tokens.
+_H3_AUDIO = 4
+_H3_SPANS = {"video": (0, TOKENS), "text": (TOKENS, TOKENS + TEXT_LEN),
+             "audio": (TOKENS + TEXT_LEN, TOKENS + TEXT_LEN + _H3_AUDIO)}
+_H3_TAGS = {"video": 0, "text": 1, "audio": 2}
+
+
+def _h3_sequence_inputs(m, layout, g) -> dict[str, Callable]:
+    length = _H3_SPANS["audio"][1]
+    tags = torch.cat([torch.full((b - a,), _H3_TAGS[k], dtype=torch.long) for k, (a, b) in _H3_SPANS.items()])
+    positions = torch.zeros(length, 3, dtype=torch.long)
+    positions[:TOKENS] = latent_image_ids(SIDE).long()
+    return {"timestep_indices": torch.zeros(length, dtype=torch.long), "token_tags": tags, "position_ids": positions,
+            **{f"{k}_indices": torch.arange(a, b) for k, (a, b) in _H3_SPANS.items()}}
+
+
 def _ideogram_positions(m, layout, g):
     from diffusers.models.transformers.transformer_ideogram4 import IMAGE_POSITION_OFFSET
 
@@ -189,7 +211,8 @@ def _lumina_rope(m, layout, g):
 INPUT_FIXES: dict[str, dict[str, Callable]] = {
     # the rotary tables the pipelines compute for the latent grid
     "HunyuanDiT2DModel": {"image_rotary_emb": _hunyuandit_rope},
-    "LuminaNextDiT2DModel": {"image_rotary_emb": _lumina_rope},
+    # its blocks unpack cross_attention_kwargs unconditionally (None is not a mapping)
+    "LuminaNextDiT2DModel": {"image_rotary_emb": _lumina_rope, "cross_attention_kwargs": lambda m, layout, g: {}},
     "AceStepTransformer1DModel": {"context_latents": lambda m, layout, g: torch.randn(
         1, TOKENS, 2 * m.config.audio_acoustic_hidden_dim, generator=g)},
     # one sequence of image tokens (the text rides in encoder_hidden_states at the same positions)
@@ -227,10 +250,12 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
         "chunk_partition": lambda m, layout, g: [layout.frames],
         "timestep": lambda m, layout, g: torch.full((1, layout.frames), 1000.0),
         "r_timestep": lambda m, layout, g: torch.full((1, layout.frames), 500.0)},
-    # the RoPE of the window's absolute frame positions, as the model builds it
-    "SanaWMLTX2RefinerTransformer3DModel": {"video_rotary_emb": lambda m, layout, g: (
-        m.build_rotary_emb_for_absolute_positions(1, list(range(layout.frames)), 2 * SIDE, 2 * SIDE,
-                                                  torch.device("cpu"), 24.0))},
+    # patchified tokens of one latent frame, a timestep per token, and the RoPE of that frame's absolute
+    # position, as the model builds it
+    "SanaWMLTX2RefinerTransformer3DModel": {
+        "video_rotary_emb": lambda m, layout, g: m.build_rotary_emb_for_absolute_positions(
+            1, [0], SIDE, SIDE, torch.device("cpu"), 24.0),
+        "timestep": lambda m, layout, g: torch.full((1, TOKENS), 1000.0)},
     "StableAudio3DiTModel": {"global_hidden_states": lambda m, layout, g: torch.randn(
         1, m.config.global_cond_dim, generator=g)},
     # text features of every layer of the text encoder: (batch, tokens, layers, width)
@@ -239,6 +264,48 @@ INPUT_FIXES: dict[str, dict[str, Callable]] = {
     # one vision slot per 2x2 target latents after the text
     "QwenImage21Transformer2DModel": {"img_mask": lambda m, layout, g: torch.arange(TEXT_LEN + TOKENS // 4)[None] >= TEXT_LEN,
                                       "img_shapes": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
+    # the text features as bundles: the Perceiver's first, then one per injection block
+    "BriaFibo2Transformer2DModel": {"encoder_hidden_states": lambda m, layout, g: torch.randn(
+        1, 1 + len(m.config.injection_layer_ids), TEXT_LEN, m.config.cap_feat_dim, generator=g)},
+    # the (frames, rows, columns) of the patch grid of each image in the sequence (here the target only)
+    "JoyImageEditPlusTransformer3DModel": {"shape_list": lambda m, layout, g: [[(1, SIDE, SIDE)]]},
+    # the noisy latent, the anchor latent and the anchor mask side by side on the channel axis
+    "Kandinsky6SRTransformer3DModel": {"hidden_states": lambda m, layout, g: torch.randn(
+        layout.shape(2 * m.config.in_visual_dim + 1), generator=g)},
+    # a timestep per latent frame (B, 1, T) and the prompt as (B, 1, L, D), LTX style
+    "SanaWMTransformer3DModel": {
+        "timestep": lambda m, layout, g: torch.full((1, 1, layout.frames), 1000.0),
+        "encoder_hidden_states": lambda m, layout, g: torch.randn(1, 1, TEXT_LEN, text_dim(m), generator=g)},
+    # a batch of two (a CFG batch: at one prompt the model cuts the text to its mask's sum, a data-dependent
+    # length); the CLIP image features its projection reads; clean history latents at full, 2x and 4x
+    # downsampling (one frame, two, four: the embedding's temporal strides) with their frame indices
+    "HunyuanVideoFramepackTransformer3DModel": {
+        "hidden_states": lambda m, layout, g: torch.randn((2,) + layout.shape(channels(m))[1:], generator=g),
+        "timestep": lambda m, layout, g: torch.full((2,), 1000.0),
+        "encoder_hidden_states": lambda m, layout, g: torch.randn(2, TEXT_LEN, text_dim(m), generator=g),
+        "encoder_attention_mask": lambda m, layout, g: torch.ones(2, TEXT_LEN, dtype=torch.bool),
+        "pooled_projections": lambda m, layout, g: torch.randn(2, m.config.pooled_projection_dim, generator=g),
+        "image_embeds": lambda m, layout, g: torch.randn(2, 4, m.config.image_proj_dim, generator=g),
+        **{f"latents_{name}": (lambda m, layout, g, f=frames: torch.randn(
+            2, channels(m), f, 2 * SIDE, 2 * SIDE, generator=g)) for name, frames in _FRAMEPACK_HISTORY.items()},
+        **{f"indices_latents_{name}": (lambda m, layout, g, f=frames: torch.arange(f))
+           for name, frames in _FRAMEPACK_HISTORY.items()}},
+    # a reference frame and two video frames (as the pipeline's T + 1 = 21, a frame count the pose latents'
+    # T does not divide), the pose latents of the video frames and the face video (pixels) of those frames
+    "WanAnimateTransformer3DModel": {
+        "hidden_states": lambda m, layout, g: torch.randn(1, m.config.in_channels, 3, 2 * SIDE, 2 * SIDE, generator=g),
+        "pose_hidden_states": lambda m, layout, g: torch.randn(
+            1, m.config.latent_channels, 2, 2 * SIDE, 2 * SIDE, generator=g),
+        "face_pixel_values": lambda m, layout, g: torch.randn(
+            1, 3, 2, m.config.motion_encoder_size, m.config.motion_encoder_size, generator=g)},
+    # patchified video tokens, audio tokens, and where each row sits in the packed sequence
+    "MiniMaxH3Transformer3DModel": {
+        "hidden_states": lambda m, layout, g: torch.randn(
+            1, TOKENS, m.config.in_channels * math.prod(m.config.patch_size), generator=g),
+        "audio_hidden_states": lambda m, layout, g: torch.randn(1, _H3_AUDIO, m.config.audio_in_channels, generator=g),
+        **{name: (lambda m, layout, g, n=name: _h3_sequence_inputs(m, layout, g)[n])
+           for name in ("timestep_indices", "token_tags", "position_ids", "video_indices", "audio_indices",
+                        "text_indices")}},
     "GlmImageTransformer2DModel": {
         "prior_token_id": lambda m, layout, g: torch.zeros(1, TOKENS, dtype=torch.long),
         "prior_token_drop": lambda m, layout, g: torch.zeros(1, dtype=torch.bool)},
@@ -264,8 +331,9 @@ def call_inputs(model, layout: Layout, seed: int = 0, timestep: float = 1000.0, 
     rules = {**shared_rules(model, layout, g),
              **{k: (lambda f=f: f(model, layout, g)) for k, f in INPUT_FIXES.get(type(model).__name__, {}).items()}}
     latent, t_name = latent_name(model), timestep_name(model)
-    out = {latent: torch.randn(layout.shape(channels(model)), generator=g)}
     fixes = INPUT_FIXES.get(type(model).__name__, {})
+    # a latent with conditioning channels beside the noisy ones comes from its class's data
+    out = {latent: rules[latent]() if latent in fixes else torch.randn(layout.shape(channels(model)), generator=g)}
     if t_name is not None:
         out[t_name] = rules[t_name]() if t_name in fixes else torch.tensor([timestep])
     for name, p in params.items():

@@ -121,11 +121,14 @@ def find_layout(model) -> tuple[inputs.Layout, dict]:
 
 
 def _predicts(out: torch.Tensor, latent: torch.Tensor) -> bool:
-    """Is ``out`` a prediction in the latent's space (its shape, or more channels: learned sigma)?"""
+    """Is ``out`` a prediction in the latent's space (its shape, more channels: learned sigma, a packed
+    latent's tokens after the prompt's: a joint sequence, or fewer channels: the noisy ones of a latent
+    that carries its conditioning channels after them)?"""
     if out.shape == latent.shape:
         return True
     return out.dim() == latent.dim() and out.shape[0] == latent.shape[0] and out.shape[2:] == latent.shape[2:] \
-        and out.shape[1] % latent.shape[1] == 0
+        and (out.shape[1] % latent.shape[1] == 0 or out.shape[1] < latent.shape[1]
+             or (latent.dim() == 3 and out.shape[1] > latent.shape[1]))
 
 
 def _rel_l1(x, ref) -> float:

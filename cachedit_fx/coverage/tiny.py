@@ -49,6 +49,20 @@ CONFIG_FIXES: dict[str, dict] = {
     "OmniGenTransformer2DModel": dict(rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
                                       vocab_size=256, pad_token_id=0),
     "WanVACETransformer3DModel": dict(vace_layers=[0], vace_in_channels=48),
+    # the history patch embedding and the image projection its forward calls unconditionally
+    "HunyuanVideoFramepackTransformer3DModel": dict(has_clean_x_embedder=True, has_image_proj=True),
+    # the noisy latent, its reference latent and a 4-channel mask in; four blocks so the one face adapter
+    # (after block 0) leaves a chain of three; a 32-pixel face encoder
+    "WanAnimateTransformer3DModel": dict(latent_channels=4, in_channels=12, out_channels=4, num_layers=4,
+                                         inject_face_latents_blocks=4,
+                                         motion_encoder_channel_sizes={str(2 ** i): 16 for i in range(2, 6)}),
+    # the rotary part of a head is 6 * rope_freq_dim channels (three axes, each rotated in halves)
+    "MiniMaxH3Transformer3DModel": dict(rope_freq_dim=2),
+    # a prediction as wide as the input (the noisy latent, the anchor latent and its mask)
+    "Kandinsky6SRTransformer3DModel": dict(in_visual_dim=8, out_visual_dim=17),
+    # an injection block inside the tiny depth; a handful of gist tokens for an 8-token prompt
+    "BriaFibo2Transformer2DModel": dict(injection_layer_ids=(1,), min_num_gist_tokens=4, max_num_gist_tokens=8,
+                                        gist_step=4, gist_min_text_len=4, gist_max_text_len=16),
 }
 
 

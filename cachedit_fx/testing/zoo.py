@@ -134,7 +134,12 @@ def _guide(uncond, cond, scale):
 
 
 def _match(pred, x):
-    """Models that predict extra channels (learned sigma) return more than the latent holds."""
+    """Models that predict extra channels (learned sigma: a multiple of the latent's) or that return the
+    whole joint sequence (the prompt's tokens, then the latent's) return more than the latent holds; a
+    latent that carries conditioning channels after its noisy ones gets a prediction of the noisy ones
+    only (the conditioning stays as it is)."""
     if pred.shape != x.shape and pred.dim() == x.dim() and pred.shape[1] > x.shape[1]:
-        pred = pred[:, : x.shape[1]]
+        pred = pred[:, : x.shape[1]] if pred.shape[1] % x.shape[1] == 0 else pred[:, -x.shape[1]:]
+    elif pred.shape != x.shape and pred.dim() == x.dim() and pred.shape[2:] == x.shape[2:]:
+        pred = torch.cat([pred, pred.new_zeros((pred.shape[0], x.shape[1] - pred.shape[1]) + pred.shape[2:])], 1)
     return pred.reshape(x.shape)
