@@ -44,11 +44,17 @@ def logging_ignored(fn):
     """``fn`` with the ``logging.Logger`` calls in the code Dynamo traces dropped, as torch.export drops
     them: otherwise a library's log call in the forward breaks the graph (diffusers' context-parallel
     hooks call ``logger.warning_once`` when a planned input, e.g. Wan's 1-D timestep, is not split)."""
+    config, methods = torch._dynamo.config, _logging_methods()
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        ignored = torch._dynamo.config.ignore_logging_functions | _logging_methods()
-        with torch._dynamo.config.patch(ignore_logging_functions=ignored):
+        # Set and restored by hand: config.patch costs ~40 us, and this wraps every call of a compiled step.
+        before = config.ignore_logging_functions
+        config.ignore_logging_functions = before | methods
+        try:
             return fn(*args, **kwargs)
+        finally:
+            config.ignore_logging_functions = before
     return call
 
 
