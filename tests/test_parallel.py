@@ -114,10 +114,13 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
         import diffusers.models.attention_dispatch as dispatch
 
         native = dispatch._native_attention_forward_op
+        alive = []  # every scenario's model stays alive: a freed one's weight storage, reused by the next
+        # model, would make summary() match the old install's graphs too (handles are found by storage)
         for name, sc in SCENARIOS.items():
             torch._dynamo.reset()
             dispatch._native_attention_forward_op = _lse_attention if sc.lse else native
             transformer = zoo.build_transformer(sc.family)[0]
+            alive.append(transformer)
             call = _install(transformer, sc)
             first = _request(transformer, call, STEPS, sc.family)
             graphs = _graphs(transformer)
