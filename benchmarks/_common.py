@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: the medium random Flux model, timing, tables, JSON."""
+"""Shared helpers for the benchmark scripts: the random Flux models, the cache methods (cachedit-fx, diffusers'
+FirstBlockCache) and the threshold search, timing, tables, JSON."""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,22 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+# at import, i.e. when the script starts (write_json, at the end, adds the load then)
+LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
+TARGET = (0.40, 0.50)  # fraction of a request's steps the threshold search aims to cache
+
+def flux_config(num_layers: int, num_single_layers: int, heads: int, head_dim: int = 64, cond_dim: int = 64) -> dict:
+    """FluxTransformer2DModel kwargs for a random Flux of the given depth and width (dim = heads x head_dim;
+    patch size 1, 16 latent channels, text / pooled width ``cond_dim``; the rope axes split head_dim 1:1.5:1.5)."""
+    axes = [head_dim // 4, 3 * head_dim // 8, head_dim - head_dim // 4 - 3 * head_dim // 8]
+    return dict(patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+                attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=cond_dim,
+                pooled_projection_dim=cond_dim, axes_dims_rope=axes)
+
 
 # Medium random Flux: 2 double + 6 single blocks, dim 128 (2 heads x 64), 576 image + 32 text tokens
 # (1024 tokens / dim 256 took 0.6-1.1 s a step on the shared 2-core CPU; this is ~0.2-0.4 s).
-MEDIUM = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=6, attention_head_dim=64,
-              num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=[16, 24, 24])
+MEDIUM = flux_config(2, 6, heads=2)
 MEDIUM_SIDE, MEDIUM_TXT = 24, 32
 
 
@@ -37,30 +49,35 @@ def parse_args(name: str, extra=None):
     return args
 
 
+def build_flux(config: dict, side: int, txt: int, seed: int = 0):
+    """(transformer, inputs, info) for a random FluxTransformer2DModel(**config) on a side x side latent
+    (patch size 1: side**2 image tokens) and ``txt`` text tokens, fp32."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    t = FluxTransformer2DModel(**config).eval()
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(),
+                                         indexing="ij"), -1).reshape(-1, 3)
+    inputs = dict(
+        hidden_states=torch.randn(1, side * side, config["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
+        timestep=torch.tensor([1.0]), img_ids=img_ids.float(), txt_ids=torch.zeros(txt, 3), return_dict=False)
+    desc = (f"random FluxTransformer2DModel {config['num_layers']} double + {config['num_single_layers']} single "
+            f"blocks, dim {config['attention_head_dim'] * config['num_attention_heads']}, "
+            f"{side * side} image + {txt} text tokens, fp32")
+    return t, inputs, {"model": desc}
+
+
 def build_model(quick: bool, seed: int = 0):
-    """(transformer, inputs). Quick: the zoo's tiny Flux; full: the medium model above."""
+    """(transformer, inputs, info). Quick: the zoo's tiny Flux; full: the medium model above."""
     if quick:
         from cachedit_fx.testing import zoo
 
         t, inputs = zoo.build_transformer("flux", seed)
         return t.eval(), inputs, {"model": "zoo tiny flux (4+4 blocks, dim 32, 64 tokens)"}
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    t = FluxTransformer2DModel(**MEDIUM).eval()
-    g = torch.Generator().manual_seed(seed)
-    side, txt = MEDIUM_SIDE, MEDIUM_TXT
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(),
-                                         indexing="ij"), -1).reshape(-1, 3)
-    inputs = dict(
-        hidden_states=torch.randn(1, side * side, MEDIUM["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(1, txt, MEDIUM["joint_attention_dim"], generator=g),
-        pooled_projections=torch.randn(1, MEDIUM["pooled_projection_dim"], generator=g),
-        timestep=torch.tensor([1.0]), img_ids=img_ids.float(), txt_ids=torch.zeros(txt, 3), return_dict=False)
-    desc = (f"random FluxTransformer2DModel {MEDIUM['num_layers']} double + {MEDIUM['num_single_layers']} single "
-            f"blocks, dim {MEDIUM['attention_head_dim'] * MEDIUM['num_attention_heads']}, "
-            f"{side * side} image + {txt} text tokens, fp32")
-    return t, inputs, {"model": desc}
+    return build_flux(MEDIUM, MEDIUM_SIDE, MEDIUM_TXT, seed)
 
 
 def first_block_only(model):
@@ -98,6 +115,88 @@ def first_block_cache(model, threshold: float) -> list[bool]:
     return decisions
 
 
+def cfg(threshold: float, warmup: int = 4):
+    """The benchmarks' cachedit-fx config: F1B0, ``warmup`` warmup steps, no separate CFG."""
+    from cachedit_fx.config import DBCacheConfig
+
+    return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                         max_warmup_steps=warmup, enable_separate_cfg=False)
+
+
+def cachedit(model, inner: str):
+    """(cached copy of ``model``, its handle): cachedit-fx's enable_cache at threshold 0 (configure it later)."""
+    from cachedit_fx.api import enable_cache
+    from cachedit_fx.hook import cache_hook
+
+    # enable_cache compiles a private copy of forward's code object: a plain torch.compile(backend="cachedit")
+    # of a deepcopy shares FluxTransformer2DModel.forward's Dynamo cache (and its recompile limit of 8) with
+    # the plain-Inductor and FirstBlockCache instances here, and once that limit was hit (FirstBlockCache's
+    # graph breaks add entries) the cachedit instances silently ran the other backends' graphs, uncached.
+    m = enable_cache(copy.deepcopy(model), cache_config=cfg(0.0), inner=inner)
+    return m, cache_hook(m).handle
+
+
+def cachedit_model(model, threshold: float, inner: str):
+    """(compiled copy, handle) through the cachedit backend with no warmup: threshold 0 computes every step,
+    1e9 caches every step after the first (the per-step cost benchmarks)."""
+    from cachedit_fx.handle import CacheHandle
+
+    c = cfg(threshold, warmup=0)
+    handle = CacheHandle(c, None)
+    compiled = torch.compile(copy.deepcopy(model), backend="cachedit", dynamic=False,
+                             options={"cache_config": c, "inner": inner, "handle": handle, "separate_cfg": False})
+    return compiled, handle
+
+
+class FBC:
+    """diffusers FirstBlockCache on a copy of the model, counting its cached steps."""
+
+    def __init__(self, model, threshold, compile_backend=None):
+        self.m = copy.deepcopy(model)
+        self.decisions = first_block_cache(self.m, threshold)
+        self.call_m = self.m if compile_backend is None else torch.compile(self.m, backend=compile_backend,
+                                                                           dynamic=False)
+
+    def __call__(self, **kw):
+        with self.m.cache_context("cond"):
+            return self.call_m(**kw)
+
+    def reset(self):
+        self.m._reset_stateful_cache()
+        self.decisions.clear()
+
+    def cached_steps(self):
+        return sum(1 for d in self.decisions if not d)
+
+
+def tune_threshold(request, handle, steps: int, rounds: int, target=TARGET, warmup: int = 4):
+    """Bisect the threshold of ``handle`` (a compile=False cachedit instance: same decisions, fast) until a
+    request, run by ``request()``, caches a fraction ``target`` of its ``steps``; the search starts at the
+    0.55 quantile of the diffs of an all-computing request. Returns (threshold, [{threshold, cached}])."""
+    import numpy as np
+    from cachedit_fx.stats import collect
+
+    handle.configure(cfg(1e-12, warmup))  # (threshold 0 skips the diff test) every step computes, diffs logged
+    handle.reset()
+    request()
+    diffs = [d for d in collect(handle)[0].diffs[warmup:] if np.isfinite(d)]
+    lo, hi = 0.0, max(diffs) * 1.01
+    thr = float(np.quantile(diffs, 0.55))
+    tuning = []
+    for _ in range(rounds):
+        handle.configure(cfg(thr, warmup))
+        handle.reset()
+        request()
+        n = sum(s.n_cached for s in collect(handle))
+        tuning.append({"threshold": thr, "cached": n})
+        frac = n / steps
+        if target[0] <= frac <= target[1]:
+            break
+        lo, hi = (thr, hi) if frac < target[0] else (lo, thr)
+        thr = (lo + hi) / 2
+    return tuning[-1]["threshold"], tuning
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -110,7 +209,8 @@ def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in load] if load else None}
+            "loadavg_at_start": [round(x, 2) for x in LOAD_AT_START] if LOAD_AT_START else None,
+            "loadavg_at_end": [round(x, 2) for x in load] if load else None}
 
 
 def time_interleaved(fns: dict, repeats: int, inner: int = 1) -> dict:

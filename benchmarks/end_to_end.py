@@ -18,28 +18,9 @@ import time
 import numpy as np
 import torch
 
-from _common import build_model, first_block_cache, parse_args, table, write_json
-from cachedit_fx.api import enable_cache
-from cachedit_fx.config import DBCacheConfig
-from cachedit_fx.hook import cache_hook
+from _common import FBC, build_model, cachedit, cfg, parse_args, table, tune_threshold, write_json
 from cachedit_fx.stats import collect
 from cachedit_fx.testing import zoo
-
-TARGET = (0.40, 0.50)
-
-
-def cfg(threshold):
-    return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                         max_warmup_steps=4, enable_separate_cfg=False)
-
-
-def cachedit(model, inner):
-    # enable_cache compiles a private copy of forward's code object: a plain torch.compile(backend="cachedit")
-    # of a deepcopy shares FluxTransformer2DModel.forward's Dynamo cache (and its recompile limit of 8) with
-    # the plain-Inductor and FirstBlockCache instances here, and once that limit was hit (FirstBlockCache's
-    # graph breaks add entries) the cachedit instances silently ran the other backends' graphs, uncached.
-    m = enable_cache(copy.deepcopy(model), cache_config=cfg(0.0), inner=inner)
-    return m, cache_hook(m).handle
 
 
 def quality(ref: torch.Tensor, x: torch.Tensor, side: int) -> dict:
@@ -52,27 +33,6 @@ def quality(ref: torch.Tensor, x: torch.Tensor, side: int) -> dict:
         return {"psnr_db": float("inf"), "ssim": 1.0}
     return {"psnr_db": float(peak_signal_noise_ratio(a, b, data_range=rng)),
             "ssim": float(structural_similarity(a, b, data_range=rng, channel_axis=-1))}
-
-
-class FBC:
-    """diffusers FirstBlockCache on a copy of the model, counting its cached steps."""
-
-    def __init__(self, model, threshold, compile_backend=None):
-        self.m = copy.deepcopy(model)
-        self.decisions = first_block_cache(self.m, threshold)
-        self.call_m = self.m if compile_backend is None else torch.compile(self.m, backend=compile_backend,
-                                                                           dynamic=False)
-
-    def __call__(self, **kw):
-        with self.m.cache_context("cond"):
-            return self.call_m(**kw)
-
-    def reset(self):
-        self.m._reset_stateful_cache()
-        self.decisions.clear()
-
-    def cached_steps(self):
-        return sum(1 for d in self.decisions if not d)
 
 
 def main():
@@ -98,22 +58,7 @@ def main():
         ref = run("eager (uncached)", model, record=False)
         # 1) tune the threshold on the compile=False instance
         eager_c, h_eager = cachedit(model, "eager")
-        h_eager.configure(cfg(1e-12))  # (threshold 0 skips the diff test) every step computes, diffs logged
-        run("tune", eager_c, h_eager.reset, record=False)
-        diffs = [d for d in collect(h_eager)[0].diffs[4:] if np.isfinite(d)]
-        lo, hi = 0.0, max(diffs) * 1.01
-        thr = float(np.quantile(diffs, 0.55))
-        tuning = []
-        for _ in range(1 if quick else 4):
-            h_eager.configure(cfg(thr))
-            run("tune", eager_c, h_eager.reset, record=False)
-            n = sum(s.n_cached for s in collect(h_eager))
-            tuning.append({"threshold": thr, "cached": n})
-            frac = n / steps
-            if TARGET[0] <= frac <= TARGET[1]:
-                break
-            lo, hi = (thr, hi) if frac < TARGET[0] else (lo, thr)
-            thr = (lo + hi) / 2
+        thr, tuning = tune_threshold(lambda: run("tune", eager_c, record=False), h_eager, steps, 1 if quick else 4)
         # 2) FirstBlockCache at the same threshold, and at one caching the same number of steps
         n_target = tuning[-1]["cached"]
         fbc_same = FBC(model, thr)

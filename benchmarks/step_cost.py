@@ -13,18 +13,7 @@ import copy
 
 import torch
 
-from _common import build_model, first_block_only, parse_args, table, time_interleaved, write_json
-from cachedit_fx.handle import CacheHandle
-from cachedit_fx.config import DBCacheConfig
-
-
-def cachedit_model(model, threshold, inner):
-    cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                        max_warmup_steps=0, enable_separate_cfg=False)
-    handle = CacheHandle(cfg, None)
-    compiled = torch.compile(copy.deepcopy(model), backend="cachedit", dynamic=False,
-                             options={"cache_config": cfg, "inner": inner, "handle": handle, "separate_cfg": False})
-    return compiled, handle
+from _common import build_model, cachedit_model, first_block_only, parse_args, table, time_interleaved, write_json
 
 
 def main():
