@@ -12,7 +12,9 @@ decisions: the script asserts their cached-step lists are equal. FirstBlockCache
 (its diff is against the last computed step, so its count differs; reported).
 
 "ideal" for a request caching n of N steps = (N - n) x plain step + n x Fn-only step, both measured in this
-run (request time / N); efficiency = ideal / method time, each at its own n (plain: n = 0).
+run (request time / N); efficiency = ideal / method time, each at its own n (plain: n = 0). "implied cached
+step ms" = (method median - (N - n) x plain step) / n: a cached step's cost if the computed steps cost a plain
+step (derived, not timed alone; the Fn-only row gives its step, the floor).
 """
 from __future__ import annotations
 
@@ -25,30 +27,34 @@ import time
 import torch
 
 from _common import (FBC, LOAD_AT_START, build_flux, cachedit, cfg, first_block_only, flux_config, parse_args, table,
-                     tune_threshold, write_json)
+                     time_interleaved, tune_threshold, write_json)
 from cachedit_fx.api import summary
 from cachedit_fx.testing import zoo
 
-# name: (flux_config, image side (patch 1: side**2 tokens), text tokens, reps)
+# name: (flux_config, image side (patch 1: side**2 tokens), text tokens, request reps, (per-step samples,
+# calls per sample))
 CONFIGS = {
-    "compute-bound": (flux_config(4, 8, heads=3), 32, 64, 3),
-    "latency-bound": (flux_config(2, 4, heads=1), 8, 16, 15),
+    "compute-bound": (flux_config(4, 8, heads=3), 32, 64, 3, (5, 1)),
+    "latency-bound": (flux_config(2, 4, heads=1), 8, 16, 15, (15, 3)),
 }
 QUICK_CONFIGS = {
-    "compute-bound": (flux_config(2, 2, heads=1, head_dim=32, cond_dim=32), 6, 8, 1),
-    "latency-bound": (flux_config(2, 2, heads=1, head_dim=16, cond_dim=16), 4, 4, 1),
+    "compute-bound": (flux_config(2, 2, heads=1, head_dim=32, cond_dim=32), 6, 8, 1, (1, 1)),
+    "latency-bound": (flux_config(2, 2, heads=1, head_dim=16, cond_dim=16), 4, 4, 1, (1, 1)),
 }
 INSTALL = "pip install --no-deps cache-dit==1.5.3 pyyaml accelerate"
 
 
 class Variant:
     """One method: ``call`` stands in for the transformer, ``reset`` starts a request, ``cached()`` the
-    last request's cached step indices (None where only a count is known: ``count()``)."""
+    last request's cached step indices (None where only a count is known: ``count()``); ``fix(threshold)``
+    (where the method can be reconfigured without a recompile) sets no warmup and that threshold and starts
+    afresh: 0 computes every step, 1e9 caches every step after the first (the per-step table)."""
 
-    def __init__(self, call, reset=None, cached=None, count=None):
+    def __init__(self, call, reset=None, cached=None, count=None, fix=None):
         self.call, self.reset = call, reset or (lambda: None)
         self.cached = cached or (lambda: None)
         self.count = count or (lambda: len(self.cached() or []))
+        self.fix = fix
 
 
 def cache_dit_lib():
@@ -68,9 +74,9 @@ def cache_dit_lib():
 def cache_dit_variant(lib, model, thr, inner, regional):
     m = copy.deepcopy(model)
 
-    def config():
-        return lib.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=thr,
-                                 max_warmup_steps=4, enable_separate_cfg=False)
+    def config(threshold=thr, warmup=4):
+        return lib.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                                 max_warmup_steps=warmup, enable_separate_cfg=False)
 
     lib.enable_cache(m, cache_config=config())
     if regional:  # compiles each block in place; the cache-dit wrappers around them stay eager
@@ -82,7 +88,29 @@ def cache_dit_variant(lib, model, thr, inner, regional):
     def cached():
         return list(m._context_manager.get_context(m._context_names[-1]).cached_steps)
 
-    return Variant(call, lambda: lib.refresh_context(m, cache_config=config()), cached)
+    return Variant(call, lambda: lib.refresh_context(m, cache_config=config()), cached,
+                   fix=lambda t: lib.refresh_context(m, cache_config=config(t, 0)))
+
+
+def per_step(variants, inputs, plain, fn_only, reps, per):
+    """Single calls at a fixed state, interleaved: each method's computed step (plain: every call) and
+    cached step (Fn only: every call); ms, median and min."""
+    out = {}
+    for state, thr in (("computed", 0.0), ("cached", 1e9)):
+        fns = {}
+        for k, v in variants.items():
+            if v.fix is not None:
+                v.fix(thr)
+                v.call(**inputs)  # the first call after a fresh start computes
+            if v.fix is not None or k == (plain if state == "computed" else fn_only):
+                fns[k] = lambda v=v: v.call(**inputs)
+        for k, r in time_interleaved(fns, reps, per).items():
+            out.setdefault(k, {})[state] = {"median_ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3}
+        for k, v in variants.items():  # the state held: nothing cached, or every call after the first
+            if v.fix is not None:
+                want = 0 if state == "computed" else reps * per
+                assert v.count() == want, f"{k}, {state} state: {v.count()} calls cached, expected {want}"
+    return out
 
 
 def graph_counts():
@@ -92,7 +120,8 @@ def graph_counts():
 
 
 def bench_config(name, spec, args, lib, inner, steps):
-    config, side, txt, reps = spec
+    config, side, txt, reps, step_reps = spec
+    plain, fn_only = f"plain {inner} (uncached)", f"Fn only ({inner}, every step)"
     model, inputs, info = build_flux(config, side, txt)
 
     def request(call):
@@ -100,22 +129,22 @@ def bench_config(name, spec, args, lib, inner, steps):
 
     with torch.no_grad():
         eager_c, h_eager = cachedit(model, "eager")
-        thr, tuning = tune_threshold(lambda: request(eager_c), h_eager, steps, 1 if args.quick else 5)
+        thr, tuning = tune_threshold(lambda: request(eager_c), h_eager, steps, 1 if args.quick else 4)
         expected = next(s.cached_steps for s in summary(eager_c, logging=False) if s.unmatched is None)
         fx, h_fx = cachedit(model, inner)
         h_fx.configure(cfg(thr))
         fbc = FBC(model, thr, compile_backend=inner)
         variants = {
-            f"plain {inner} (uncached)": Variant(torch.compile(copy.deepcopy(model), backend=inner, dynamic=False)),
+            plain: Variant(torch.compile(copy.deepcopy(model), backend=inner, dynamic=False)),
             f"cachedit-fx ({inner})": Variant(fx, h_fx.reset, lambda: next(
-                s.cached_steps for s in summary(fx, logging=False) if s.unmatched is None)),
+                s.cached_steps for s in summary(fx, logging=False) if s.unmatched is None),
+                fix=lambda t: (h_fx.configure(cfg(t, warmup=0)), h_fx.reset())),
         }
         if lib is not None:
             variants[f"cache-dit 1.5.3 + torch.compile ({inner})"] = cache_dit_variant(lib, model, thr, inner, False)
             variants[f"cache-dit 1.5.3 + regional compile ({inner})"] = cache_dit_variant(lib, model, thr, inner, True)
         variants[f"diffusers FirstBlockCache + torch.compile ({inner})"] = Variant(fbc, fbc.reset,
                                                                                  count=fbc.cached_steps)
-        fn_only = f"Fn only ({inner}, every step)"
         variants[fn_only] = Variant(torch.compile(first_block_only(model), backend=inner, dynamic=False))
         first_s, graphs = {}, {}
         for vname, v in variants.items():  # first request compiles; outside the timing
@@ -136,6 +165,9 @@ def bench_config(name, spec, args, lib, inner, steps):
                 timings[vname].append(time.perf_counter() - t0)
                 cached[vname].append((v.cached(), v.count()))
         recompiled = [a - b for a, b in zip(graph_counts(), g0)]
+        g0 = graph_counts()
+        steps_ms = per_step(variants, inputs, plain, fn_only, *step_reps)
+        recompiled_per_step = [a - b for a, b in zip(graph_counts(), g0)]
     # decisions: stable across reps; cachedit-fx and cache-dit identical to the compile=False tuning run
     for vname, runs in cached.items():
         assert all(r == runs[0] for r in runs), f"{name} / {vname}: decisions differ between reps: {runs}"
@@ -146,10 +178,14 @@ def bench_config(name, spec, args, lib, inner, steps):
     assert expected, f"{name}: no step cached at threshold {thr} (the comparison tests nothing)"
     med = {k: statistics.median(v) for k, v in timings.items()}
     low = {k: min(v) for k, v in timings.items()}
-    plain = f"plain {inner} (uncached)"
 
     def ideal(n, t):  # t: median or min request times
         return ((steps - n) * t[plain] + n * t[fn_only]) / steps
+
+    def implied(n, k):  # what each cached step cost, if its computed steps cost a plain step
+        if k == fn_only:
+            return 1e3 * med[fn_only] / steps
+        return 1e3 * (med[k] - (steps - n) * med[plain] / steps) / n if n else ""
 
     rows = []
     for k in variants:
@@ -158,7 +194,8 @@ def bench_config(name, spec, args, lib, inner, steps):
                      "median s": med[k], "min s": low[k], "speedup vs plain (median)": med[plain] / med[k],
                      "speedup (min)": low[plain] / low[k],
                      "efficiency vs ideal": ideal(n, med) / med[k] if k != fn_only else "",
-                     "first request s": first_s[k], "graphs / breaks (first request)": "%d / %d" % tuple(graphs[k])})
+                     "implied cached step ms": implied(n, k), "first request s": first_s[k],
+                     "graphs / breaks (first request)": "%d / %d" % tuple(graphs[k])})
     n_same = len(expected)
     rows.append({"method": f"ideal (computed x plain step + cached x Fn-only step, {n_same} cached)",
                  "cached steps": f"{n_same}/{steps}", "median s": ideal(n_same, med), "min s": ideal(n_same, low),
@@ -167,16 +204,26 @@ def bench_config(name, spec, args, lib, inner, steps):
     if lib is None:
         rows.append({"method": "cache-dit 1.5.3", "cached steps": f"not installed: {INSTALL}"})
     headers = ["method", "cached steps", "median s", "min s", "speedup vs plain (median)", "speedup (min)",
-               "efficiency vs ideal", "first request s", "graphs / breaks (first request)"]
+               "efficiency vs ideal", "implied cached step ms", "first request s", "graphs / breaks (first request)"]
     print(f"\n### {name}: {info['model']}; {steps} Euler steps, F1B0, W4, threshold {thr:.4g}; "
           f"{reps} interleaved reps\n")
     print(table(headers, rows))
     print(f"\ncached steps (cachedit-fx = cache-dit, asserted): {list(expected)}; graphs compiled during the "
           f"timed reps: {recompiled[0]}, graph breaks: {recompiled[1]}")
+    step_rows = [{"method": k, **{f"{state} step {stat} ms": v[state][f"{stat}_ms"] for state in v
+                                  for stat in ("median", "min")},
+                  "cached / Fn only (median)": v["cached"]["median_ms"] / steps_ms[fn_only]["cached"]["median_ms"]
+                  if "cached" in v else ""} for k, v in steps_ms.items()]
+    print(f"\nper step: single calls at a fixed state, {step_reps[0]} x {step_reps[1]} interleaved (computed: "
+          f"threshold 0; cached: threshold 1e9, no warmup, after one computing call; FirstBlockCache cannot be "
+          f"reconfigured without a recompile); graphs compiled meanwhile: {recompiled_per_step[0]}\n")
+    print(table(["method", "computed step median ms", "computed step min ms", "cached step median ms",
+                 "cached step min ms", "cached / Fn only (median)"], step_rows))
     return {"info": info, "config": config, "side": side, "text_tokens": txt, "reps": reps, "threshold": thr,
             "tuning": tuning, "cached_steps": list(expected), "rows": rows, "timings_s": timings,
             "cached_per_rep": {k: [c[1] for c in v] for k, v in cached.items()}, "first_request_s": first_s,
-            "graphs_breaks_first_request": graphs, "graphs_breaks_timed": recompiled}
+            "graphs_breaks_first_request": graphs, "graphs_breaks_timed": recompiled, "per_step_ms": steps_ms,
+            "per_step_reps": step_reps, "graphs_breaks_per_step": recompiled_per_step}
 
 
 def main():

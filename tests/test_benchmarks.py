@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/: each script runs with --quick (tiny zoo Flux, or the shipped digits DiT for
-fidelity; no Inductor, no timing asserts), prints its markdown table and writes its JSON. The six run
+fidelity; no Inductor, no timing asserts), prints its markdown table and writes its JSON. They run
 as parallel subprocesses."""
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity")
+SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling")
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,18 @@ def test_compile_health_quick_counts(runs):
     c = rows["cachedit-fx"]
     assert c["graph breaks"] == 0 and c["recompiles (request 2)"] == 0
     assert c["backend compilations (request 1)"] == 1
+
+
+def test_peers_quick_same_decisions(runs):
+    """cachedit-fx and cache-dit (both compile modes) report the same cached count as the tuning run (the
+    script asserts the step lists; here: the rows are there, and cache-dit's only where it is installed)."""
+    rc, _, path = runs["peers"]
+    assert rc == 0
+    data = json.loads(path.read_text())
+    for name, conf in data["configs"].items():
+        rows = {r["method"].split(" (")[0]: r for r in conf["rows"]}
+        want = f"{len(conf['cached_steps'])}/{data['steps']}"
+        assert conf["cached_steps"] and rows["cachedit-fx"]["cached steps"] == want, name
+        peers = [r for m, r in rows.items() if m.startswith("cache-dit 1.5.3 + ")]
+        assert len(peers) == (2 if data["cache_dit"] else 0), name
+        assert all(r["cached steps"] == want for r in peers), name
