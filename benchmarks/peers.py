@@ -206,7 +206,8 @@ def bench_config(name, spec, args, lib, inner, steps):
     print(f"\n### {name}: {info['model']}; {steps} Euler steps, F1B0, W4, threshold {thr:.4g}; "
           f"{reps} interleaved reps\n")
     print(table(headers, rows))
-    print(f"\ncached steps (cachedit-fx = cache-dit, asserted): {list(expected)}; graphs compiled during the "
+    print(f"\ncached steps ({'cachedit-fx = cache-dit' if lib else 'cachedit-fx'} = compile=False run, asserted): "
+          f"{list(expected)}; graphs compiled during the "
           f"timed reps: {recompiled[0]}, graph breaks: {recompiled[1]}")
     step_rows = [{"method": k, **{f"{state} step {stat} ms": v[state][f"{stat}_ms"] for state in v
                                   for stat in ("median", "min")},
