@@ -26,7 +26,7 @@ from .forward_pattern import ForwardPattern
 from .handle import CacheHandle, CachedChain, CompiledGraph
 from .passes.patterns import return_order
 from .state import BranchBy, ChainAbout, ChainLayout, ChainState, diff_shared, stream_spec
-from .step import forecast, post_step, pre_step
+from .step import cached_step, computed_step, post_step, pre_step
 
 _E = "encoder_hidden_states"
 
@@ -171,10 +171,15 @@ class EagerCache:
     def _finish(self, call: _Call, outs: list, order: list[str]):
         """The middle's outputs for this call: computed (``outs``) or forecast, and the state updated."""
         chain = call.chain
-        layout, pre = chain.layout, call.pre
+        layout, pre, st = chain.layout, call.pre, chain.state.tensors
+        ladders = [st[f"ladder_{k}"] for k in range(len(layout.streams))]
         if call.cached:
-            outs = forecast(layout, call.base, pre.ladder_len, pre.distance, pre.ladders)
-        mixed = post_step(layout, pre, call.fn_res, outs, call.base, *chain.state.ordered())
+            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, st["ref"], ladders)
+        else:
+            out = computed_step(layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance,
+                                call.fn_res, outs, call.base, st["ref"], ladders)
+        post_step(layout, pre, out.finite, out.rows, *chain.state.ordered())
+        mixed = out.outs
         return self._pack(mixed[0], mixed[1] if len(mixed) > 1 else None, order)
 
     def _chain_for(self, fn_res: torch.Tensor, base: list) -> CachedChain:

@@ -1,9 +1,13 @@
 """The per-call glue around the ``torch.cond``: read state, decide, and write state back.
 
-The rewritten graph calls :func:`pre_step` before the cond and :func:`post_step` after it. Both are
-composed from the pure functions in :mod:`cachedit_fx.state`; the writes (``copy_`` /
-``index_copy_`` into caller-owned tensors) happen here, outside the cond, where AOTAutograd keeps
-them as input mutations and Inductor turns them into in-place kernels.
+The rewritten graph calls :func:`pre_step` before the cond, :func:`cached_step` or
+:func:`computed_step` inside its branches and :func:`post_step` after it. All are composed from the
+pure functions in :mod:`cachedit_fx.state`. The branches only compute: what a computed step stores
+(reference, TaylorSeer ladders) leaves the cond as rows, one per store after a computed step and none
+after a cached one, and :func:`post_step` writes them (``index_copy_`` into caller-owned tensors,
+outside the cond, where AOTAutograd keeps them as input mutations and Inductor turns them into
+in-place kernels). A cached call so reads and writes no activation-sized state beyond the diff's
+reference and the ladder it forecasts from.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from .state import (LATENT_JUMP, BranchBy, ChainLayout, Clear, across_ranks, all
 
 
 class PreStep(NamedTuple):
-    """What :func:`pre_step` decided for one call; the cond and :func:`post_step` read it."""
+    """What :func:`pre_step` decided for one call; the cond's branches and :func:`post_step` read it."""
 
     pred: torch.Tensor  # 0-dim bool the cond reads: every slot takes the cached branch
     use_cache: torch.Tensor  # (S,)
@@ -26,7 +30,16 @@ class PreStep(NamedTuple):
     branch: torch.Tensor  # (1,), the CFG branch of this call
     ladder_len: torch.Tensor  # (S,) valid TaylorSeer ladder entries
     distance: torch.Tensor  # (S,) steps since the last computed step
-    ladders: tuple[torch.Tensor, ...]  # the branch's TaylorSeer ladder per middle output
+
+
+class BranchOut(NamedTuple):
+    """What either branch of the cond returns (flattened: ``outs``, ``finite``, ``rows``)."""
+
+    outs: tuple[torch.Tensor, ...]  # the middle's outputs: forecast, computed, or mixed per slot
+    finite: torch.Tensor  # (S,) the slot's residuals are finite (True after a cached step)
+    # The branch's new reference and ladder rows, ``(1, ...)`` each after a computed step and ``(0, ...)``
+    # after a cached one: post_step writes the rows there are, so a cached step writes none.
+    rows: tuple[torch.Tensor, ...]
 
 
 def _select(layout: ChainLayout, tensor, branch):
@@ -142,13 +155,13 @@ def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     if layout.group is not None:  # a rank that computes makes all compute: the middle's collectives match
         use_cache = across_ranks(use_cache.to(torch.int32), layout.group, "min") > 0
     distance = (step - sel["last_computed"]).to(torch.float32)
-    ladders = tuple(_select(layout, st[f"ladder_{k}"], branch) for k in range(len(layout.streams)))
-    return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["ladder_len"], distance, ladders)
+    return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["ladder_len"], distance)
 
 
 def forecast(layout: ChainLayout, passthrough, ladder_len, distance, ladders):
     """What a cached step produces for each middle output: the (TaylorSeer-forecast) value itself for
-    an absolute stream, else the blocks-skipped value plus the forecast residual."""
+    an absolute stream, else the blocks-skipped value plus the forecast residual. ``ladders``: the
+    call's branch's ladder per stream."""
     out = []
     for spec, base, ladder in zip(layout.streams, passthrough, ladders):
         approx = taylor_approx(ladder, ladder_len, distance).to(base.dtype)
@@ -156,32 +169,51 @@ def forecast(layout: ChainLayout, passthrough, ladder_len, distance, ladders):
     return out
 
 
-def post_step(layout: ChainLayout, pre: PreStep, fn_res, outs, passthrough, *state):
-    """Finish a call: store residuals / ladders / reference for computed slots, update counters and
-    logs, and (per-sample mode) mix cached and computed slots. Returns the middle outputs."""
-    st = _state(layout, state)
-    use_cache, step, branch = pre.use_cache, pre.step, pre.branch
-    computed = ~use_cache
-    # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
-    window = pre.distance
-    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "ladder_len", "last_computed",
-                                                       "has_ref", "acc_diff")}
+def cached_step(layout: ChainLayout, passthrough, branch, ladder_len, distance, ref_state, ladder_states) -> BranchOut:
+    """The cond's cached branch: the forecast middle outputs, and no state rows to write.
+    ``ref_state`` / ``ladder_states``: the chain's ``ref`` and ``ladder_k`` state tensors (every
+    branch's rows; the empty rows take their sizes, symbolic ones in a dynamic-shape export)."""
+    ladders = [_select(layout, t, branch) for t in ladder_states]
+    outs = forecast(layout, passthrough, ladder_len, distance, ladders)
+    rows = tuple(t.new_empty((0, *t.shape[1:])) for t in (ref_state, *ladder_states))
+    return BranchOut(tuple(outs), torch.ones(layout.slots, dtype=torch.bool, device=ref_state.device), rows)
+
+
+def computed_step(layout: ChainLayout, use_cache, step, branch, ladder_len, distance, fn_res, outs, passthrough,
+                  ref_state, ladder_states) -> BranchOut:
+    """The cond's full branch after the middle ran: the new reference and ladder rows of the call's
+    branch (per-sample mode: a slot that is cached keeps its rows and takes the forecast)."""
+    ladders = [_select(layout, t, branch) for t in ladder_states]
     mixed = list(outs)
     if layout.slots > 1:
-        approx = forecast(layout, passthrough, pre.ladder_len, window, pre.ladders)
+        approx = forecast(layout, passthrough, ladder_len, distance, ladders)
         mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
     # A non-finite residual (a NaN or inf step) enters neither the reference nor the ladders.
     values = [(out if spec.absolute else out - base) for spec, out, base in zip(layout.streams, outs, passthrough)]
     finite = all_finite([fn_res, *values], layout.slots, layout.group)
-    kept = computed & finite
-    for k, (value, ladder) in enumerate(zip(values, pre.ladders)):
-        fresh = taylor_update(ladder, pre.ladder_len, value.to(ladder.dtype), window, step)
-        _write(st[f"ladder_{k}"], branch, torch.where(slot_view(kept, fresh[0]).unsqueeze(0), fresh, ladder))
-    ref = _select(layout, st["ref"], branch)
-    _write(st["ref"], branch, torch.where(slot_view(kept, ref), fn_res.to(ref.dtype), ref))
-    for name, value in commit(use_cache, finite, step, pre.recorded, layout.ladder, **sel).items():
+    kept = ~use_cache & finite
+    ref = _select(layout, ref_state, branch)
+    rows = [torch.where(slot_view(kept, ref), fn_res.to(ref.dtype), ref).unsqueeze(0)]
+    for value, ladder in zip(values, ladders):
+        fresh = taylor_update(ladder, ladder_len, value.to(ladder.dtype), distance, step)
+        rows.append(torch.where(slot_view(kept, fresh[0]).unsqueeze(0), fresh, ladder).unsqueeze(0))
+    return BranchOut(tuple(mixed), finite, tuple(rows))
+
+
+def post_step(layout: ChainLayout, pre: PreStep, finite, rows, *state) -> None:
+    """Finish a call: write the rows a computed step made (reference, ladders), update the counters
+    and the logs."""
+    st = _state(layout, state)
+    branch = pre.branch
+    # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
+    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "ladder_len", "last_computed",
+                                                       "has_ref", "acc_diff")}
+    for name, row in zip(("ref", *(f"ladder_{k}" for k in range(len(layout.streams)))), rows):
+        n = row.shape[0]  # 1 or 0: the cond's branches return rows of different lengths
+        torch._check(n <= 1)
+        st[name].index_copy_(0, branch.expand(n), row)
+    for name, value in commit(pre.use_cache, finite, pre.step, pre.recorded, layout.ladder, **sel).items():
         _write(st[name], branch, value)
-    at = step.clamp(0, layout.capacity - 1).reshape(1)
-    for name, value in (("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", use_cache)):
+    at = pre.step.clamp(0, layout.capacity - 1).reshape(1)
+    for name, value in (("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", pre.use_cache)):
         st[name].index_put_((branch, at), value.unsqueeze(0))  # one element per slot, not the whole row
-    return mixed

@@ -1,6 +1,7 @@
 """The real cache state/glue (cachedit_fx.state / cachedit_fx.step) against the eager oracle.
 
-A tiny driver loop plays the role of the rewritten graph: pre_step -> (forecast | middle) -> post_step.
+A tiny driver loop plays the role of the rewritten graph: pre_step -> (cached_step | middle + computed_step)
+-> post_step.
 Synthetic Fn residuals are a fixed tensor times a per-step multiplier, so the relative L1 diff of
 two steps is exactly |m_prev - m_cur| / |m_prev| and every gate can be hit on purpose.
 """
@@ -15,7 +16,7 @@ import torch
 from cachedit_fx import config
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
 from cachedit_fx.state import BranchBy, ChainLayout, ChainState, decide, diff_shared, params_from_config, stream_spec
-from cachedit_fx.step import forecast, post_step, pre_step
+from cachedit_fx.step import cached_step, computed_step, post_step, pre_step
 
 from oracle import NO_REFERENCE, Oracle, run_chain
 
@@ -36,7 +37,7 @@ def order_of(calib) -> int:
 
 
 class Glue:
-    """Drives the real pre_step / forecast / post_step the way the rewritten graph does."""
+    """Drives the real pre_step / cached_step | computed_step / post_step the way the rewritten graph does."""
 
     def __init__(self, cache_config, calib=None, n_branches=1, batch=1, branch_by=BranchBy.PARITY):
         slots = batch if cache_config.per_sample else 1
@@ -52,11 +53,16 @@ class Glue:
         st = self.state.ordered()
         self.state.tensors["branch_hint"].fill_(-1 if hint is None else hint)
         pre = pre_step(self.layout, fn_res, timestep, latent, *st)
+        ladders = [self.state.tensors[f"ladder_{k}"] for k in range(len(self.layout.streams))]
         if bool(pre.pred):
-            outs = forecast(self.layout, list(passthrough), pre.ladder_len, pre.distance, pre.ladders)
+            out = cached_step(self.layout, list(passthrough), pre.branch, pre.ladder_len, pre.distance,
+                              self.state.tensors["ref"], ladders)
         else:
-            outs = list(middle_outputs_fn())
-        outs = post_step(self.layout, pre, fn_res, outs, list(passthrough), *st)
+            out = computed_step(self.layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance,
+                                fn_res, list(middle_outputs_fn()), list(passthrough), self.state.tensors["ref"],
+                                ladders)
+        post_step(self.layout, pre, out.finite, out.rows, *st)
+        outs = out.outs
         return pre.use_cache.tolist(), outs, pre.gate.tolist(), pre.recorded.tolist(), int(pre.step), int(pre.branch)
 
 
@@ -651,7 +657,8 @@ def test_decide_compiles_without_graph_breaks():
 
 
 def test_glue_compiles_without_graph_breaks():
-    """pre_step + post_step (two branches, shared diff, per-sample slots) trace as one graph."""
+    """pre_step, both branches' steps and post_step (two branches, shared diff, per-sample slots) trace as one
+    graph."""
     import torch._dynamo
 
     c = cfg(per_sample=True, enable_separate_cfg=True, cfg_diff_compute_separate=False, max_cached_steps=3)
@@ -660,8 +667,13 @@ def test_glue_compiles_without_graph_breaks():
 
     def f(fn_res, t, x, out_h, out_e, base_h, base_e, *state):
         pre = pre_step(layout, fn_res, t, x, *state)
-        outs = post_step(layout, pre, fn_res, [out_h, out_e], [base_h, base_e], *state)
-        return pre.pred, outs
+        st = dict(zip(layout.names(), state))
+        ladders = [st["ladder_0"], st["ladder_1"]]
+        cached = cached_step(layout, [base_h, base_e], pre.branch, pre.ladder_len, pre.distance, st["ref"], ladders)
+        out = computed_step(layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance, fn_res,
+                            [out_h, out_e], [base_h, base_e], st["ref"], ladders)
+        post_step(layout, pre, out.finite, out.rows, *state)
+        return pre.pred, out.outs, cached.outs
 
     args = [torch.randn(2, *H_SHAPE), torch.tensor([5.0]), torch.randn(2, *LATENT_SHAPE), torch.randn(2, *H_SHAPE),
             torch.randn(2, *E_SHAPE),

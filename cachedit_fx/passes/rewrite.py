@@ -1,13 +1,15 @@
 """Replace each chain's middle by an on-device decision and a ``torch.cond``.
 
     fn_res   = H_after_Fn - H_before_Fn
-    pre      = pre_step(fn_res, timestep, latent, *state)  # decide: a PreStep, pre.pred a 0-dim bool
-    outs     = cond(pre.pred, cached_branch, full_branch, operands)
-    final    = post_step(pre, fn_res, outs, passthrough, *state) # copy_ into state, outside the cond
+    pre      = pre_step(fn_res, timestep, latent, *state)   # decide: a PreStep, pre.pred a 0-dim bool
+    outs, finite, rows = cond(pre.pred, cached_branch, full_branch, operands)
+    post_step(pre, finite, rows, *state)                   # index_copy_ / index_put_ into state, outside the cond
 
-The state tensors become extra placeholders at the end of the graph's inputs: the caller owns them
-and passes them on every call (AOTAutograd keeps the in-place writes as input mutations; the same
-layout survives torch.export / AOTInductor).
+The cached branch forecasts the middle's outputs (:func:`~cachedit_fx.step.cached_step`) and returns
+no rows; the full branch runs the middle and returns the reference and ladder rows a computed step
+stores (:func:`~cachedit_fx.step.computed_step`). The state tensors become extra placeholders at the
+end of the graph's inputs: the caller owns them and passes them on every call (AOTAutograd keeps the
+in-place writes as input mutations; the same layout survives torch.export / AOTInductor).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
 from ..errors import NoCacheableChain
 from ..fx_utils import concrete_shape, node_value
 from ..state import BranchBy, ChainAbout, ChainLayout, ChainState, diff_shared, stream_spec
-from ..step import PreStep, forecast, post_step, pre_step
+from ..step import BranchOut, PreStep, cached_step, computed_step, post_step, pre_step
 from .blocks import latent_input, timestep_input
 from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module
@@ -45,28 +47,46 @@ def _branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
     return GraphModule(segment, graph)  # takes from ``segment`` only what the graph's get_attr nodes name
 
 
-def full_branch(middle: GraphModule, n_operands: int) -> GraphModule:
-    return _branch(n_operands, lambda g, ops: inline(g, middle, ops[: len(_placeholders(middle))]), middle)
+# The operands after the middle's inputs, in this order (both branches take the same operands).
+_STEP_OPERANDS = ("fn_res", "use_cache", "step", "branch", "ladder_len", "distance", "ref")
 
 
-def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_operands: int) -> GraphModule:
-    """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
-    passthrough from the operands rather than taking it as operands, which would alias them."""
-    n_in, k = len(_placeholders(passthrough)), len(layout.streams)
-    forecast_fn = _named(lambda base, ladder_len, distance, ladders: tuple(forecast(layout, base, ladder_len, distance,
-                                                                                 ladders)), "cachedit_forecast")
+def _flat(out: BranchOut) -> tuple:
+    return (*out.outs, out.finite, *out.rows)
+
+
+def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int) -> GraphModule:
+    """The middle's blocks run, then what a computed step stores."""
+    computed = _named(lambda *a: _flat(computed_step(layout, *a)), "cachedit_computed_step")
 
     def body(g, ops):
-        base = inline(g, passthrough, ops[:n_in])
-        ladder_len, distance, *ladders = ops[n_in:]
-        fc = g.call_function(forecast_fn, (base, ladder_len, distance, ladders))
-        return [g.call_function(operator.getitem, (fc, i)) for i in range(k)]
+        mid, (fn_res, use_cache, step, branch, ladder_len, distance, ref, *ladders) = ops[:n_in], ops[n_in:]
+        outs = inline(g, middle, mid)
+        base = inline(g, passthrough, mid)
+        out = g.call_function(computed, (use_cache, step, branch, ladder_len, distance, fn_res, outs, base, ref,
+                                         ladders))
+        return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
 
-    return _branch(n_operands, body, passthrough)
+    return _branch(n_in + len(_STEP_OPERANDS) + len(layout.streams), body, middle)
 
 
-def _placeholders(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_in: int) -> GraphModule:
+    """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
+    passthrough from the operands rather than taking it as operands, which would alias them."""
+    cached = _named(lambda *a: _flat(cached_step(layout, *a)), "cachedit_cached_step")
+
+    def body(g, ops):
+        mid, (_, _, _, branch, ladder_len, distance, ref, *ladders) = ops[:n_in], ops[n_in:]
+        base = inline(g, passthrough, mid)
+        out = g.call_function(cached, (base, branch, ladder_len, distance, ref, ladders))
+        return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
+
+    return _branch(n_in + len(_STEP_OPERANDS) + len(layout.streams), body, passthrough)
+
+
+def _n_outputs(layout: ChainLayout) -> int:
+    k = len(layout.streams)
+    return k + 1 + 1 + k  # outs, finite, the reference row, a ladder row per stream
 
 
 @dataclass(eq=False)
@@ -157,9 +177,9 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
 
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
     passthrough = passthrough_module(gm, split)
-    n_operands = len(split.middle_inputs) + 2 + len(layout.streams)
-    gm.add_submodule(f"cachedit_full_{idx}", full_branch(full, n_operands))
-    gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_operands))
+    n_in = len(split.middle_inputs)
+    gm.add_submodule(f"cachedit_full_{idx}", full_branch(layout, full, passthrough, n_in))
+    gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_in))
 
     graph = gm.graph
     first_compute = next(n for n in graph.nodes if n.op != "placeholder")
@@ -182,26 +202,21 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     pre_fn = _named(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st), f"cachedit_pre_step_{idx}")
     post_fn = _named(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
-    with graph.inserting_before(after_middle):
-        base = inline(graph, passthrough, split.middle_inputs)
-    node = fn_res.next
-    while node is not after_middle:
-        inserted.append(node)
-        node = node.next
     pre = add("call_function", pre_fn, (fn_res, timestep, latent, *state_nodes))
 
     def field(name):
         return add("call_function", operator.getitem, (pre, PreStep._fields.index(name)))
 
-    ladder_nodes = field("ladders")
-    ladders = [add("call_function", operator.getitem, (ladder_nodes, i)) for i in range(k)]
+    by_name = dict(zip(layout.names(), state_nodes))
+    step_operands = [fn_res, *(field(n) for n in _STEP_OPERANDS[1:-1]), by_name["ref"]]
+    ladders = [by_name[f"ladder_{i}"] for i in range(k)]
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], field("ladder_len"), field("distance"), *ladders)
+    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], *step_operands, *ladders)
     cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
-    outs = [add("call_function", operator.getitem, (cond, i)) for i in range(k)]
-    post = add("call_function", post_fn, (pre, fn_res, outs, base, *state_nodes))
-    final = [add("call_function", operator.getitem, (post, i)) for i in range(k)]
+    final = [add("call_function", operator.getitem, (cond, i)) for i in range(_n_outputs(layout))]
+    add("call_function", post_fn, (pre, final[k], final[k + 1:], *state_nodes))
+    final = final[:k]
     middle = set(split.middle_nodes)
     for old, new in zip(split.middle_outputs, final):
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in middle and u not in inserted)
