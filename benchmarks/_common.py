@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE.parent))
 LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
 TARGET = (0.40, 0.50)  # fraction of a request's steps the threshold search aims to cache
 
+
 def flux_config(num_layers: int, num_single_layers: int, heads: int, head_dim: int = 64, cond_dim: int = 64) -> dict:
     """FluxTransformer2DModel kwargs for a random Flux of the given depth and width (dim = heads x head_dim;
     patch size 1, 16 latent channels, text / pooled width ``cond_dim``; the rope axes split head_dim 1:1.5:1.5)."""
@@ -146,6 +147,17 @@ def cachedit_model(model, threshold: float, inner: str):
     compiled = torch.compile(copy.deepcopy(model), backend="cachedit", dynamic=False,
                              options={"cache_config": c, "inner": inner, "handle": handle, "separate_cfg": False})
     return compiled, handle
+
+
+def check_all_but_first_cached(handle, label: str) -> tuple[int, int]:
+    """(cached, steps) of a ``cachedit_model(..., 1e9, ...)`` instance, asserting it did what its threshold
+    says: after the first (computing) call every call was cached."""
+    from cachedit_fx.stats import collect
+
+    chains = collect(handle)
+    n_c, n_s = sum(s.n_cached for s in chains), sum(s.steps for s in chains)
+    assert n_s and n_c == n_s - 1, f"{label}: {n_c} of {n_s} steps cached (expected all but the first)"
+    return n_c, n_s
 
 
 class FBC:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from _common import (build_flux, cachedit_model, first_block_only, flux_config, parse_args, table, time_interleaved,
-                     write_json)
-from cachedit_fx.stats import collect
+from _common import (build_flux, cachedit_model, check_all_but_first_cached, first_block_only, flux_config, parse_args,
+                     table, time_interleaved, write_json)
 
 # (image side (patch 1: side**2 tokens), double blocks, single blocks)
 POINTS = [(16, 4, 8), (32, 4, 8), (64, 4, 8), (32, 2, 4), (32, 8, 16)]
@@ -39,9 +38,7 @@ def main():
             for fn in fns.values():  # compile, then 2 warm calls (the cached model's first call computes)
                 fn(), fn(), fn()
             res = time_interleaved(fns, repeats, per)
-        chains = collect(handle)
-        n_c, n_s = sum(s.n_cached for s in chains), sum(s.steps for s in chains)
-        assert n_s and n_c == n_s - 1, f"{info['model']}: {n_c} of {n_s} steps cached (expected all but the first)"
+        n_c, n_s = check_all_but_first_cached(handle, info["model"])
         c, i = res["cached"], res["ideal"]
         rows.append({"tokens": f"{side * side} + {txt}", "blocks": f"{double} + {single}",
                      "cached ms": c["median_s"] * 1e3, "ideal ms": i["median_s"] * 1e3,

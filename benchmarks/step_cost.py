@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from _common import build_model, cachedit_model, first_block_only, parse_args, table, time_interleaved, write_json
+from _common import build_model, cachedit_model, check_all_but_first_cached, first_block_only, parse_args, table, time_interleaved, write_json
 
 
 def main():
@@ -42,11 +42,8 @@ def main():
         # check the gates did what the names say
         from cachedit_fx.stats import collect
         full_cached = sum(s.n_cached for s in collect(h_full))
-        cached_steps = [s for s in collect(h_cached)]
     assert full_cached == 0, f"full-step variant cached {full_cached} steps"
-    n_c = sum(s.n_cached for s in cached_steps)
-    n_s = sum(s.steps for s in cached_steps)
-    assert n_s and n_c == n_s - 1, f"cached variant: {n_c} of {n_s} steps cached (expected all but the first)"
+    n_c, n_s = check_all_but_first_cached(h_cached, "cached variant")
     med = {k: v["median_s"] for k, v in res.items()}
     rows = [{"variant": k, "median ms": med[k] * 1e3, "min ms": res[k]["min_s"] * 1e3,
              "first call s": compile_s[k], "vs plain": med[k] / med[f"plain {inner}"]} for k in fns]

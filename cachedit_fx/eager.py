@@ -171,13 +171,13 @@ class EagerCache:
     def _finish(self, call: _Call, outs: list, order: list[str]):
         """The middle's outputs for this call: computed (``outs``) or forecast, and the state updated."""
         chain = call.chain
-        layout, pre, st = chain.layout, call.pre, chain.state.tensors
-        ladders = [st[f"ladder_{k}"] for k in range(len(layout.streams))]
+        layout, pre = chain.layout, call.pre
+        ref, *ladders = (chain.state.tensors[n] for n in layout.stored_names())
         if call.cached:
-            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, st["ref"], ladders)
+            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, ref, ladders)
         else:
             out = computed_step(layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance,
-                                call.fn_res, outs, call.base, st["ref"], ladders)
+                                call.fn_res, outs, call.base, ref, ladders)
         post_step(layout, pre, out.finite, out.rows, *chain.state.ordered())
         mixed = out.outs
         return self._pack(mixed[0], mixed[1] if len(mixed) > 1 else None, order)

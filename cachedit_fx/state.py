@@ -133,6 +133,11 @@ class ChainLayout:
     def names(self) -> list[str]:
         return [f.name for f in self.fields()]
 
+    def stored_names(self) -> list[str]:
+        """The activation-sized state a computed step stores and a cached one reads: the reference,
+        then one ladder per stream (the order of :class:`~cachedit_fx.step.BranchOut`'s rows)."""
+        return ["ref", *(f"ladder_{k}" for k in range(len(self.streams)))]
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {f.name: (f.shape, f.dtype) for f in self.fields()}
 

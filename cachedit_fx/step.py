@@ -41,6 +41,10 @@ class BranchOut(NamedTuple):
     # after a cached one: post_step writes the rows there are, so a cached step writes none.
     rows: tuple[torch.Tensor, ...]
 
+    def flat(self) -> tuple[torch.Tensor, ...]:
+        """The tensors in the order a cond branch returns them."""
+        return (*self.outs, self.finite, *self.rows)
+
 
 def _select(layout: ChainLayout, tensor, branch):
     # With one branch a view is enough; with two, gather the branch on device (no host read).
@@ -208,7 +212,7 @@ def post_step(layout: ChainLayout, pre: PreStep, finite, rows, *state) -> None:
     # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
     sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "ladder_len", "last_computed",
                                                        "has_ref", "acc_diff")}
-    for name, row in zip(("ref", *(f"ladder_{k}" for k in range(len(layout.streams)))), rows):
+    for name, row in zip(layout.stored_names(), rows):
         n = row.shape[0]  # 1 or 0: the cond's branches return rows of different lengths
         torch._check(n <= 1)
         st[name].index_copy_(0, branch.expand(n), row)

@@ -53,14 +53,12 @@ class Glue:
         st = self.state.ordered()
         self.state.tensors["branch_hint"].fill_(-1 if hint is None else hint)
         pre = pre_step(self.layout, fn_res, timestep, latent, *st)
-        ladders = [self.state.tensors[f"ladder_{k}"] for k in range(len(self.layout.streams))]
+        ref, *ladders = (self.state.tensors[n] for n in self.layout.stored_names())
         if bool(pre.pred):
-            out = cached_step(self.layout, list(passthrough), pre.branch, pre.ladder_len, pre.distance,
-                              self.state.tensors["ref"], ladders)
+            out = cached_step(self.layout, list(passthrough), pre.branch, pre.ladder_len, pre.distance, ref, ladders)
         else:
             out = computed_step(self.layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance,
-                                fn_res, list(middle_outputs_fn()), list(passthrough), self.state.tensors["ref"],
-                                ladders)
+                                fn_res, list(middle_outputs_fn()), list(passthrough), ref, ladders)
         post_step(self.layout, pre, out.finite, out.rows, *st)
         outs = out.outs
         return pre.use_cache.tolist(), outs, pre.gate.tolist(), pre.recorded.tolist(), int(pre.step), int(pre.branch)

@@ -23,7 +23,7 @@ from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
 from ..errors import NoCacheableChain
 from ..fx_utils import concrete_shape, node_value
 from ..state import BranchBy, ChainAbout, ChainLayout, ChainState, diff_shared, stream_spec
-from ..step import BranchOut, PreStep, cached_step, computed_step, post_step, pre_step
+from ..step import PreStep, cached_step, computed_step, post_step, pre_step
 from .blocks import latent_input, timestep_input
 from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module
@@ -47,46 +47,48 @@ def _branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
     return GraphModule(segment, graph)  # takes from ``segment`` only what the graph's get_attr nodes name
 
 
-# The operands after the middle's inputs, in this order (both branches take the same operands).
-_STEP_OPERANDS = ("fn_res", "use_cache", "step", "branch", "ladder_len", "distance", "ref")
+# The operands after the middle's inputs, in this order, then the stored state (layout.stored_names());
+# both branches take the same operands.
+_STEP_OPERANDS = ("fn_res", "use_cache", "step", "branch", "ladder_len", "distance")
 
 
-def _flat(out: BranchOut) -> tuple:
-    return (*out.outs, out.finite, *out.rows)
+def _n_outputs(layout: ChainLayout) -> int:
+    return len(layout.streams) + 1 + len(layout.stored_names())  # BranchOut flattened: outs, finite, rows
+
+
+def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body) -> GraphModule:
+    """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
+    (a step.py function returning a :class:`BranchOut`), whose flattened outputs the branch returns."""
+    flat = _named(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}")
+    n_step = len(_STEP_OPERANDS)
+
+    def graph_body(g, ops):
+        mid, step_ops, stored = ops[:n_in], dict(zip(_STEP_OPERANDS, ops[n_in:n_in + n_step])), ops[n_in + n_step:]
+        out = g.call_function(flat, body(g, mid, step_ops, stored))
+        return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
+
+    return _branch(n_in + n_step + len(layout.stored_names()), graph_body, segment)
 
 
 def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int) -> GraphModule:
     """The middle's blocks run, then what a computed step stores."""
-    computed = _named(lambda *a: _flat(computed_step(layout, *a)), "cachedit_computed_step")
 
-    def body(g, ops):
-        mid, (fn_res, use_cache, step, branch, ladder_len, distance, ref, *ladders) = ops[:n_in], ops[n_in:]
-        outs = inline(g, middle, mid)
-        base = inline(g, passthrough, mid)
-        out = g.call_function(computed, (use_cache, step, branch, ladder_len, distance, fn_res, outs, base, ref,
-                                         ladders))
-        return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
+    def body(g, mid, s, stored):
+        outs, base = inline(g, middle, mid), inline(g, passthrough, mid)
+        return (s["use_cache"], s["step"], s["branch"], s["ladder_len"], s["distance"], s["fn_res"], outs, base,
+                stored[0], stored[1:])
 
-    return _branch(n_in + len(_STEP_OPERANDS) + len(layout.streams), body, middle)
+    return _step_branch(layout, n_in, middle, computed_step, body)
 
 
 def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_in: int) -> GraphModule:
     """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
     passthrough from the operands rather than taking it as operands, which would alias them."""
-    cached = _named(lambda *a: _flat(cached_step(layout, *a)), "cachedit_cached_step")
 
-    def body(g, ops):
-        mid, (_, _, _, branch, ladder_len, distance, ref, *ladders) = ops[:n_in], ops[n_in:]
-        base = inline(g, passthrough, mid)
-        out = g.call_function(cached, (base, branch, ladder_len, distance, ref, ladders))
-        return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
+    def body(g, mid, s, stored):
+        return (inline(g, passthrough, mid), s["branch"], s["ladder_len"], s["distance"], stored[0], stored[1:])
 
-    return _branch(n_in + len(_STEP_OPERANDS) + len(layout.streams), body, passthrough)
-
-
-def _n_outputs(layout: ChainLayout) -> int:
-    k = len(layout.streams)
-    return k + 1 + 1 + k  # outs, finite, the reference row, a ladder row per stream
+    return _step_branch(layout, n_in, passthrough, cached_step, body)
 
 
 @dataclass(eq=False)
@@ -208,11 +210,11 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
         return add("call_function", operator.getitem, (pre, PreStep._fields.index(name)))
 
     by_name = dict(zip(layout.names(), state_nodes))
-    step_operands = [fn_res, *(field(n) for n in _STEP_OPERANDS[1:-1]), by_name["ref"]]
-    ladders = [by_name[f"ladder_{i}"] for i in range(k)]
+    step_operands = [fn_res, *(field(n) for n in _STEP_OPERANDS[1:])]
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], *step_operands, *ladders)
+    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], *step_operands,
+                *(by_name[n] for n in layout.stored_names()))
     cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
     final = [add("call_function", operator.getitem, (cond, i)) for i in range(_n_outputs(layout))]
     add("call_function", post_fn, (pre, final[k], final[k + 1:], *state_nodes))
