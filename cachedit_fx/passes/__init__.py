@@ -1,9 +1,10 @@
 """The cachedit pass pipeline, one entry for every caller (the backend, export, the graph report):
 
     find chains (blocks.py) -> classify (patterns.py) -> pick -> split (split.py) -> rewrite (rewrite.py)
+    -> sink (sink.py)
 
-The analyses return data; the rewrite is the one transform, applied to a copy of the graph, so a graph
-the passes cannot handle comes back untouched with the reason (``PassResult.unmatched``).
+The analyses return data; the rewrite and the sink are the transforms, applied to a copy of the graph,
+so a graph the passes cannot handle comes back untouched with the reason (``PassResult.unmatched``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .pin import PinnedList, pin_chain
 from .blocks import timestep_input
 from .parallel import sequence_group
 from .rewrite import RewrittenChain, rewrite
+from .sink import sink_into_branches
 from .split import split_chain
 
 __all__ = ["PassResult", "PassSettings", "PinnedList", "apply"]
@@ -49,6 +51,8 @@ class PassResult:
     graph_module: GraphModule
     chains: list[RewrittenChain] = field(default_factory=list)
     unmatched: str | None = None
+    # nodes of the graph moved into a cond branch, the only one that needs them (sink.py)
+    moved_into_branches: list[str] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -101,4 +105,4 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
                          group)
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))
-    return PassResult(work, chains)
+    return PassResult(work, chains, moved_into_branches=sink_into_branches(work))
