@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 from .config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig, coerce, validated
 from .errors import ConfigError
 from .handle import CacheHandle, CompiledGraph, weight_ptrs
-from .inner import check_inner, inner_compile
+from .inner import CACHED_GRAPH_INDUCTOR_OPTIONS, check_inner, inner_compile
 from .parallel import chains_group, check_same_config
 from .passes import PassSettings, PinnedList, apply
 
@@ -149,7 +149,8 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     handle.add(CompiledGraph(result.chains, weight_ptrs(gm, example_inputs)))
     _warn_if_requests_look_alike(handle, result.chains)
     states = [t for c in result.chains for t in c.state.ordered()]
-    compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options)
+    compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options,
+                             CACHED_GRAPH_INDUCTOR_OPTIONS)
 
     def run(*args):
         return compiled(*args, *states)

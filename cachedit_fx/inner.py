@@ -9,6 +9,14 @@ from .errors import CacheditError, ConfigError
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager", "tensorrt")
 
+# Inductor options for a rewritten graph, under the caller's ``inner_options``. Inductor's size
+# asserts would check every input on every call, the middle's weights twice (before the cond and
+# again inside the full branch) and on a cached call for a branch that does not read them: Dynamo's
+# guards check each input's sizes and strides already, a branch's operands come from the graph
+# itself, and the state tensors are ours. At 0.3-1 us an assert, that is several percent of a small
+# model's step.
+CACHED_GRAPH_INDUCTOR_OPTIONS = {"size_asserts": False}
+
 
 def check_inner(inner) -> None:
     """Fail at configuration time, not at the first call."""
@@ -23,8 +31,10 @@ def check_inner(inner) -> None:
                                 f"import failed with: {e}") from e
 
 
-def inner_compile(gm: GraphModule, example_inputs, inner, inner_options: dict | None = None):
-    """Compile ``gm`` for ``example_inputs`` with the named inner compiler; returns a callable."""
+def inner_compile(gm: GraphModule, example_inputs, inner, inner_options: dict | None = None,
+                  inductor_defaults: dict | None = None):
+    """Compile ``gm`` for ``example_inputs`` with the named inner compiler; returns a callable.
+    ``inductor_defaults``: Inductor options ``inner_options`` may override."""
     if callable(inner):
         return inner(gm, example_inputs)
     if inner == "eager":
@@ -35,7 +45,7 @@ def inner_compile(gm: GraphModule, example_inputs, inner, inner_options: dict | 
     if inner == "tensorrt":
         return _tensorrt_compile(gm, example_inputs, inner_options or {})
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches=inner_options or None)
+    return compile_fx(gm, example_inputs, config_patches={**(inductor_defaults or {}), **(inner_options or {})} or None)
 
 
 def _tensorrt_compile(gm, example_inputs, inner_options):

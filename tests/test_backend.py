@@ -37,11 +37,13 @@ from collections import Counter
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cachedit_fx.backend import cachedit_backend
 from cachedit_fx.handle import CacheHandle, handles_for
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
+from cachedit_fx.inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
 from cachedit_fx.testing import zoo
 
 from oracle import Oracle
@@ -414,16 +416,37 @@ def inductor_flux():
     opts = dict(cache_config=dict(Fn_compute_blocks=1, residual_diff_threshold=THRESHOLD["flux"],
                                   max_warmup_steps=2), inner="inductor")
     compiled = torch.compile(transformer, backend="cachedit", options=opts, fullgraph=True, dynamic=False)
-    _, outs = zoo.denoise(transformer, "flux", inputs, num_steps=STEPS, call=compiled)
+    (_, outs), code = run_and_get_code(lambda: zoo.denoise(transformer, "flux", inputs, num_steps=STEPS,
+                                                           call=compiled))
     handle = [h for h in handles_for(transformer) if h.chains][-1]
     ref_outs, oracle = reference_run("flux", transformer, inputs, handle.chains[0], opts)
-    yield handle, outs, ref_outs, oracle
+    yield handle, outs, ref_outs, oracle, code
     torch._dynamo.reset()
 
 
 def test_inductor_flux_dbcache_matches_oracle(inductor_flux):
-    handle, outs, ref_outs, oracle = inductor_flux
+    handle, outs, ref_outs, oracle, _ = inductor_flux
     assert compare_with_oracle(handle.chains[0], oracle, outs, ref_outs) > 0
+
+
+def test_inductor_cached_graph_has_no_size_asserts(inductor_flux):
+    """Dynamo's guards check the inputs' sizes and strides: the rewritten graph does not check them
+    again on every call (and its branches not a third time)."""
+    *_, code = inductor_flux
+    assert len(code) == 1 and "def true_graph_0" in code[0] and "def false_graph_0" in code[0]
+    assert "assert_size_stride(" not in code[0]
+
+
+def test_inner_options_override_the_cached_graph_defaults(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = []
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches=None: seen.append(
+        config_patches))
+    inner_compile(None, [], "inductor", None, CACHED_GRAPH_INDUCTOR_OPTIONS)
+    inner_compile(None, [], "inductor", {"size_asserts": True, "max_autotune": True}, CACHED_GRAPH_INDUCTOR_OPTIONS)
+    inner_compile(None, [], "inductor", None)  # an uncached graph keeps Inductor's own defaults
+    assert seen == [{"size_asserts": False}, {"size_asserts": True, "max_autotune": True}, None]
 
 
 # ----------------------------------------------------------------------------- compile counts
