@@ -116,6 +116,17 @@ def first_block_cache(model, threshold: float) -> list[bool]:
     return decisions
 
 
+def compile_own(model, backend, **kwargs):
+    """``torch.compile(model, backend=...)`` on a private copy of its forward's code object. Dynamo keeps its
+    compiled entries per code object, and deep copies of one model share their class's forward: each
+    call would walk every variant's entries and guards before finding its own, an overhead that grows
+    with the number of variants compiled in the process (enable_cache compiles a private copy too)."""
+    from cachedit_fx.capture import private_code
+
+    model.forward = private_code(model.forward)
+    return torch.compile(model, backend=backend, dynamic=False, **kwargs)
+
+
 def cfg(threshold: float, warmup: int = 4):
     """The benchmarks' cachedit-fx config: F1B0, ``warmup`` warmup steps, no separate CFG."""
     from cachedit_fx.config import DBCacheConfig
@@ -144,8 +155,8 @@ def cachedit_model(model, threshold: float, inner: str):
 
     c = cfg(threshold, warmup=0)
     handle = CacheHandle(c, None)
-    compiled = torch.compile(copy.deepcopy(model), backend="cachedit", dynamic=False,
-                             options={"cache_config": c, "inner": inner, "handle": handle, "separate_cfg": False})
+    compiled = compile_own(copy.deepcopy(model), "cachedit", options={"cache_config": c, "inner": inner, "handle": handle,
+                                                                       "separate_cfg": False})
     return compiled, handle
 
 
@@ -166,8 +177,7 @@ class FBC:
     def __init__(self, model, threshold, compile_backend=None):
         self.m = copy.deepcopy(model)
         self.decisions = first_block_cache(self.m, threshold)
-        self.call_m = self.m if compile_backend is None else torch.compile(self.m, backend=compile_backend,
-                                                                           dynamic=False)
+        self.call_m = self.m if compile_backend is None else compile_own(self.m, compile_backend)
 
     def __call__(self, **kw):
         with self.m.cache_context("cond"):
@@ -235,6 +245,19 @@ def time_interleaved(fns: dict, repeats: int, inner: int = 1) -> dict:
                 fn()
             samples[k].append((time.perf_counter() - t0) / inner)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "n": len(v)} for k, v in samples.items()}
+
+
+def guard_check_us(fn, calls: int = 20) -> float:
+    """Mean microseconds per call that Dynamo spends finding the compiled graph for ``fn()`` (its
+    guards: every parameter's and submodule's checks), from the profiler's "TorchDynamo Cache Lookup"
+    range; 0.0 where the call runs no compiled frame."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    total = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup")
+    return total / calls
 
 
 def table(headers, rows) -> str:

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from _common import FBC, build_model, cachedit, cfg, parse_args, table, tune_threshold, write_json
+from _common import FBC, build_model, cachedit, cfg, compile_own, parse_args, table, tune_threshold, write_json
 from cachedit_fx.stats import collect
 from cachedit_fx.testing import zoo
 
@@ -88,7 +88,7 @@ def main():
             run("warm", fbc_comp, fbc_comp.reset, record=False)
             fbc_compile = time.perf_counter() - t0
         # 3) the compiled instances (compile on first call, outside timing)
-        plain = torch.compile(copy.deepcopy(model), backend=inner, dynamic=False)
+        plain = compile_own(copy.deepcopy(model), inner)
         comp_c, h_comp = (eager_c, h_eager) if quick else cachedit(model, inner)
         h_comp.configure(cfg(thr))
         t0 = time.perf_counter()

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from _common import (FBC, LOAD_AT_START, build_flux, cachedit, cfg, first_block_only, flux_config, parse_args, table,
-                     time_interleaved, tune_threshold, write_json)
+from _common import (FBC, LOAD_AT_START, build_flux, cachedit, cfg, compile_own, first_block_only, flux_config,
+                     parse_args, table, time_interleaved, tune_threshold, write_json)
 from cachedit_fx.api import summary
 from cachedit_fx.testing import zoo
 
@@ -81,7 +81,7 @@ def cache_dit_variant(lib, model, thr, inner, regional):
         m.compile_repeated_blocks(backend=inner, dynamic=False)
         call = m
     else:
-        call = torch.compile(m, backend=inner, dynamic=False)
+        call = compile_own(m, inner)
 
     def cached():
         return list(m._context_manager.get_context(m._context_names[-1]).cached_steps)
@@ -133,7 +133,7 @@ def bench_config(name, spec, args, lib, inner, steps):
         h_fx.configure(cfg(thr))
         fbc = FBC(model, thr, compile_backend=inner)
         variants = {
-            plain: Variant(torch.compile(copy.deepcopy(model), backend=inner, dynamic=False)),
+            plain: Variant(compile_own(copy.deepcopy(model), inner)),
             f"cachedit-fx ({inner})": Variant(fx, h_fx.reset, lambda: next(
                 s.cached_steps for s in summary(fx, logging=False) if s.unmatched is None),
                 fix=lambda t: (h_fx.configure(cfg(t, warmup=0)), h_fx.reset())),
@@ -143,7 +143,7 @@ def bench_config(name, spec, args, lib, inner, steps):
             variants[f"cache-dit 1.5.3 + regional compile ({inner})"] = cache_dit_variant(lib, model, thr, inner, True)
         variants[f"diffusers FirstBlockCache + torch.compile ({inner})"] = Variant(fbc, fbc.reset,
                                                                                  count=fbc.cached_steps)
-        variants[fn_only] = Variant(torch.compile(first_block_only(model), backend=inner, dynamic=False))
+        variants[fn_only] = Variant(compile_own(first_block_only(model), inner))
         first_s, graphs = {}, {}
         for vname, v in variants.items():  # first request compiles; outside the timing
             g0 = graph_counts()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from _common import (build_flux, cachedit_model, check_all_but_first_cached, first_block_only, flux_config, parse_args,
-                     table, time_interleaved, write_json)
+from _common import (build_flux, cachedit_model, check_all_but_first_cached, compile_own, first_block_only,
+                     flux_config, parse_args, table, time_interleaved, write_json)
 
 # (image side (patch 1: side**2 tokens), double blocks, single blocks)
 POINTS = [(16, 4, 8), (32, 4, 8), (64, 4, 8), (32, 2, 4), (32, 8, 16)]
@@ -32,7 +32,7 @@ def main():
         model, inputs, info = build_flux(flux_config(double, single, heads=heads, head_dim=head_dim,
                                                      cond_dim=head_dim * heads // 2), side, txt)
         cached, handle = cachedit_model(model, 1e9, inner)
-        ideal = torch.compile(first_block_only(model), backend=inner, dynamic=False)
+        ideal = compile_own(first_block_only(model), inner)
         fns = {"cached": lambda: cached(**inputs), "ideal": lambda: ideal(**inputs)}
         with torch.no_grad():
             for fn in fns.values():  # compile, then 2 warm calls (the cached model's first call computes)
