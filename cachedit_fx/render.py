@@ -26,6 +26,9 @@ def render_text(report: GraphReport) -> str:
         lines.append(f"unmatched: {report.reason}")
         return "\n".join(lines)
     lines.append(f"after:  {report.after.nodes} nodes {report.after.ops}")
+    if report.moved_into_branches:
+        lines.append(f"moved into the one cond branch that reads them: {len(report.moved_into_branches)} nodes "
+                     f"({', '.join(report.moved_into_branches)})")
     for c in report.chains:
         lines.append(f"chain {c.name}  pattern {c.pattern}  {c.n_blocks} blocks")
         for l in c.lists:

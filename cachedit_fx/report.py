@@ -98,6 +98,8 @@ class GraphReport:
     graphs: int | None = None  # graphs the forward splits into, when it has a break
     graph_break: str | None = None
     islands: dict[str, int] | None = None  # class name -> instances made islands
+    # nodes moved into the one cond branch that reads them (passes/sink.py), e.g. Fn's text-stream tail
+    moved_into_branches: list[str] | None = None
 
     def to_dict(self) -> dict:
         """The JSON form; fields that do not apply are left out."""
@@ -175,7 +177,8 @@ def _describe(graphs: list[GraphModule], graph_break: str | None, settings: Pass
         return GraphReport(matched=False, reason=why, **head)
     work = result.graph_module
     return GraphReport(matched=True, after=GraphSize(len(work.graph.nodes), _ops(work)),
-                       chains=[_chain_report(rc) for rc in result.chains], **head)
+                       chains=[_chain_report(rc) for rc in result.chains],
+                       moved_into_branches=result.moved_into_branches, **head)
 
 
 def _chain_report(rc) -> ChainReport:

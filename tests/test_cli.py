@@ -115,6 +115,14 @@ def test_diff_json_flux_fn_bn_cut_lists_and_inserted_nodes(capsys, tmp_path):
         < targets.index("cachedit_post_step_0")
     assert {"ref", "diff_log", "gate_log", "cached_log"} <= set(chain["state"])
     assert report["after"]["nodes"] < report["before"]["nodes"]  # the middle moved into the cond branches
+    assert report["moved_into_branches"] == []  # Bn = 2 reads the text stream: Fn's tail feeds the forecast
+
+
+def test_diff_text_lists_the_nodes_moved_into_the_full_branch(capsys):
+    rc, out, _ = run(capsys, "diff", "flux", "--fn", "1", "--bn", "0", "--format", "text")
+    assert rc == 0
+    line = next(l for l in out.splitlines() if l.startswith("moved into the one cond branch"))
+    assert "context_attn_output" in line  # block 0's text-stream tail, read only by the skipped blocks
 
 
 @pytest.mark.parametrize("name", zoo.FAMILY_NAMES)
