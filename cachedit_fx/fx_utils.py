@@ -32,6 +32,13 @@ def module_path(node: Node) -> list[tuple[str, type | None]]:
     return out
 
 
+def target_name(node: Node) -> str:
+    """The op a node calls, by name: ``"view"`` for ``x.view(...)``, ``"chunk"`` for ``torch.chunk``,
+    ``"getitem"`` for ``operator.getitem`` (an overload's packet name, without ``.default``)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.split(".")[0]
+
+
 def node_value(node: Node):
     """The example value Dynamo (``example_value``) or a later trace (``val``) recorded for a node."""
     return node.meta.get("example_value", node.meta.get("val"))

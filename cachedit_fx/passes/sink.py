@@ -18,7 +18,7 @@ import types
 import torch
 from torch.fx import GraphModule, Node
 
-from ..fx_utils import node_value
+from ..fx_utils import node_value, target_name
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
@@ -47,17 +47,12 @@ _VIEWS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "ex
           "__getitem__", "view_as", "movedim", "swapaxes", "as_strided", "detach", "alias", "unfold"}
 
 
-def _target_name(node: Node) -> str:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.split(".")[0]
-
-
 def _is_view(node: Node) -> bool:
-    if node.op not in ("call_function", "call_method") or _target_name(node) not in _VIEWS or \
-            not node.all_input_nodes:
+    name = target_name(node)
+    if node.op not in ("call_function", "call_method") or name not in _VIEWS or not node.all_input_nodes:
         return False
     # an item of a tuple is a view only where the tuple holds views (a chunk's, not a function's results)
-    return _target_name(node) not in ("getitem", "__getitem__") or isinstance(node_value(node.args[0]), torch.Tensor) \
+    return name not in ("getitem", "__getitem__") or isinstance(node_value(node.args[0]), torch.Tensor) \
         or _is_view(node.all_input_nodes[0])
 
 

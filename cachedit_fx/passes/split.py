@@ -7,7 +7,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import ConfigError, NoCacheableChain
-from ..fx_utils import concrete_shape, node_value
+from ..fx_utils import concrete_shape, node_value, target_name
 from .patterns import BlockStreams, ChainInfo
 
 
@@ -47,8 +47,7 @@ _SELECTIONS = {"chunk", "split", "tensor_split", "narrow", "getitem", "select", 
 
 
 def _selection(node: Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.op in ("call_function", "call_method") and name.split(".")[0] in _SELECTIONS
+    return node.op in ("call_function", "call_method") and target_name(node) in _SELECTIONS
 
 
 def _as_block_reads(h_in: Node, h_fn: Node, fn_nodes: list[Node]) -> Node:
