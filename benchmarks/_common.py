@@ -74,7 +74,7 @@ def build_flux(config: dict, side: int, txt: int, seed: int = 0):
 def build_model(quick: bool, seed: int = 0):
     """(transformer, inputs, info). Quick: the zoo's tiny Flux; full: the medium model above."""
     if quick:
-        from cachedit_fx.testing import zoo
+        from cachedit_fx import zoo
 
         t, inputs = zoo.build_transformer("flux", seed)
         return t.eval(), inputs, {"model": "zoo tiny flux (4+4 blocks, dim 32, 64 tokens)"}
@@ -121,7 +121,7 @@ def compile_own(model, backend, **kwargs):
     compiled entries per code object, and deep copies of one model share their class's forward: each
     call would walk every variant's entries and guards before finding its own, an overhead that grows
     with the number of variants compiled in the process (enable_cache compiles a private copy too)."""
-    from cachedit_fx.capture import private_code
+    from cachedit_fx.capture.dynamo import private_code
 
     model.forward = private_code(model.forward)
     return torch.compile(model, backend=backend, dynamic=False, **kwargs)
@@ -137,8 +137,8 @@ def cfg(threshold: float, warmup: int = 4):
 
 def cachedit(model, inner: str):
     """(cached copy of ``model``, its handle): cachedit-fx's enable_cache at threshold 0 (configure it later)."""
-    from cachedit_fx.api import enable_cache
-    from cachedit_fx.hook import cache_hook
+    from cachedit_fx.install.api import enable_cache
+    from cachedit_fx.install.hook import cache_hook
 
     # enable_cache compiles a private copy of forward's code object: a plain torch.compile(backend="cachedit")
     # of a deepcopy shares FluxTransformer2DModel.forward's Dynamo cache (and its recompile limit of 8) with
@@ -151,7 +151,7 @@ def cachedit(model, inner: str):
 def cachedit_model(model, threshold: float, inner: str):
     """(compiled copy, handle) through the cachedit backend with no warmup: threshold 0 computes every step,
     1e9 caches every step after the first (the per-step cost benchmarks)."""
-    from cachedit_fx.handle import CacheHandle
+    from cachedit_fx.runtime.handle import CacheHandle
 
     c = cfg(threshold, warmup=0)
     handle = CacheHandle(c, None)
@@ -163,7 +163,7 @@ def cachedit_model(model, threshold: float, inner: str):
 def check_all_but_first_cached(handle, label: str) -> tuple[int, int]:
     """(cached, steps) of a ``cachedit_model(..., 1e9, ...)`` instance, asserting it did what its threshold
     says: after the first (computing) call every call was cached."""
-    from cachedit_fx.stats import collect
+    from cachedit_fx.runtime.stats import collect
 
     chains = collect(handle)
     n_c, n_s = sum(s.n_cached for s in chains), sum(s.steps for s in chains)
@@ -196,7 +196,7 @@ def tune_threshold(request, handle, steps: int, rounds: int, target=TARGET, warm
     request, run by ``request()``, caches a fraction ``target`` of its ``steps``; the search starts at the
     0.55 quantile of the diffs of an all-computing request. Returns (threshold, [{threshold, cached}])."""
     import numpy as np
-    from cachedit_fx.stats import collect
+    from cachedit_fx.runtime.stats import collect
 
     handle.configure(cfg(1e-12, warmup))  # (threshold 0 skips the diff test) every step computes, diffs logged
     handle.reset()

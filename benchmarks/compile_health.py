@@ -23,9 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from _common import build_model, parse_args, table, write_json
 from cachedit_fx.backend import cachedit_backend
-from cachedit_fx.handle import CacheHandle
+from cachedit_fx.runtime.handle import CacheHandle
 from cachedit_fx.config import DBCacheConfig
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
 
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero"}
 

@@ -19,19 +19,20 @@ import numpy as np
 import torch
 
 from _common import FBC, build_model, cachedit, cfg, compile_own, parse_args, table, tune_threshold, write_json
-from cachedit_fx.stats import collect
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
+from cachedit_fx.runtime.stats import collect
+from cachedit_fx.tools.metrics import psnr
 
 
 def quality(ref: torch.Tensor, x: torch.Tensor, side: int) -> dict:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from skimage.metrics import structural_similarity
 
     a = ref.reshape(side, side, -1).double().numpy()
     b = x.reshape(side, side, -1).double().numpy()
     rng = float(a.max() - a.min())
     if np.array_equal(a, b):
         return {"psnr_db": float("inf"), "ssim": 1.0}
-    return {"psnr_db": float(peak_signal_noise_ratio(a, b, data_range=rng)),
+    return {"psnr_db": psnr(a, b, data_range=rng),
             "ssim": float(structural_similarity(a, b, data_range=rng, channel_axis=-1))}
 
 

@@ -24,8 +24,8 @@ from _common import first_block_cache, parse_args, table, write_json
 import cachedit_fx
 from cachedit_fx.digits import load_digits_pipeline
 from cachedit_fx.digits.classifier import DigitClassifier
-from cachedit_fx.metrics import batch_ssim
-from cachedit_fx.tune import psnr_01
+from cachedit_fx.tools.metrics import batch_ssim
+from cachedit_fx.tools.metrics import psnr
 
 WARMUP = 4
 GUIDANCE = 2.0
@@ -134,7 +134,7 @@ def main():
             rows.append({"method": method, "target": f"{target}/{calls}", "threshold": threshold,
                          "cached calls": f"{n}/{calls}",
                          "speedup (blocks)": calls * N_BLOCKS / (calls * N_BLOCKS - n * (N_BLOCKS - fn)),
-                         "PSNR dB": psnr_01(reference, images), "SSIM": batch_ssim(reference, images),
+                         "PSNR dB": psnr(reference, images, data_range=1.0), "SSIM": batch_ssim(reference, images),
                          "accuracy": classifier.accuracy(images, labels), "run": name})
     timings = {name: [] for name in runs}
     for _ in range(repeats):  # interleaved, so load drift hits every method

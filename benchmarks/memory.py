@@ -14,7 +14,7 @@ import copy
 import torch
 
 from _common import build_model, parse_args, table, write_json
-from cachedit_fx.handle import CacheHandle
+from cachedit_fx.runtime.handle import CacheHandle
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
 
 

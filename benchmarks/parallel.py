@@ -28,7 +28,7 @@ CACHE = dict(Fn_compute_blocks=1, residual_diff_threshold=0.45, max_warmup_steps
 def request(transformer, inputs, steps: int):
     """(seconds, cached steps, final latent) of one request."""
     import cachedit_fx as cf
-    from cachedit_fx.testing import zoo
+    from cachedit_fx import zoo
 
     started = time.perf_counter()
     with torch.no_grad():

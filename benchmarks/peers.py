@@ -28,8 +28,8 @@ import torch
 
 from _common import (FBC, LOAD_AT_START, build_flux, cachedit, cfg, compile_own, first_block_only, flux_config,
                      parse_args, table, time_interleaved, tune_threshold, write_json)
-from cachedit_fx.api import summary
-from cachedit_fx.testing import zoo
+from cachedit_fx.install.api import summary
+from cachedit_fx import zoo
 
 # name: (flux_config, image side (patch 1: side**2 tokens), text tokens, request reps, (per-step samples,
 # calls per sample))

@@ -46,7 +46,7 @@ def main():
         res = time_interleaved(fns, repeats, per)
         guards = {k: guard_check_us(fn) for k, fn in fns.items()}
         # check the gates did what the names say
-        from cachedit_fx.stats import collect
+        from cachedit_fx.runtime.stats import collect
         full_cached = sum(s.n_cached for s in collect(h_full))
     assert full_cached == 0, f"full-step variant cached {full_cached} steps"
     n_c, n_s = check_all_but_first_cached(h_cached, "cached variant")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import cachedit_fx as cf
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
+from cachedit_fx.tools import metrics
 
 STEPS = 8
 BASE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.8, max_warmup_steps=2)
@@ -30,10 +31,9 @@ SEPARATE_CFG = ("wan", "cogview4", "qwenimage", "chroma", "lumina2")
 
 
 def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR over the reference's own value range."""
     a, b = out.detach().float().cpu().numpy(), ref.detach().float().cpu().numpy()
-    mse = float(np.mean((a - b) ** 2))
-    peak = max(float(b.max() - b.min()), 1e-8)
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
+    return metrics.psnr(b, a, data_range=max(float(b.max() - b.min()), 1e-8))
 
 
 def config(name: str | None = None, **changes) -> dict:
@@ -293,10 +293,11 @@ def test_summary_of_a_model_without_cachedit_graphs_says_why(capsys):
 def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch):
     """Each input shape compiles its own graph and state; past MAX_GRAPHS, calls with new shapes run the
     plain forward (one warning) instead of failing, and known shapes keep using their cached graphs."""
-    from cachedit_fx import hook
-    from cachedit_fx.testing.components import latent_image_ids
+    from cachedit_fx.install import graph as install_graph
+    from cachedit_fx.install.hook import cache_hook
+    from cachedit_fx.zoo.components import latent_image_ids
 
-    monkeypatch.setattr(hook, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(install_graph, "MAX_GRAPHS", 2)
     transformer, kwargs = zoo.build_transformer("flux")
 
     def at(side):
@@ -314,7 +315,7 @@ def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch
                 again = transformer(**at(6))[0]
             assert sum("further shapes" in str(w.message) for w in caught) == 1
             assert torch.equal(out, expected[6]) and torch.equal(again, expected[6])
-            handle = hook.cache_hook(transformer).handle
+            handle = cache_hook(transformer).handle
             n_graphs = len(handle.graphs)
             transformer(**at(4))  # a known shape: its graph, no new compile
             assert len(handle.graphs) == n_graphs == 2

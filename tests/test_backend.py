@@ -41,10 +41,10 @@ from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cachedit_fx.backend import cachedit_backend
-from cachedit_fx.handle import CacheHandle, handles_for
+from cachedit_fx.runtime.handle import CacheHandle, handles_for
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
-from cachedit_fx.inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
-from cachedit_fx.testing import zoo
+from cachedit_fx.backend.inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
+from cachedit_fx import zoo
 
 from oracle import Oracle
 
@@ -679,7 +679,7 @@ def test_tensorrt_inner_makes_the_eager_decisions():
     pytest.importorskip("torch_tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    from cachedit_fx.handle import handles_for
+    from cachedit_fx.runtime.handle import handles_for
 
     transformer, inputs = zoo.build_transformer("flux")
     transformer = transformer.cuda()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cachedit_fx
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
 
 from tinydit import D, attend, euler, latent
 

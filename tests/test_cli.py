@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cachedit_fx.cli import main
-from cachedit_fx.testing import zoo
+from cachedit_fx.tools.cli import main
+from cachedit_fx import zoo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 needs_graphviz = pytest.mark.skipif(shutil.which("dot") is None, reason="png/svg are laid out by Graphviz's dot")
@@ -154,8 +154,8 @@ def test_diff_png_and_dot(capsys, tmp_path):
 
 @needs_graphviz
 def test_unmatched_report_draws_and_emits_dot(tmp_path):
-    from cachedit_fx.render import render_dot, render_image
-    from cachedit_fx.report import GraphReport, GraphSize
+    from cachedit_fx.tools.render import render_dot, render_image
+    from cachedit_fx.tools.report import GraphReport, GraphSize
 
     report = GraphReport(matched=False, fn=1, bn=0, before=GraphSize(3), reason="no repeated transformer blocks found")
     path = render_image(report, str(tmp_path / "u.png"), title="toy")
@@ -167,8 +167,8 @@ def test_unmatched_report_draws_and_emits_dot(tmp_path):
 @needs_graphviz
 def test_long_chain_png_and_svg(tmp_path):
     """Real DiTs have 20-60 blocks: the picture keeps both ends of each segment and an ellipsis."""
-    from cachedit_fx.render import render_dot, render_image
-    from cachedit_fx.report import BlockList, ChainReport, Cut, GraphReport, GraphSize
+    from cachedit_fx.tools.render import render_dot, render_image
+    from cachedit_fx.tools.report import BlockList, ChainReport, Cut, GraphReport, GraphSize
 
     chain = ChainReport(name="transformer_blocks[19]+single_transformer_blocks[38]", pattern="1→1", n_blocks=57,
                         lists=[BlockList("transformer_blocks", [0, 18], 1), BlockList("single_transformer_blocks", [19, 56], 1)],
@@ -186,7 +186,7 @@ def test_long_chain_png_and_svg(tmp_path):
 def test_diff_picture_without_graphviz_says_how_to_install(capsys, tmp_path, monkeypatch):
     import cachedit_fx.render
 
-    monkeypatch.setattr(cachedit_fx.render.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cachedit_fx.tools.render.shutil, "which", lambda name: None)
     rc, _, err = run(capsys, "diff", "sd3", "--format", "png", "--out", str(tmp_path / "x.png"))
     assert_one_line_error(rc, err, "Graphviz", "apt install graphviz", "--format dot", code=3)
     assert not (tmp_path / "x.png").exists()
@@ -462,7 +462,7 @@ def test_mp4_without_reader_says_what_to_install(capsys, tmp_path):
 
 
 def test_lpips_without_local_weights_exits_with_how_to(capsys, images):
-    from cachedit_fx.metrics import LPIPS, MetricUnavailable
+    from cachedit_fx.tools.metrics import LPIPS, MetricUnavailable
 
     try:
         LPIPS("alex")
@@ -520,7 +520,7 @@ def test_clip_score_with_a_local_model(capsys, tmp_path, images):
     """A tiny random CLIP saved locally stands in for real weights: identical images score 100."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from cachedit_fx.testing.tokenizers import clip_tokenizer
+    from cachedit_fx.zoo.tokenizers import clip_tokenizer
 
     tok = clip_tokenizer()
     torch.manual_seed(0)
@@ -550,7 +550,7 @@ def test_clip_score_with_a_local_model(capsys, tmp_path, images):
 def test_console_script_error_is_one_stderr_line(tmp_path):
     """The installed entry point, out of process: one line on stderr, nothing else, non-zero exit."""
     exe = shutil.which("cachedit-fx")
-    cmd = [exe] if exe else [sys.executable, "-m", "cachedit_fx.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "cachedit_fx.tools.cli"]
     proc = subprocess.run(cmd + ["metrics", "psnr", str(tmp_path / "nope.png"), str(tmp_path / "nope2.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -560,7 +560,7 @@ def test_console_script_error_is_one_stderr_line(tmp_path):
 def test_export_dynamic_flag_parses_into_shared_dims():
     from torch.export import Dim
 
-    from cachedit_fx.shapes import parse_cli
+    from cachedit_fx.export.shapes import parse_cli
 
     spec = parse_cli(["hidden_states:1:tokens", "img_ids:0:tokens", "hidden_states:0"])
     assert spec["hidden_states"][1] is spec["img_ids"][0]

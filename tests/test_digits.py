@@ -12,7 +12,7 @@ import torch
 
 import cachedit_fx
 from cachedit_fx.digits import MODEL_DIR, load_digits_pipeline
-from cachedit_fx.hook import cache_hook
+from cachedit_fx.install.hook import cache_hook
 
 pytest.importorskip("sklearn", reason="scikit-learn (pip install 'cachedit-fx[cli]')")
 from cachedit_fx.digits.classifier import DigitClassifier  # noqa: E402
@@ -116,7 +116,7 @@ def test_tune_says_when_a_speedup_cannot_be_reached(cached_pipe):
 
 
 def test_tune_command_exits_1_with_the_reason_when_the_target_is_out_of_reach(capsys, tmp_path):
-    from cachedit_fx.cli import main
+    from cachedit_fx.tools.cli import main
 
     plot = tmp_path / "frontier.png"
     rc = main(["tune", "--target-speedup", "50", "--steps", "8", "--rows", "1", "--trials", "1",

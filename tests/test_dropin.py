@@ -12,7 +12,8 @@ import torch
 
 import cachedit_fx
 import cachedit_fx as cache_dit  # what a cache-dit user writes
-from cachedit_fx.hook import Mode, cache_hook
+from cachedit_fx.install.hook import cache_hook
+from cachedit_fx.install.modes import Mode
 
 from tinydit import euler, latent, tiny
 

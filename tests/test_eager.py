@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cachedit_fx as cf
-from cachedit_fx.hook import Mode, cache_hook
+from cachedit_fx.install.hook import cache_hook
+from cachedit_fx.install.modes import Mode
 
 from tinydit import D, euler, latent
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import cachedit_fx
-from cachedit_fx.handle import handles_for
-from cachedit_fx.aot import export, export_program, load
-from cachedit_fx.testing import zoo
+from cachedit_fx.runtime.handle import handles_for
+from cachedit_fx.export import export, export_program, load
+from cachedit_fx import zoo
 
 CACHE = dict(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
 STEPS = 20
@@ -118,7 +118,7 @@ def test_load_missing_file():
 # ----------------------------------------------------------------------------- dynamic shapes
 
 def _flux_inputs(transformer, batch: int, side: int, seed: int = 1) -> dict:
-    from cachedit_fx.testing.components import latent_image_ids
+    from cachedit_fx.zoo.components import latent_image_ids
 
     g = torch.Generator().manual_seed(seed)
     cfg = transformer.config
@@ -230,7 +230,7 @@ def test_dynamic_dim_without_bounds_records_an_open_range(flux_pipe):
 def dit_package(tmp_path_factory):
     """A hand-written DiT (``forward(x, ctx, noise_level)`` returning a tensor), exported by the CLI from its
     factory."""
-    from cachedit_fx.cli import main
+    from cachedit_fx.tools.cli import main
 
     path = str(tmp_path_factory.mktemp("dit") / "dit.pt2")
     assert main(["export", "--config", "tinydit:cross_dit", "--args", "x=1x12x16", "--args", "ctx=1x5x16",

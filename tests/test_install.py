@@ -13,13 +13,15 @@ from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 import cachedit_fx as cf
-from cachedit_fx import islands
+from cachedit_fx.capture import islands
 from cachedit_fx.backend import parse_options
-from cachedit_fx.capture import capture, trace
+from cachedit_fx.capture.dynamo import capture, trace
 from cachedit_fx.config import ChainPolicy, DBCacheConfig, SeparateCFG
-from cachedit_fx.hook import Mode, cache_hook
-from cachedit_fx.passes import PassSettings, apply
-from cachedit_fx.state import BranchBy, ChainLayout, StreamSpec
+from cachedit_fx.install.hook import cache_hook
+from cachedit_fx.install.modes import Mode
+from cachedit_fx.config import PassSettings
+from cachedit_fx.passes import apply
+from cachedit_fx.runtime.layout import BranchBy, ChainLayout, StreamSpec
 
 from tinydit import D, euler, latent, tiny
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import cachedit_fx as cf
-from cachedit_fx import islands
-from cachedit_fx.hook import cache_hook
-from cachedit_fx.testing import zoo
+from cachedit_fx.capture import islands
+from cachedit_fx.install.hook import cache_hook
+from cachedit_fx import zoo
 
 D = 8
 

@@ -78,7 +78,7 @@ def _install(transformer, sc: Scenario):
 
 def _request(transformer, call, steps, family="flux"):
     import cachedit_fx as cf
-    from cachedit_fx.testing import zoo
+    from cachedit_fx import zoo
 
     fam = zoo.get(family)
     inputs = zoo.build_transformer(family)[1]
@@ -91,7 +91,7 @@ def _request(transformer, call, steps, family="flux"):
 
 def _graphs(transformer) -> int:
     """Graphs compiled over the transformer's weights (none for the eager cache, which compiles nothing)."""
-    from cachedit_fx.handle import handles_for
+    from cachedit_fx.runtime.handle import handles_for
 
     handles = handles_for(transformer)
     return len(handles[-1].graphs) if handles else 0
@@ -109,7 +109,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
         import cachedit_fx as cf
-        from cachedit_fx.testing import zoo
+        from cachedit_fx import zoo
 
         import diffusers.models.attention_dispatch as dispatch
 
@@ -196,7 +196,7 @@ def ranks():
 def single():
     """The single-process cached runs with the same configs, per family."""
     import cachedit_fx as cf
-    from cachedit_fx.testing import zoo
+    from cachedit_fx import zoo
 
     runs = {}
     for family, eager in sorted({(sc.family, sc.how == "eager") for sc in SCENARIOS.values()}):

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cachedit_fx.capture import CaptureError, capture
+from cachedit_fx.capture.dynamo import CaptureError, capture
 from cachedit_fx.passes.patterns import Unmatched, analyze
 from cachedit_fx.passes.split import passthrough_module, segment_module, split_chain
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
 
 # family -> the longest chain's lists (ModuleList attribute of the transformer, pattern), in call order.
 EXPECTED = {

@@ -34,7 +34,7 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
 def test_cli_diff_json_lists_chain(capsys):
     import json
 
-    from cachedit_fx.cli import main
+    from cachedit_fx.tools.cli import main
 
     assert main(["diff", "flux", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -46,7 +46,7 @@ def test_cli_diff_json_lists_chain(capsys):
 
 
 def test_cli_diff_bad_model_exits_nonzero(capsys):
-    from cachedit_fx.cli import main
+    from cachedit_fx.tools.cli import main
 
     assert main(["diff", "no-such-model"]) == 2
     assert "unknown zoo model" in capsys.readouterr().err

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import cachedit_fx as cf
-from cachedit_fx.hook import Mode, cache_hook
+from cachedit_fx.install.hook import cache_hook
+from cachedit_fx.install.modes import Mode
 
 import tinydit
 from tinydit import cross_dit, latent, tiny, uniform
@@ -280,7 +281,7 @@ def _sequential_offload(pipe):
 @pytest.fixture(scope="module")
 def eager_cached_flux():
     """A zoo Flux request through the eager cache without offload: the decisions and image to match."""
-    from cachedit_fx.testing import zoo
+    from cachedit_fx import zoo
 
     pipe = zoo.build_pipeline("flux")
     cf.enable_cache(pipe, cache_config=CACHE, eager=True)
@@ -302,7 +303,7 @@ def _onload_hook(offload):
 @pytest.mark.parametrize("offload", [_group_offload, _sequential_offload], ids=["group", "sequential"])
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_offloaded_blocks_cache_and_skipped_blocks_are_not_onloaded(offload, order, eager_cached_flux, monkeypatch):
-    from cachedit_fx.testing import zoo
+    from cachedit_fx import zoo
 
     want, want_steps = eager_cached_flux
     pipe = zoo.build_pipeline("flux")

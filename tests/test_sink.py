@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.fx import GraphModule
 
-from cachedit_fx.capture import capture
+from cachedit_fx.capture.dynamo import capture
 from cachedit_fx.config import DBCacheConfig
-from cachedit_fx.passes import PassSettings, apply
+from cachedit_fx.config import PassSettings
+from cachedit_fx.passes import apply
 from cachedit_fx.passes.sink import sink_into_branches
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
 
 
 def _branch(fn, n):

@@ -15,8 +15,10 @@ import torch
 
 from cachedit_fx import config
 from cachedit_fx.config import DBCacheConfig, TaylorSeerCalibratorConfig
-from cachedit_fx.state import BranchBy, ChainLayout, ChainState, decide, diff_shared, params_from_config, stream_spec
-from cachedit_fx.step import cached_step, computed_step, post_step, pre_step
+from cachedit_fx.runtime.algorithm import decide
+from cachedit_fx.runtime.chain_state import ChainState
+from cachedit_fx.runtime.layout import BranchBy, ChainLayout, diff_shared, params_from_config, stream_spec
+from cachedit_fx.runtime.step import cached_step, computed_step, post_step, pre_step
 
 from oracle import NO_REFERENCE, Oracle, run_chain
 

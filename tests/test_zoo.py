@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cachedit_fx.testing import zoo
+from cachedit_fx import zoo
 
 
 @pytest.mark.parametrize("name", zoo.FAMILY_NAMES)

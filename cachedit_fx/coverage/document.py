@@ -3,11 +3,9 @@ which ``supported_pipelines()`` and ``supported_matrix()`` read."""
 from __future__ import annotations
 
 import json
-import os
 
-from .matrix import CACHE, CACHES, NOT_DIT, STEPS
-
-JSON_PATH = os.path.join(os.path.dirname(__file__), "matrix.json")
+from .matrix import CACHE, STEPS
+from .status import CACHES, JSON_PATH, NOT_DIT, read_json
 
 
 def summary_counts(rows: list[dict]) -> dict:
@@ -23,11 +21,6 @@ def write_json(rows: list[dict], pipelines: dict[str, list[str]], versions: dict
     with open(path, "w") as f:
         json.dump(data, f, indent=1, sort_keys=False)
         f.write("\n")
-
-
-def read_json(path: str = JSON_PATH) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _path_cell(p: dict | None) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..testing.components import latent_image_ids
+from ..zoo.components import latent_image_ids
 
 TEXT_LEN, SIDE, FRAMES = 8, 4, 2
 TOKENS = SIDE * SIDE

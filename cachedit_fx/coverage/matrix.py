@@ -11,15 +11,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..handle import chain_lists
-from ..testing.zoo import denoise
+from ..install.api import disable_cache, enable_cache, summary
+from ..runtime.handle import chain_lists
+from ..zoo import denoise
 from . import catalog, inputs, tiny
+from .status import CACHES, ERROR, NOT_DIT, UNCACHED
 
 STEPS = 6
 # Random weights change more from step to step than trained ones (their residual diffs run 0.3-2.5 over a
 # 6-step loop), so the matrix's threshold is high: it asks whether a step can be skipped at all.
 CACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=1.5, max_warmup_steps=2)
-CACHES, UNCACHED, ERROR, NOT_DIT = "caches", "uncached", "error", "not a DiT"
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ClassResult:
 
 @dataclass(frozen=True)
 class _Drive:
-    """What :func:`~cachedit_fx.testing.zoo.denoise` reads of a family: the argument names and scale."""
+    """What :func:`~cachedit_fx.zoo.denoise` reads of a family: the argument names and scale."""
 
     latent_arg: str
     timestep_arg: str
@@ -138,9 +139,7 @@ def _rel_l1(x, ref) -> float:
 
 
 def _path_result(model, final, reference, caught, main: str | None) -> PathResult:
-    import cachedit_fx
-
-    stats = cachedit_fx.summary(model, logging=False)
+    stats = summary(model, logging=False)
     cached = [s for s in stats if s.chain]
     messages = [str(w.message) for w in caught if "cachedit" in str(w.message)]
     rel = _rel_l1(final, reference)
@@ -174,14 +173,12 @@ def _run_path(model, kwargs, drive, reference, main, compile_with) -> PathResult
 
 
 def _via_enable_cache(model):
-    import cachedit_fx
-
-    cachedit_fx.enable_cache(model, compile=False, **CACHE)
+    enable_cache(model, compile=False, **CACHE)
     return model
 
 
 def _via_backend(model, inner: str = "eager"):
-    from ..capture import private_code
+    from ..capture.dynamo import private_code
     from ..config import DBCacheConfig
 
     # The forward's private code copy: diffusers' shared peft wrapper would otherwise count every
@@ -194,7 +191,7 @@ def subject(cls: type):
     """The model, one call's arguments, how to drive the loop and the latent layout's name: the zoo's
     transformer and hand-made inputs where a zoo family has this class, else a tiny build and the
     first latent layout it runs on."""
-    from ..testing import zoo
+    from .. import zoo
 
     family = zoo.family_for_transformer(cls)
     if family is not None:
@@ -208,8 +205,6 @@ def subject(cls: type):
 
 def run_class(cls: type, backend: bool = True) -> ClassResult:
     """The matrix row of ``cls`` (built tiny, seeded)."""
-    import cachedit_fx
-
     started = time.perf_counter()
     row = ClassResult(cls.__name__, cls.__module__.rsplit(".", 1)[-1], ERROR)
     excluded = catalog.exclusion(cls)
@@ -226,7 +221,7 @@ def run_class(cls: type, backend: bool = True) -> ClassResult:
     with torch.no_grad():
         reference, _ = denoise(model, drive, kwargs, num_steps=STEPS)
     row.enable_cache = _run_path(model, kwargs, drive, reference, row.main_list, _via_enable_cache)
-    cachedit_fx.disable_cache(model)
+    disable_cache(model)
     if backend:
         row.backend = _run_path(model, kwargs, drive, reference, row.main_list, _via_backend)
     row.status, row.reason = row.enable_cache.status, row.enable_cache.reason

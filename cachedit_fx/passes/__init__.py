@@ -13,34 +13,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
-from ..config import ChainPolicy, DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
+from ..capture.fx_facts import clone_graph_module
+from ..config import ChainPolicy, PassSettings
 from ..errors import NoCacheableChain
-from ..fx_utils import clone_graph_module
-from ..state import BranchBy
-from .patterns import ChainInfo, Unmatched, analyze
-from .pin import PinnedList, pin_chain
-from .blocks import timestep_input
 from .parallel import sequence_group
+from .patterns import ChainInfo, Unmatched, analyze
+from .pin import pin_chain
 from .rewrite import RewrittenChain, rewrite
 from .sink import sink_into_branches
 from .split import split_chain
 
-__all__ = ["PassResult", "PassSettings", "PinnedList", "apply"]
-
-
-@dataclass(frozen=True)
-class PassSettings:
-    """What the passes need to know: the cache structure (Fn/Bn, TaylorSeer order, per-sample), how
-    calls map to CFG branches, which chains to cache (or the one a BlockAdapter pins), and where the
-    state lives."""
-
-    cache_config: DBCacheConfig
-    calibrator_config: TaylorSeerCalibratorConfig | None = None
-    separate_cfg: SeparateCFG = SeparateCFG.OFF
-    chains: ChainPolicy = ChainPolicy.LONGEST
-    device: torch.device | None = None
-    pinned: tuple[PinnedList, ...] = ()
-    group: str | None = None  # the process group sharding the sequence, by name; None: found from the graph
+__all__ = ["PassResult", "RewrittenChain", "apply"]
 
 
 @dataclass
@@ -59,18 +42,6 @@ class PassResult:
         return self.unmatched is None
 
 
-def cfg_branches(gm: GraphModule, separate: SeparateCFG) -> tuple[int, BranchBy]:
-    """State sets per chain and how a call picks one. AUTO tells a CFG pair's second call by its repeated
-    timestep, on device; a graph that does not see the timestep (one after a graph break, e.g. Lumina2's)
-    keeps one set: cond and uncond calls usually differ in text length there and compile to graphs of
-    their own, each with its own state."""
-    if separate is SeparateCFG.ON:
-        return 2, BranchBy.PARITY
-    if separate is SeparateCFG.AUTO and timestep_input(gm) is not None:
-        return 2, BranchBy.TIMESTEP
-    return 1, BranchBy.PARITY
-
-
 def pick_chains(gm: GraphModule, found: list[ChainInfo], settings: PassSettings) -> list[ChainInfo]:
     if settings.pinned:
         return [pin_chain(gm, found, settings.pinned)]
@@ -82,7 +53,7 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
 
     Args:
         gm: a Dynamo graph of a transformer's forward (left unchanged).
-        settings: the structure to compile in.
+        settings: the structure to compile in (:func:`cachedit_fx.config.pass_settings` makes them).
 
     Returns:
         A :class:`PassResult`.
@@ -99,10 +70,7 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
     try:
         splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
                   for info in pick_chains(work, found, settings)]
-        n_branches, branch_by = cfg_branches(work, settings.separate_cfg)
-        group = settings.group or sequence_group(work)
-        chains = rewrite(work, splits, cache, settings.calibrator_config, n_branches, branch_by, settings.device,
-                         group)
+        chains = rewrite(work, splits, settings, settings.group or sequence_group(work))
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))
     return PassResult(work, chains, moved_into_branches=sink_into_branches(work))

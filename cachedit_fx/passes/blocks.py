@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-from ..fx_utils import concrete_shape, module_path, node_value
+from ..capture.fx_facts import ATTENTION_OPS, concrete_shape, module_path, node_value
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
-# Op names that mark an attention block; an island node lists the ones it hides in its name (islands.py).
-ATTENTION_OPS = ("scaled_dot_product_attention", "flex_attention", "softmax", "baddbmm", "bmm")
 
 
 @dataclass(eq=False)

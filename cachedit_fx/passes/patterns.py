@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule, Node
 
+from ..capture.fx_facts import node_shape
+from ..compat.forward_pattern import ForwardPattern
 from ..errors import NoCacheableChain
-from ..forward_pattern import ForwardPattern
-from ..fx_utils import node_shape
 from .blocks import ATTENTION_OPS, Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
 _CHEAP = {

@@ -7,22 +7,12 @@ pattern must return the streams the graph's blocks return. A pin that contradict
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch.fx import GraphModule
 
+from ..config import PinnedList
 from ..errors import ConfigError
-from ..forward_pattern import ForwardPattern
 from .blocks import Chain
 from .patterns import ChainInfo, classify_chain
-
-
-@dataclass(frozen=True)
-class PinnedList:
-    """One ModuleList of a pinned chain: its path in the transformer, and its pattern when given."""
-
-    path: str
-    pattern: ForwardPattern | None = None
 
 
 def _describe(found: list[ChainInfo]) -> str:

@@ -5,9 +5,9 @@
     outs, finite, rows = cond(pre.pred, cached_branch, full_branch, operands)
     post_step(pre, finite, rows, *state)                   # index_copy_ / index_put_ into state, outside the cond
 
-The cached branch forecasts the middle's outputs (:func:`~cachedit_fx.step.cached_step`) and returns
+The cached branch forecasts the middle's outputs (:func:`~cachedit_fx.runtime.step.cached_step`) and returns
 no rows; the full branch runs the middle and returns the reference and ladder rows a computed step
-stores (:func:`~cachedit_fx.step.computed_step`). The state tensors become extra placeholders at the
+stores (:func:`~cachedit_fx.runtime.step.computed_step`). The state tensors become extra placeholders at the
 end of the graph's inputs: the caller owns them and passes them on every call (AOTAutograd keeps the
 in-place writes as input mutations; the same layout survives torch.export / AOTInductor).
 """
@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
+from ..capture.fx_facts import concrete_shape, node_value
+from ..config import PassSettings
 from ..errors import NoCacheableChain
-from ..fx_utils import concrete_shape, node_value
-from ..state import BranchBy, ChainAbout, ChainLayout, ChainState, diff_shared, stream_spec
-from ..step import PreStep, cached_step, computed_step, post_step, pre_step
+from ..runtime.chain_state import ChainState
+from ..runtime.layout import ChainAbout, ChainLayout, chain_layout
+from ..runtime.step import PreStep, cached_step, computed_step, post_step, pre_step
 from .blocks import latent_input, timestep_input
 from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module
@@ -106,8 +107,7 @@ class RewrittenChain:
         return ChainAbout(self.info.name, self.info.pattern, self.info.n_blocks, self.split.fn, self.split.bn)
 
 
-def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-                n_branches: int, branch_by: BranchBy = BranchBy.PARITY, latent: Node | None = None,
+def make_layout(split: Split, settings: PassSettings, sees_timestep: bool, latent: Node | None = None,
                 group: str | None = None) -> ChainLayout:
     h = node_value(split.h_fn)
     h_in = node_value(split.h_in)
@@ -119,16 +119,14 @@ def make_layout(split: Split, cache: DBCacheConfig, calib: TaylorSeerCalibratorC
         v = node_value(o)
         if not isinstance(v, torch.Tensor):
             raise NoCacheableChain(f"chain {split.info.name}: middle output {o.name} is not a tensor")
-        streams.append(stream_spec(concrete_shape(v), v.dtype, calib, split.output_roles[o]))
-    if cache.per_sample and not isinstance(h.shape[0], int):
+        streams.append((concrete_shape(v), v.dtype, split.output_roles[o]))
+    if settings.cache_config.per_sample and not isinstance(h.shape[0], int):
         raise NoCacheableChain(f"chain {split.info.name}: per_sample=True needs a static batch size (one state slot "
                          "per sample); keep the batch dimension static")
-    slots = h.shape[0] if cache.per_sample else 1
     x = node_value(latent) if latent is not None else None
-    return ChainLayout(n_branches=n_branches, slots=slots, fn_shape=concrete_shape(h), fn_dtype=h.dtype,
-                       streams=tuple(streams), diff_shared=diff_shared(cache, n_branches), branch_by=branch_by,
-                       latent_shape=concrete_shape(x), latent_dtype=x.dtype if x is not None else torch.float32,
-                       group=group)
+    return chain_layout((concrete_shape(h), h.dtype), streams, settings.cache_config, settings.calibrator_config,
+                        settings.separate_cfg, sees_timestep, (concrete_shape(x), x.dtype) if x is not None else None,
+                        group)
 
 
 @torch.library.custom_op("cachedit::dense_copy", mutates_args=())
@@ -162,9 +160,8 @@ def _named(fn, name):
     return fn
 
 
-def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
-                  calib: TaylorSeerCalibratorConfig | None, n_branches: int, branch_by: BranchBy,
-                  device=None, group: str | None = None) -> RewrittenChain:
+def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSettings,
+                  group: str | None = None) -> RewrittenChain:
     info = split.info
     if not split.middle_nodes or not split.middle_outputs:
         raise NoCacheableChain(f"chain {info.name}: the middle segment is empty (Fn + Bn == number of blocks)")
@@ -174,8 +171,8 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     timestep, latent = timestep_input(gm), latent_input(gm)
     if timestep is None or latent is not None and concrete_shape(node_value(latent)) is None:
         latent = None  # the latent tells requests apart only beside a timestep, and needs a static shape
-    layout = make_layout(split, cache, calib, n_branches, branch_by, latent, group)
-    state = ChainState(layout, cache, device=device)
+    layout = make_layout(split, settings, timestep is not None, latent, group)
+    state = ChainState(layout, settings.cache_config, device=settings.device)
 
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
     passthrough = passthrough_module(gm, split)
@@ -227,8 +224,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, cache: DBCacheConfig,
     return RewrittenChain(info, split, layout, state, inserted, latent, timestep)
 
 
-def rewrite(gm: GraphModule, splits: list[Split], cache: DBCacheConfig, calib: TaylorSeerCalibratorConfig | None,
-            n_branches: int = 1, branch_by: BranchBy = BranchBy.PARITY, device=None,
+def rewrite(gm: GraphModule, splits: list[Split], settings: PassSettings,
             group: str | None = None) -> list[RewrittenChain]:
     """Rewrite ``gm`` in place for every split chain; returns what each rewrite added.
 
@@ -241,7 +237,7 @@ def rewrite(gm: GraphModule, splits: list[Split], cache: DBCacheConfig, calib: T
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
     chains: list[RewrittenChain | None] = [None] * len(splits)
     for i in sorted(range(len(splits)), key=lambda i: -order[splits[i].h_in]):
-        chains[i] = rewrite_chain(gm, splits[i], i, cache, calib, n_branches, branch_by, device, group)
+        chains[i] = rewrite_chain(gm, splits[i], i, settings, group)
     gm.graph.lint()
     gm.recompile()
     return chains

@@ -18,7 +18,7 @@ import types
 import torch
 from torch.fx import GraphModule, Node
 
-from ..fx_utils import node_value, target_name
+from ..capture.fx_facts import node_value, target_name
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from ..capture.fx_facts import concrete_shape, node_value, target_name
 from ..errors import ConfigError, NoCacheableChain
-from ..fx_utils import concrete_shape, node_value, target_name
 from .patterns import BlockStreams, ChainInfo
 
 

@@ -1,0 +1,91 @@
+"""The ``cachedit`` Dynamo backend: rewrite the captured graph, then hand it to an inner compiler.
+
+``torch.compile(transformer, backend="cachedit", options={...})`` resolves through the
+``torch_dynamo_backends`` entry point; the options are :mod:`~cachedit_fx.backend.options`'. Anything the
+passes cannot handle compiles uncached with one warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.fx import GraphModule
+
+from ..passes import apply
+from ..runtime.handle import CompiledGraph, graph_weights
+from ..runtime.ranks import chains_group, check_same_config
+from .inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
+from .options import BackendOptions, parse_options
+
+
+def _is_static(example_inputs) -> bool:
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt):
+            return False
+        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
+            return False
+    return True
+
+
+def _uncached(gm, example_inputs, opts: BackendOptions, reason: str):
+    warnings.warn(f"cachedit: caching disabled for this graph, compiling it uncached: {reason}", stacklevel=3)
+    # Recorded too, so handles_for(module) / summary() find the uncached graph and its reason.
+    opts.handle.add(CompiledGraph([], unmatched=reason), graph_weights(gm, example_inputs))
+    compiled = inner_compile(gm, example_inputs, opts.inner, opts.inner_options)
+
+    def run(*args):
+        return compiled(*args)
+
+    run.cachedit_handle = opts.handle
+    return run
+
+
+def _why_not_cached(gm, example_inputs) -> str | None:
+    if torch.is_grad_enabled():
+        return "grad mode is on; caching is inference-only (run under torch.no_grad() or torch.inference_mode())"
+    if not _is_static(example_inputs):
+        return "dynamic shapes; compile with dynamic=False so each shape gets its own graph and state"
+    return None
+
+
+def _warn_if_requests_look_alike(handle, chains) -> None:
+    # Without a timestep the graph cannot see where a request ends; a pipeline call or a step count can.
+    if handle.resets_per_call or handle.cache_config.num_inference_steps or all(c.timestep for c in chains):
+        return
+    handle.warn_once("no timestep", "cachedit: no timestep input found (no call argument of at most one dimension "
+                     "feeds a sinusoidal embedding, none is named like a timestep): consecutive requests look like "
+                     "one. Call cachedit_fx.reset(model) between requests, or set num_inference_steps in "
+                     "the cache config (refresh_context can set it per request)", stacklevel=4)
+
+
+def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = None):
+    """Dynamo backend: ``gm`` with each picked chain's middle behind an on-device decision, compiled."""
+    opts = parse_options(options)
+    handle = opts.handle
+    reason = _why_not_cached(gm, example_inputs)
+    if reason is not None:
+        return _uncached(gm, example_inputs, opts, reason)
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
+    result = apply(gm, opts.pass_settings(device))
+    if not result.modified:
+        reason = result.unmatched
+        if not handle.islands_checked:
+            # A compiled model cannot be changed from here; enable_cache can, before it compiles.
+            reason += ("; if a graph break inside every block is the cause (a host sync or a data-dependent "
+                       "shape, e.g. a MoE's routing loop or torch.nonzero), cachedit_fx.enable_cache(model) "
+                       "caches such models: it makes the breaking submodules opaque islands")
+        return _uncached(gm, example_inputs, opts, reason)
+    group = chains_group(result.chains)
+    if group is not None:
+        check_same_config(group, handle.cache_config, handle.calibrator_config)
+    handle.add(CompiledGraph(result.chains), graph_weights(gm, example_inputs))
+    _warn_if_requests_look_alike(handle, result.chains)
+    states = [t for c in result.chains for t in c.state.ordered()]
+    compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options,
+                             CACHED_GRAPH_INDUCTOR_OPTIONS)
+
+    def run(*args):
+        return compiled(*args, *states)
+
+    run.cachedit_handle = handle  # the handle lives as long as the compiled graph
+    return run

@@ -1,0 +1,58 @@
+"""The compilers the rewritten graph is handed to: Inductor (default), aot_eager, eager, TensorRT
+(optional, CUDA only), or any callable with a Dynamo backend's signature."""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from ..errors import CacheditError, ConfigError
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager", "tensorrt")
+
+# Inductor options for a rewritten graph, under the caller's ``inner_options``. Inductor's size
+# asserts would check every input on every call, the middle's weights twice (before the cond and
+# again inside the full branch) and on a cached call for a branch that does not read them: Dynamo's
+# guards check each input's sizes and strides already, a branch's operands come from the graph
+# itself, and the state tensors are ours. At 0.3-1 us an assert, that is several percent of a small
+# model's step.
+CACHED_GRAPH_INDUCTOR_OPTIONS = {"size_asserts": False}
+
+
+def check_inner(inner) -> None:
+    """Fail at configuration time, not at the first call."""
+    if inner not in INNER_COMPILERS and not callable(inner):
+        raise ConfigError(f"inner must be one of {INNER_COMPILERS} or a callable, got {inner!r}")
+    if inner == "tensorrt":
+        try:
+            import torch_tensorrt  # noqa: F401
+        except Exception as e:  # ImportError, or a CUDA-less install failing at import
+            raise CacheditError("inner='tensorrt' needs torch-tensorrt and a CUDA GPU: pip install "
+                                "'cachedit-fx[tensorrt]' (torch-tensorrt==2.13.0 matches torch 2.13); "
+                                f"import failed with: {e}") from e
+
+
+def inner_compile(gm: GraphModule, example_inputs, inner, inner_options: dict | None = None,
+                  inductor_defaults: dict | None = None):
+    """Compile ``gm`` for ``example_inputs`` with the named inner compiler; returns a callable.
+    ``inductor_defaults``: Inductor options ``inner_options`` may override."""
+    if callable(inner):
+        return inner(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+    if inner == "tensorrt":
+        return _tensorrt_compile(gm, example_inputs, inner_options or {})
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches={**(inductor_defaults or {}), **(inner_options or {})} or None)
+
+
+def _tensorrt_compile(gm, example_inputs, inner_options):
+    """TensorRT has no converter for torch.cond: compile the graph with the cond kept as a
+    higher-order op by Torch-TensorRT's dynamo backend, which partitions unsupported ops (the cond
+    and the state glue) to PyTorch and builds engines for the block segments around them."""
+    import torch_tensorrt
+
+    return torch_tensorrt.dynamo.compile(torch.export.export(gm, tuple(example_inputs)),
+                                         inputs=list(example_inputs), **inner_options)

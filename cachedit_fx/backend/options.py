@@ -1,0 +1,84 @@
+"""The ``cachedit`` backend's options, checked once: a dict in, :class:`BackendOptions` out.
+
+Options: ``cache_config`` and ``calibrator_config`` (objects or dicts), ``inner`` (inductor | aot_eager |
+eager | tensorrt | a callable), ``inner_options`` (passed to the inner compiler), ``separate_cfg`` (True /
+"on": two state sets, calls alternate; "auto" or None: two state sets, a call whose timestep repeats the
+previous call's is the second of a CFG pair, told on device; False / "off": one; default from
+cache_config.enable_separate_cfg), ``chains`` ("longest" | "all"), ``blocks`` (the ModuleList paths of the
+one chain to cache, e.g. ``["transformer_blocks", "single_transformer_blocks"]``, or
+:class:`~cachedit_fx.config.PinnedList` entries with a pattern: what a ``BlockAdapter`` pins; checked
+against the graph), ``handle`` (a :class:`~cachedit_fx.runtime.handle.CacheHandle` that collects the state
+and owns the configs; enable_cache passes one, with no ``cache_config`` beside it), ``process_group``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import PassSettings, PinnedList, pass_settings
+from ..errors import ConfigError
+from ..runtime.handle import CacheHandle
+from .inner import check_inner
+
+OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "blocks", "handle",
+               "inner_options", "process_group")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The backend's options, checked; ``handle`` owns the cache and calibrator configs."""
+
+    handle: CacheHandle
+    settings: PassSettings  # without the device, known only when a graph arrives
+    inner: Any
+    inner_options: dict
+
+    def pass_settings(self, device=None) -> PassSettings:
+        return dataclasses.replace(self.settings, device=device)
+
+
+def _pinned(blocks) -> tuple[PinnedList, ...]:
+    blocks = [blocks] if isinstance(blocks, (str, PinnedList)) else list(blocks or ())
+    if not all(isinstance(b, (str, PinnedList)) for b in blocks):
+        raise ConfigError(f"blocks must be ModuleList paths (str) or PinnedList entries, got {blocks!r}")
+    return tuple(b if isinstance(b, PinnedList) else PinnedList(b) for b in blocks)
+
+
+def _group_name(group) -> str | None:
+    """A process group (or its name) the sequence is sharded over; None: found from the graph."""
+    if group is None or isinstance(group, str):
+        return group
+    name = getattr(group, "group_name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"process_group must be a torch.distributed ProcessGroup or its name, got {group!r}")
+    return name
+
+
+def parse_options(options: dict | None) -> BackendOptions:
+    """Check ``options`` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown option, a value outside what it accepts, or ``handle`` beside configs.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"cachedit backend: unknown option(s) {unknown}; allowed: {list(OPTION_KEYS)}")
+    handle = options.get("handle")
+    if handle is not None and ({"cache_config", "calibrator_config"} & set(options)):
+        raise ConfigError("cachedit backend: give the configs or a handle (which owns its configs), not both")
+    if handle is not None:
+        cache, calib = handle.cache_config, handle.calibrator_config
+    else:
+        cache, calib = options.get("cache_config"), options.get("calibrator_config")
+    separate = options["separate_cfg"] if "separate_cfg" in options else dataclasses.MISSING
+    settings = pass_settings(cache, calib, separate, options.get("chains", "longest"), _pinned(options.get("blocks")),
+                             _group_name(options.get("process_group")))
+    inner = options.get("inner", "inductor")
+    check_inner(inner)
+    if handle is None:
+        handle = CacheHandle(settings.cache_config, settings.calibrator_config)
+    return BackendOptions(handle, settings, inner, options.get("inner_options") or {})

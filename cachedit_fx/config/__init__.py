@@ -1,0 +1,14 @@
+"""Typed configs with cache-dit's field names, their validation and compact tags, and the settings
+the passes compile from them."""
+from .cache import REFRESH_POLICIES, STEPS_POLICIES, BasicCacheConfig, CacheType, DBCacheConfig
+from .calibrator import CALIBRATOR_CACHE_TYPES, CALIBRATOR_TYPES, TaylorSeerCalibratorConfig
+from .choices import ChainPolicy, SeparateCFG
+from .fields import coerce, merged, structural_fields, validated
+from .settings import (PassSettings, PinnedList, pass_settings, separate_cfg_mode, strify, structural_changes)
+
+__all__ = [
+    "BasicCacheConfig", "CALIBRATOR_CACHE_TYPES", "CALIBRATOR_TYPES", "CacheType", "ChainPolicy", "DBCacheConfig",
+    "PassSettings", "PinnedList", "REFRESH_POLICIES", "STEPS_POLICIES", "SeparateCFG", "TaylorSeerCalibratorConfig",
+    "coerce", "merged", "pass_settings", "separate_cfg_mode", "strify", "structural_changes", "structural_fields",
+    "validated",
+]

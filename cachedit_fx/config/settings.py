@@ -1,0 +1,88 @@
+"""The one way from user configs to what the passes compile in: :class:`PassSettings`.
+
+The backend, an ``enable_cache`` install (through the backend's options), export and the graph report
+all build their settings with :func:`pass_settings`, so a config means the same graph on every path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .cache import DBCacheConfig
+from .calibrator import TaylorSeerCalibratorConfig
+from .choices import ChainPolicy, SeparateCFG
+from .fields import coerce, structural_fields, validated
+
+if TYPE_CHECKING:
+    from ..compat.forward_pattern import ForwardPattern
+
+
+@dataclass(frozen=True)
+class PinnedList:
+    """One ModuleList of a pinned chain (what a ``BlockAdapter`` names): its path in the transformer, and
+    its forward pattern when given."""
+
+    path: str
+    pattern: ForwardPattern | None = None
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """What the passes need to know: the cache structure (Fn/Bn, calibrator, per-sample), how calls map
+    to CFG branches, which chains to cache (or the one a BlockAdapter pins), and where the state lives."""
+
+    cache_config: DBCacheConfig
+    calibrator_config: TaylorSeerCalibratorConfig | None = None
+    separate_cfg: SeparateCFG = SeparateCFG.OFF
+    chains: ChainPolicy = ChainPolicy.LONGEST
+    device: torch.device | None = None
+    pinned: tuple[PinnedList, ...] = ()
+    group: str | None = None  # the process group sharding the sequence, by name; None: found from the graph
+
+
+def separate_cfg_mode(value: Any, field: str = "separate_cfg", on_pipeline: bool = False) -> SeparateCFG:
+    """How calls map to CFG branches. None (detect) is AUTO: two state sets, a CFG pair's second call
+    told on device by its repeated timestep. On a pipeline, True is AUTO too: diffusers'
+    ``cache_context`` names each call's branch, and calls of one branch may come in a row."""
+    mode = SeparateCFG.parse(value, field)
+    return SeparateCFG.AUTO if on_pipeline and mode is SeparateCFG.ON else mode
+
+
+def pass_settings(cache_config, calibrator_config=None, separate_cfg: Any = dataclasses.MISSING,
+                  chains: Any = ChainPolicy.LONGEST, pinned: tuple[PinnedList, ...] = (), group: str | None = None,
+                  device: torch.device | None = None) -> PassSettings:
+    """Settings from configs (objects or dicts of their fields), checked.
+
+    Args:
+        cache_config, calibrator_config: the configs; None is the default cache config / no calibrator.
+        separate_cfg: overrides ``cache_config.enable_separate_cfg`` (see :func:`separate_cfg_mode`).
+        chains: "longest" | "all".
+        pinned: the block lists a BlockAdapter names.
+        group: the process group sharding the sequence; None: found from the graph's collectives.
+        device: where the state tensors live.
+    """
+    cache = validated(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig())
+    calib = validated(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"))
+    separate = cache.enable_separate_cfg if separate_cfg is dataclasses.MISSING else separate_cfg
+    return PassSettings(cache, calib, separate_cfg_mode(separate), ChainPolicy.parse(chains, "chains"), device,
+                        tuple(pinned), group)
+
+
+def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
+                       old_calib: TaylorSeerCalibratorConfig | None = None,
+                       new_calib: TaylorSeerCalibratorConfig | None = None) -> list[str]:
+    """The fields that differ and are compiled into the graph (a change needs a new compile)."""
+    changed = [f for f in structural_fields(old_cache) if getattr(old_cache, f) != getattr(new_cache, f)]
+    if (old_calib is None) != (new_calib is None) or type(old_calib) is not type(new_calib):
+        changed.append("calibrator_config")
+    elif old_calib is not None:
+        changed += [f for f in structural_fields(old_calib) if getattr(old_calib, f) != getattr(new_calib, f)]
+    return changed
+
+
+def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None) -> str:
+    """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator)."""
+    return f"{cache_config.strify()}_{calibrator_config.strify() if calibrator_config is not None else 'T0O0'}"

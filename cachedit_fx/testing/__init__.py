@@ -1,1 +1,0 @@
-"""Offline test helpers: the tiny model zoo and in-code tokenizers."""

@@ -1,1 +1,0 @@
-"""One module per zoo family; each defines ``FAMILY`` (see cachedit_fx.testing.zoo.Family)."""

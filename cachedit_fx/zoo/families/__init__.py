@@ -1,0 +1,1 @@
+"""One module per zoo family; each defines ``FAMILY`` (see cachedit_fx.zoo.Family)."""
