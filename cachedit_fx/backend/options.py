@@ -8,7 +8,7 @@ cache_config.enable_separate_cfg), ``chains`` ("longest" | "all"), ``blocks`` (t
 one chain to cache, e.g. ``["transformer_blocks", "single_transformer_blocks"]``, or
 :class:`~cachedit_fx.config.PinnedList` entries with a pattern: what a ``BlockAdapter`` pins; checked
 against the graph), ``handle`` (a :class:`~cachedit_fx.runtime.handle.CacheHandle` that collects the state
-and owns the configs; enable_cache passes one, with no ``cache_config`` beside it), ``process_group``.
+and owns the configs; configs given beside it must equal its own; enable_cache passes one), ``process_group``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..config import PassSettings, PinnedList, pass_settings
+from ..config import (DBCacheConfig, PassSettings, PinnedList, TaylorSeerCalibratorConfig, coerce,
+                      pass_settings)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle
 from .inner import check_inner
@@ -57,23 +58,31 @@ def _group_name(group) -> str | None:
     return name
 
 
+def _check_agrees(handle: CacheHandle, cache, calib) -> None:
+    """A handle owns its configs: configs given beside it must be the same ones."""
+    for name, given, owned, cls in (("cache_config", cache, handle.cache_config, DBCacheConfig),
+                                    ("calibrator_config", calib, handle.calibrator_config, TaylorSeerCalibratorConfig)):
+        if given is not None and coerce(given, cls, name) != owned:
+            raise ConfigError(f"cachedit backend: {name} disagrees with the handle's, which owns the configs; "
+                              "give one of them")
+
+
 def parse_options(options: dict | None) -> BackendOptions:
     """Check ``options`` (see the module docstring).
 
     Raises:
-        ConfigError: an unknown option, a value outside what it accepts, or ``handle`` beside configs.
+        ConfigError: an unknown option, a value outside what it accepts, or configs that disagree with
+            ``handle``'s.
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise ConfigError(f"cachedit backend: unknown option(s) {unknown}; allowed: {list(OPTION_KEYS)}")
     handle = options.get("handle")
-    if handle is not None and ({"cache_config", "calibrator_config"} & set(options)):
-        raise ConfigError("cachedit backend: give the configs or a handle (which owns its configs), not both")
+    cache, calib = options.get("cache_config"), options.get("calibrator_config")
     if handle is not None:
+        _check_agrees(handle, cache, calib)
         cache, calib = handle.cache_config, handle.calibrator_config
-    else:
-        cache, calib = options.get("cache_config"), options.get("calibrator_config")
     separate = options["separate_cfg"] if "separate_cfg" in options else dataclasses.MISSING
     settings = pass_settings(cache, calib, separate, options.get("chains", "longest"), _pinned(options.get("blocks")),
                              _group_name(options.get("process_group")))

@@ -14,8 +14,8 @@ import torch
 
 from ..compat.adapter import BlockAdapter
 from ..compat.stats import CacheStats
-from ..config import (CacheType, DBCacheConfig, TaylorSeerCalibratorConfig, coerce, merged, separate_cfg_mode,
-                      strify as config_strify, structural_changes)
+from ..config import (CacheType, DBCacheConfig, TaylorSeerCalibratorConfig, coerce, merged, strify as config_strify,
+                      structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle, handles_for
 from ..runtime.stats import cache_stats, collect, plot_diffs, render_stats
@@ -111,13 +111,9 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         k = merged(calib, mod.calibrator_config if mod is not None else None)
         if c.cache_type is CacheType.NONE:
             continue
-        # None (detect) and, for pipelines, True: two state sets, the branch named by cache_context or
-        # found on device; True on a bare transformer: calls alternate, as cache-dit does.
-        separate = c.enable_separate_cfg
-        if separate is None and adapter is not None and adapter.has_separate_cfg:
-            separate = True
-        separate = separate_cfg_mode(separate, "enable_separate_cfg", on_pipeline=is_pipe)
-        hooks.append(install(module, CacheHook(c, k, separate, inner, pinned, eager)))
+        hook = CacheHook(c, k, inner, pinned, eager, on_pipeline=is_pipe,
+                         separate_hint=adapter is not None and adapter.has_separate_cfg)
+        hooks.append(install(module, hook))
     if is_pipe and hooks:
         _wrap_pipeline_call(pipe, hooks)
     return pipe_or_adapter
@@ -221,22 +217,21 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
 
 
 def strify(obj) -> str:
-    """cache-dit's tag of each cached transformer (or of ``summary()``'s stats): its configs (``_CFG1`` when it runs separate CFG) and
-    the non-CFG cached steps of the last request (``_S<n>``, left out when none cached), joined by commas."""
+    """cache-dit's tag of each cached transformer (or of ``summary()``'s stats): its configs (``_CFG1`` when
+    it runs separate CFG) and the non-CFG cached steps of the last request (``_S<n>``, left out when none
+    cached), joined by commas. A transformer that has run no cached graph yet is tagged by its configs."""
     if isinstance(obj, CacheStats):
         obj = [obj]
     if isinstance(obj, list) and all(isinstance(s, CacheStats) for s in obj):  # summary()'s result
-        groups = [obj] if obj else []
+        groups = [(obj[0].cache_options["cache_config"], obj[0].cache_options["calibrator_config"], obj)] if obj else []
     else:
-        groups = [cache_stats(h, "") for _, h in cached_handles(obj)]
+        groups = [(h.cache_config, h.calibrator_config, cache_stats(h, "")) for _, h in cached_handles(obj)]
     parts = []
-    for stats in groups:
-        options = stats[0].cache_options
-        cache = options["cache_config"]
+    for cache, calib, stats in groups:
         if cache.enable_separate_cfg is None:
             cache = dataclasses.replace(cache, enable_separate_cfg=any(s.cfg_steps for s in stats))
         cached = sum(len(s.cached_steps) for s in stats)
-        parts.append(config_strify(cache, options["calibrator_config"]) + (f"_S{cached}" if cached else ""))
+        parts.append(config_strify(cache, calib) + (f"_S{cached}" if cached else ""))
     return ",".join(parts)
 
 

@@ -18,7 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..backend import parse_options
-from ..config import DBCacheConfig, PinnedList, SeparateCFG, TaylorSeerCalibratorConfig
+from ..config import CacheType, DBCacheConfig, PinnedList, TaylorSeerCalibratorConfig, separate_cfg_mode
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle
 from .calls import FLOAT_WINDOW, FloatArguments, branch_of_call, parameter_name
@@ -48,13 +48,15 @@ class CacheHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None,
-                 separate_cfg: SeparateCFG, inner="inductor", pinned: tuple[PinnedList, ...] = (),
-                 eager: bool = False):
+                 inner="inductor", pinned: tuple[PinnedList, ...] = (), eager: bool = False, on_pipeline: bool = False,
+                 separate_hint: bool = False):
+        """``on_pipeline``: the transformer of a pipeline (diffusers' ``cache_context`` names CFG branches);
+        ``separate_hint``: a BlockAdapter says the pipeline runs separate CFG (where the config says None)."""
         super().__init__()
         self.handle = CacheHandle(cache_config, calibrator_config, islands_checked=True)
-        options = dict(handle=self.handle, inner=inner, separate_cfg=separate_cfg, blocks=pinned)
-        parse_options(options)  # fail now, not at the first call
-        self.state = InstallState(self.handle, options)
+        self._inner, self._pinned = inner, pinned
+        self._on_pipeline, self._separate_hint = on_pipeline, separate_hint
+        self.state = InstallState(self.handle, self._backend_options())  # fails now, not at the first call
         self.context = _CallContext()
         self.eager = EagerSwitch(self.state, pinned)
         self.graph = GraphInstall(self.state, self.eager)
@@ -63,6 +65,18 @@ class CacheHook(ModelHook):
         self._floats = FloatArguments()
         self._calls = 0
         self.handle.held = []  # the first calls' compile warnings wait until no float timestep shows
+
+    def _backend_options(self) -> dict:
+        """The backend options of the handle's configs, checked. None (detect) and, for pipelines, True:
+        two state sets, the branch named by cache_context or found on device; True on a bare
+        transformer: calls alternate, as cache-dit does."""
+        separate = self.handle.cache_config.enable_separate_cfg
+        if separate is None and self._separate_hint:
+            separate = True
+        options = dict(handle=self.handle, inner=self._inner, blocks=self._pinned,
+                       separate_cfg=separate_cfg_mode(separate, "enable_separate_cfg", self._on_pipeline))
+        parse_options(options)
+        return options
 
     @property
     def mode(self) -> Mode:
@@ -138,16 +152,20 @@ class CacheHook(ModelHook):
         self.handle.reset()
 
     def reconfigure(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None) -> None:
-        """A new structure (Fn/Bn, calibrator ...): the next call compiles again; the islands stay."""
+        """A new structure (Fn/Bn, CFG layout, calibrator ...): the next call compiles again (the islands
+        stay); ``CacheType.NONE`` runs the model uncached until a config caches again."""
         old = self.handle.cache_config, self.handle.calibrator_config
         self.handle.cache_config, self.handle.calibrator_config = cache_config, calibrator_config
         try:
-            parse_options(self.state.options)
+            self.state.options = self._backend_options()
         except ConfigError:
             self.handle.cache_config, self.handle.calibrator_config = old
             raise
         self.graph.clear()
-        if self.eager.cache is not None:
+        if cache_config.cache_type is CacheType.NONE:
+            self.eager.stop()
+            self.state.mode = Mode.UNCACHED
+        elif self.eager.cache is not None:
             self.eager.restart()
         else:
             self.state.mode = Mode.NOT_COMPILED

@@ -17,7 +17,7 @@ def get(name: str) -> Family:
     if missing:
         raise MissingDependency(f"the offline zoo builds its tokenizers and text encoders with {' and '.join(missing)}: "
                                 "pip install 'cachedit-fx[zoo]' (the command line's extra, [cli], includes it)")
-    return importlib.import_module(f"{__package__}.families.{name}").FAMILY
+    return importlib.import_module(f"{__package__}.recipes.{name}").FAMILY
 
 
 def families() -> list[Family]:

@@ -1,5 +1,5 @@
 """What one zoo family is: how to build and drive its tiny model (:class:`Family`), and the names
-of the families (one module each in ``families/``)."""
+of the families (one recipe module each in ``recipes/``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
