@@ -8,7 +8,7 @@ cache_config.enable_separate_cfg), ``chains`` ("longest" | "all"), ``blocks`` (t
 one chain to cache, e.g. ``["transformer_blocks", "single_transformer_blocks"]``, or
 :class:`~cachedit_fx.config.PinnedList` entries with a pattern: what a ``BlockAdapter`` pins; checked
 against the graph), ``handle`` (a :class:`~cachedit_fx.runtime.handle.CacheHandle` that collects the state
-and owns the configs; configs given beside it must equal its own; enable_cache passes one), ``process_group``.
+and owns the configs; configs given beside it must agree on the structural fields; enable_cache passes one), ``process_group``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import (DBCacheConfig, PassSettings, PinnedList, TaylorSeerCalibratorConfig, coerce,
-                      pass_settings)
+                      pass_settings, structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle
 from .inner import check_inner
@@ -59,20 +59,23 @@ def _group_name(group) -> str | None:
 
 
 def _check_agrees(handle: CacheHandle, cache, calib) -> None:
-    """A handle owns its configs: configs given beside it must be the same ones."""
-    for name, given, owned, cls in (("cache_config", cache, handle.cache_config, DBCacheConfig),
-                                    ("calibrator_config", calib, handle.calibrator_config, TaylorSeerCalibratorConfig)):
-        if given is not None and coerce(given, cls, name) != owned:
-            raise ConfigError(f"cachedit backend: {name} disagrees with the handle's, which owns the configs; "
-                              "give one of them")
+    """A handle owns its configs (``configure`` may have changed its numbers since): configs given beside
+    it must agree on what is compiled into the graph."""
+    given_cache = coerce(cache, DBCacheConfig, "cache_config") or handle.cache_config
+    given_calib = coerce(calib, TaylorSeerCalibratorConfig, "calibrator_config") if calib is not None else \
+        handle.calibrator_config
+    changed = structural_changes(handle.cache_config, given_cache, handle.calibrator_config, given_calib)
+    if changed:
+        raise ConfigError(f"cachedit backend: the options' {', '.join(changed)} disagree with the handle's, which "
+                          "owns the configs; give one of them")
 
 
 def parse_options(options: dict | None) -> BackendOptions:
     """Check ``options`` (see the module docstring).
 
     Raises:
-        ConfigError: an unknown option, a value outside what it accepts, or configs that disagree with
-            ``handle``'s.
+        ConfigError: an unknown option, a value outside what it accepts, or configs whose structural
+            fields disagree with ``handle``'s.
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
