@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling")
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

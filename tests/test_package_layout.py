@@ -1,5 +1,6 @@
 """The package's shape: the folder tree is the pipeline, imports point one way along it, and every
-module and function reads in one sitting. Static checks over the source (nothing is imported)."""
+module and function reads in one sitting; the tests mirror the tree. Static checks over the source
+(nothing is imported)."""
 from __future__ import annotations
 
 import ast
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cachedit_fx"
+TESTS = Path(__file__).resolve().parent
 # Each subpackage's stage; a module may import from its own subpackage or from a lower stage only.
 STAGES = {"errors": 0, "config": 1, "compat": 2, "capture": 3, "runtime": 3, "passes": 4, "backend": 5,
           "install": 6, "export": 6, "zoo": 7, "digits": 7, "coverage": 8, "tools": 9, "": 10}
@@ -89,18 +91,20 @@ def test_no_private_names_imported_across_modules():
     assert not private, "\n".join(private)
 
 
+def _too_long(name: str, path: Path) -> list[str]:
+    source = path.read_text()
+    lines = source.count("\n")
+    long = [f"{name}: {lines} lines"] if lines > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                long.append(f"{name}.{node.name}: {n} lines")
+    return long
+
+
 def test_modules_and_functions_read_in_one_sitting():
-    long = []
-    for m, path in _MODULES.items():
-        source = path.read_text()
-        lines = source.count("\n")
-        if lines > MAX_MODULE_LINES:
-            long.append(f"{m}: {lines} lines")
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = node.end_lineno - node.lineno + 1
-                if n > MAX_FUNCTION_LINES:
-                    long.append(f"{m}.{node.name}: {n} lines")
+    long = [line for m, path in _MODULES.items() for line in _too_long(m, path)]
     assert not long, "\n".join(long)
 
 
@@ -109,3 +113,14 @@ def test_the_top_level_holds_the_public_api_and_the_stages():
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
     stages = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
     assert set(stages) == set(STAGES) - {"", "errors"}, stages
+
+
+def test_the_tests_mirror_the_stages_and_read_in_one_sitting():
+    """tests/<stage>/test_*.py for every stage (tests/helpers: what several stages' tests share), each a
+    package; test modules and their functions within the package's limits."""
+    folders = {p.parent for p in TESTS.rglob("*.py")}
+    assert all((f / "__init__.py").exists() for f in folders), sorted(str(f) for f in folders)
+    stages = {f.name for f in folders if f.parent == TESTS}
+    assert stages - {"helpers"} == set(STAGES) - {"", "errors"}, stages
+    long = [line for path in sorted(TESTS.rglob("*.py")) for line in _too_long(str(path.relative_to(TESTS)), path)]
+    assert not long, "\n".join(long)

@@ -12,9 +12,21 @@ def _python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(_python_blocks())))
+def _snippets():
+    """Each snippet's index, marked slow (a zoo model end to end); export and inductor for the one that builds
+    an AOTInductor package."""
+    return [pytest.param(i, marks=[pytest.mark.slow] + ([pytest.mark.export, pytest.mark.inductor]
+                                                       if "export(" in block else []))
+            for i, block in enumerate(_python_blocks())]
+
+
+@pytest.mark.parametrize("index", _snippets())
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets write files (the export package)
+    # About Dynamo's caches: a snippet is a user's literal code, run as in the fresh process a reader runs
+    # it in. Its torch.compile compiles the transformer class's shared forward code (no private copy), so
+    # Dynamo's caches start empty for it: other tests' compiles of that class must not count against its
+    # recompile_limit.
     torch._dynamo.reset()
     scope: dict = {}
     exec(compile(_python_blocks()[index], f"README-snippet-{index}", "exec"), scope)
@@ -31,6 +43,7 @@ def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     assert any(r.cached_steps for r in rows), rows
 
 
+@pytest.mark.slow
 def test_cli_diff_json_lists_chain(capsys):
     import json
 

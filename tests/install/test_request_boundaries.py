@@ -1,0 +1,186 @@
+"""What must never give a silently wrong or silently uncached image: request boundaries on a bare
+transformer (found from the call's timestep and latent, whatever the timestep is called), Python-number
+timesteps and a non-finite step under TaylorSeer. Each runs through enable_cache and the bare backend
+(eager inner compiler, fast); the exported package's boundaries are in tests/export."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cachedit_fx as cf
+from cachedit_fx.install.hook import cache_hook
+from cachedit_fx.install.modes import Mode
+
+from tests.helpers.crossdit import CACHE, CTX, cached_steps, request, same
+from tests.helpers.dynamo import compile_own
+from tests.helpers.tinydit import cross_dit, latent, tiny, uniform
+
+
+@pytest.fixture(params=["enable_cache", "backend"])
+def install(request):
+    """(model, callable) for a cross_dit whose timestep is called ``noise_level``: under enable_cache,
+    or compiled by the bare backend."""
+    model = cross_dit()
+    if request.param == "enable_cache":
+        cf.enable_cache(model, cache_config=CACHE, compile=False)
+        yield model, model
+        cf.disable_cache(model)
+    else:
+        yield model, compile_own(model, backend="cachedit", dynamic=False,
+                                 options=dict(cache_config=CACHE, inner="eager"))
+
+
+def fresh(model, call, timesteps, **kw):
+    """The request as a fresh install would run it: after a reset."""
+    cf.reset(model)
+    return request(call, timesteps, **kw)
+
+
+def test_a_timestep_called_noise_level_starts_each_request_afresh(install):
+    model, call = install
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a timestep is found: no warning
+        first = request(call, uniform(8))
+        second = request(call, uniform(8))
+    assert cached_steps(model) > 0
+    assert same(first, second)
+
+
+def test_a_warm_up_call_then_the_request(install):
+    """A compile warm-up with a dummy latent at the request's first timestep: not a CFG pair's first
+    half, and its residual is no reference for the request."""
+    model, call = install
+    want = fresh(model, call, uniform(8))
+    cf.reset(model)
+    request(call, [1.0], seed=9)
+    got = request(call, uniform(8))
+    assert cached_steps(model) > 0
+    assert same(got, want)
+
+
+def test_a_request_abandoned_after_one_call(install):
+    model, call = install
+    want = fresh(model, call, uniform(8))
+    cf.reset(model)
+    request(call, uniform(8)[:1], seed=7)
+    assert same(request(call, uniform(8)), want)
+
+
+def test_img2img_after_a_cancelled_request(install):
+    """Cancelled at t=0.75, then an img2img request from t=0.5: its steps count from 0 (warm-up again)."""
+    model, call = install
+    img2img = [0.5 - 0.0625 * i for i in range(8)]
+    want = fresh(model, call, img2img, seed=5)
+    cf.reset(model)
+    request(call, [1.0, 0.9375, 0.875, 0.8125, 0.75], seed=3)
+    assert same(request(call, img2img, seed=5), want)
+
+
+def test_no_timestep_warns_once_and_names_reset():
+    """A transformer that takes no timestep tensor: nothing tells requests apart; one warning says so."""
+    class Untimed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny()
+
+        def forward(self, hidden_states):
+            return self.inner(hidden_states, torch.ones(1))
+
+    model = Untimed().eval()
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    with pytest.warns(UserWarning) as caught, torch.no_grad():
+        for _ in range(2):
+            for i in range(4):
+                model(latent(seed=i))
+    ours = [str(w.message) for w in caught if "no timestep" in str(w.message)]
+    assert len(ours) == 1 and "cachedit_fx.reset(model)" in ours[0] and "num_inference_steps" in ours[0]
+    cf.disable_cache(model)
+    # a step count tells requests apart: no warning
+    cf.enable_cache(model, cache_config=dict(CACHE, num_inference_steps=4), compile=False)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        model(latent())
+    cf.disable_cache(model)
+
+
+class FloatTimestepDiT(nn.Module):
+    """``forward(x, t: float)``: a Python number timestep."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny()
+
+    def forward(self, hidden_states, t: float):
+        return self.inner(hidden_states * (1 + t), torch.full((1,), t))
+
+
+def test_a_python_float_timestep_runs_uncached_with_one_warning():
+    torch.manual_seed(0)
+    model = FloatTimestepDiT().eval()
+    x = latent()
+    with torch.no_grad():
+        want = [model(x, t) for t in uniform(6) * 2]
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    with pytest.warns(UserWarning) as caught, torch.no_grad():
+        got = [model(x, t) for t in uniform(6) * 2]
+    ours = [str(w.message) for w in caught if "cachedit" in str(w.message)]
+    assert len(ours) == 1 and "Python float ('t')" in ours[0]
+    assert "torch.tensor([t])" in ours[0]
+    assert cache_hook(model).mode is Mode.UNCACHED
+    assert same(got, want)
+    cf.disable_cache(model)
+
+
+def test_a_float_that_changes_per_request_keeps_caching():
+    """A float argument fixed within a request (here a scale) is no timestep: one graph per value, cached."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny()
+
+        def forward(self, hidden_states, timestep, scale: float = 1.0):
+            return self.inner(hidden_states * scale, timestep)
+
+    model = Scaled().eval()
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    with torch.no_grad():
+        for scale in (1.0, 0.5, 2.0):
+            x = latent()
+            for t in uniform(6):
+                x = x - 0.1 * model(x, torch.tensor([t]), scale=scale)
+    assert cache_hook(model).mode is Mode.ONE_GRAPH
+    assert cached_steps(model) > 0
+    cf.disable_cache(model)
+
+
+@pytest.mark.parametrize("surface", ["enable_cache", "backend"])
+def test_a_nan_step_with_taylorseer_recovers(surface):
+    """A NaN latent at one step: that step's output is NaN (as uncached), every later one is finite,
+    and later steps cache again."""
+    model = cross_dit()
+    calib = dict(enable_calibrator=True, taylorseer_order=1)
+    config = dict(CACHE, residual_diff_threshold=0.95)
+    if surface == "enable_cache":
+        cf.enable_cache(model, cache_config=config, calibrator_config=calib, compile=False)
+        call = model
+    else:
+        call = compile_own(model, backend="cachedit", dynamic=False,
+                           options=dict(cache_config=config, calibrator_config=calib, inner="eager"))
+    timesteps, outs = uniform(14), []
+    x = latent(12)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            inp = torch.full_like(x, math.nan) if i == 6 else x
+            out = call(inp, CTX, torch.tensor([t]))
+            outs.append(out)
+            x = x - 0.1 * torch.nan_to_num(out)
+    assert torch.isnan(outs[6]).all()
+    assert all(torch.isfinite(o).all() for o in outs[7:])
+    log = [r for r in cf.summary(model, details=True, logging=False) if r.unmatched is None][0]
+    assert 7 not in log.cached_steps and any(s > 7 for s in log.cached_steps)
+    if surface == "enable_cache":
+        cf.disable_cache(model)

@@ -1,0 +1,54 @@
+"""The one pass pipeline (``passes.apply``): every chain or the longest, the input back with the reason
+where nothing matches, and ``chains="all"`` through the backend (tiny hand-written DiT, eager inner)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import cachedit_fx as cf
+from cachedit_fx.capture.dynamo import capture
+from cachedit_fx.config import ChainPolicy, DBCacheConfig, PassSettings
+from cachedit_fx.passes import apply
+
+from tests.helpers.dynamo import compile_own
+from tests.helpers.tinydit import D, euler, latent, tiny
+
+CACHE = dict(Fn_compute_blocks=1, residual_diff_threshold=0.9, max_warmup_steps=1)
+TWO_CHAINS = (("blocks", 4), ("late_blocks", 3))
+
+
+def denoise(model, steps=6):
+    """The outputs of one request."""
+    return euler(model, latent(), steps)
+
+
+def rows_of(model):
+    return [r for r in cf.summary(model, details=True) if r.unmatched is None]
+
+
+def test_apply_rewrites_every_chain_or_returns_the_input_with_the_reason():
+    model = tiny(*TWO_CHAINS)
+    args = (latent(), torch.tensor([1.0]))
+    gm, example_inputs = capture(model, args)
+    cfg = DBCacheConfig(**CACHE)
+    longest = apply(gm, PassSettings(cfg))
+    both = apply(gm, PassSettings(cfg, chains=ChainPolicy.ALL))
+    assert [c.info.name for c in longest.chains] == ["blocks[4]"]
+    assert [c.info.name for c in both.chains] == ["blocks[4]", "late_blocks[3]"]
+    assert both.graph_module is not gm and both.modified
+    states = [t for c in both.chains for t in c.state.ordered()]
+    with torch.no_grad():  # the first call computes every block: equal to the uncaptured model
+        torch.testing.assert_close(both.graph_module(*example_inputs, *states), (model(*args),), rtol=0, atol=0)
+    mlp_gm, _ = capture(nn.Sequential(nn.Linear(D, D), nn.GELU()).eval(), (latent(),))
+    none = apply(mlp_gm, PassSettings(cfg))
+    assert none.graph_module is mlp_gm and not none.chains and "no repeated transformer blocks" in none.unmatched
+
+
+def test_chains_all_through_the_backend_caches_both_chains():
+    model = tiny(*TWO_CHAINS)
+    compiled = compile_own(model, backend="cachedit", fullgraph=True, dynamic=False,
+                           options=dict(cache_config=CACHE, chains="all", inner="eager"))
+    denoise(compiled)
+    rows = rows_of(model)
+    assert [r.chain for r in rows] == ["blocks[4]", "late_blocks[3]"]
+    assert all(r.steps == 6 and r.cached_steps for r in rows), rows
