@@ -62,19 +62,28 @@ def private_code(method):
     """``method`` rebound on a private copy of its function's code object.
 
     Dynamo keeps compiled entries, and counts ``recompile_limit`` (8), per code object. A transformer's
-    forward code is shared by every instance of its class, and by all diffusers transformers whose
-    forward is wrapped by the peft ``apply_lora_scale`` decorator: compiling it directly made the 9th
-    compile in a process hit the limit and silently run eager. A private copy gives each compile its own
-    entries, freed with it. Anything but a plain bound method is returned as it is.
+    forward code is shared by every instance of its class, by all diffusers transformers whose forward
+    is wrapped by the peft ``apply_lora_scale`` decorator, and by every module carrying diffusers hooks
+    (the registry's forward is one ``functools.partial`` of one function for all of them, e.g. after
+    ``enable_parallelism``): compiling it directly made the 9th compile in a process hit the limit and
+    silently run eager. A private copy gives each compile its own entries, freed with it. A bound method
+    and a ``functools.partial`` of a function are copied; anything else is returned as it is.
     """
+    if isinstance(method, functools.partial) and isinstance(method.func, types.FunctionType):
+        copy = functools.partial(_private_function(method.func), *method.args, **method.keywords)
+        copy.__dict__.update(method.__dict__)  # functools.update_wrapper's __wrapped__, __name__ ...
+        return copy
     if not isinstance(method, types.MethodType) or not isinstance(method.__func__, types.FunctionType):
         return method
-    f = method.__func__
+    return types.MethodType(_private_function(method.__func__), method.__self__)
+
+
+def _private_function(f: types.FunctionType) -> types.FunctionType:
     g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     g.__kwdefaults__ = f.__kwdefaults__
     g.__dict__.update(f.__dict__)
     g.__qualname__, g.__module__, g.__doc__ = f.__qualname__, f.__module__, f.__doc__
-    return types.MethodType(g, method.__self__)
+    return g
 
 
 @contextlib.contextmanager

@@ -61,4 +61,5 @@ def test_dynamic_dim_without_bounds_records_an_open_range(flux_pipe):
                              cache_config=CACHE, dynamic_shapes={"hidden_states": {1: tokens}, "img_ids": {0: tokens}})
     (symbol, (lo, hi)), = meta["bounds"].items()
     assert lo >= 2 and hi is None
-    assert meta["chains"][0]["state_shapes"]["ref"] == [1, 1, {"sym": symbol}, 32]  # structured, not a string
+    # structured, not a string; two state sets: enable_separate_cfg=None detects CFG pairs on every path
+    assert meta["chains"][0]["state_shapes"]["ref"] == [2, 1, {"sym": symbol}, 32]
