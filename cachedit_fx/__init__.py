@@ -5,26 +5,37 @@ The package is laid out as the pipeline: ``config`` and ``compat`` (what users w
 ``runtime`` (graphs in, state at every call) -> ``passes`` -> ``backend`` -> ``install`` and ``export``
 (how users reach it) -> ``tools``, ``coverage``, ``zoo``, ``digits``; imports point that way only."""
 from .compat.adapter import BlockAdapter
+from .compat.compile_configs import set_compile_configs
 from .compat.forward_pattern import ForwardPattern
-from .compat.masks import steps_mask
+from .compat.load_configs import (load_attn_backend_config, load_cache_config, load_configs, load_options,
+                                  load_parallelism_config, load_quantize_config)
+from .compat.masks import block_range, steps_mask
+from .compat.patch_functor import PatchFunctor
+from .compat.register import BlockAdapterRegister
 from .compat.stats import CacheStats
-from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, SeparateCFG,
-                     TaylorSeerCalibratorConfig)
+from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, ParallelismBackend, ParallelismConfig,
+                     QuantizeBackend, QuantizeConfig, SeparateCFG, TaylorSeerCalibratorConfig)
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
 from .export import export, load
-from .install.api import (ParamsModifier, disable_cache, enable_cache, refresh_context, reset, strify, summary)
+from .install.api import (ParamsModifier, disable_cache, enable_cache, refresh_context, reset, set_attn_backend,
+                          strify, summary)
+from .install.quantize import quantize
 from .tools.tune import TuneResult, tune
 
 NONE, DBCache = CacheType.NONE, CacheType.DBCache
 Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPattern
+get_adapter = BlockAdapterRegister.get_adapter
 
 __all__ = [
-    "BasicCacheConfig", "BlockAdapter", "CacheStats", "CacheType", "CacheditError", "CaptureError", "ChainPolicy",
-    "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern", "MissingDependency", "NONE",
-    "NoCacheableChain", "ParamsModifier", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4",
-    "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "disable_cache", "enable_cache", "export",
-    "load", "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_matrix", "supported_pipelines",
-    "tune",
+    "BasicCacheConfig", "BlockAdapter", "BlockAdapterRegister", "CacheStats", "CacheType", "CacheditError",
+    "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern",
+    "MissingDependency", "NONE", "NoCacheableChain", "ParallelismBackend", "ParallelismConfig", "ParamsModifier",
+    "PatchFunctor", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4", "Pattern_5", "QuantizeBackend",
+    "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "block_range", "disable_cache",
+    "enable_cache", "export", "get_adapter", "load", "load_attn_backend_config", "load_cache_config", "load_configs",
+    "load_options", "load_parallelism_config", "load_quantize_config", "quantize", "refresh_context", "reset",
+    "set_attn_backend", "set_compile_configs", "steps_mask", "strify", "summary", "supported_matrix",
+    "supported_pipelines", "tune",
 ]
 __version__ = "0.1.0"

@@ -2,8 +2,8 @@
 
 cachedit-fx finds the blocks from the graph, so an adapter is never needed; given one, its block lists
 pin the chain each transformer caches (checked against the graph: passes/pin.py). The fields are
-cache-dit's; the ones that ask for something the graph makes unnecessary (model patches, dummy blocks)
-are refused by name instead of ignored.
+cache-dit's; a ``patch_functor`` is applied when the adapter is made (the graph is then the patched
+forward's); dummy blocks, which the graph makes unnecessary, are refused by name instead of ignored.
 """
 from __future__ import annotations
 
@@ -57,9 +57,13 @@ class BlockAdapter:
     skip_post_init: bool = False
 
     def __post_init__(self) -> None:
-        if self.patch_functor is not None:
-            raise ConfigError("BlockAdapter.patch_functor: cachedit-fx reads the blocks' dataflow from the graph and "
-                              "applies no model patches; leave patch_functor None")
+        if self.patch_functor is not None and not callable(getattr(self.patch_functor, "apply", None)):
+            raise ConfigError(f"BlockAdapter.patch_functor must be a PatchFunctor (with apply(transformer)), got "
+                              f"{type(self.patch_functor).__name__}")
+        if self.patch_functor is not None and not self.skip_post_init and \
+                (self.pipe is not None or self.transformer is not None):
+            for transformer in self.transformers():  # cache-dit patches when the adapter is made
+                self.patch_functor.apply(transformer)
         if self.dummy_blocks_names:
             raise ConfigError("BlockAdapter.dummy_blocks_names: not supported; name only the block lists to cache")
         if self.blocks_policy not in ("max", "min"):

@@ -3,7 +3,8 @@
 
 The presets are written for 28 steps and fitted to other counts: trimmed from the end for fewer steps,
 grown bin by bin (in proportion to the count) for more; distilled step counts (4, 6, 8 to 15) have
-presets of their own. A preset mask always computes its last step.
+presets of their own. A preset mask always computes its last step. ``block_range``: cache-dit's list of
+block ids (the blocks DBPrune never prunes).
 """
 from __future__ import annotations
 
@@ -112,3 +113,12 @@ def steps_mask(compute_bins: Sequence[int] | None = None, cache_bins: Sequence[i
     mask = _interleave(*_preset(mask_policy, total_steps), total_steps)
     mask[-1] = 1
     return mask
+
+
+def block_range(start: int, end: int, step: int = 1) -> list[int]:
+    """cache-dit's block ids for ``DBPruneConfig.non_prune_block_ids``: every ``step``-th id of
+    ``range(start, end)`` plus the first and last block, sorted; ``[]`` when ``start > end``, ``end <= 0``
+    or ``step <= 1`` (cache-dit returns nothing for its default step)."""
+    if start > end or end <= 0 or step <= 1:
+        return []
+    return sorted({0, *range(start, end, step), end - 1})

@@ -13,13 +13,16 @@ import warnings
 import torch
 
 from ..compat.adapter import BlockAdapter
+from ..compat.register import BlockAdapterRegister
 from ..compat.stats import CacheStats
 from ..config import (CacheType, DBCacheConfig, TaylorSeerCalibratorConfig, coerce, merged, strify as config_strify,
                       structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle, handles_for
 from ..runtime.stats import cache_stats, collect, plot_diffs, render_stats
+from .deploy import deploy
 from .hook import CacheHook, cache_hook, install, uninstall
+from .parallel import set_attention_backend
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
 _CACHE_FIELDS = {f.name for f in dataclasses.fields(DBCacheConfig)}
@@ -64,47 +67,69 @@ def _transformers(obj) -> list[tuple[str | None, torch.nn.Module]]:
     return found
 
 
-def _unsupported(**options) -> None:
-    for name, value in options.items():
-        if value is not None:
-            raise ConfigError(f"enable_cache: {name} is not supported by cachedit-fx (leave it None)")
+def _adapter(pipe_or_adapter) -> BlockAdapter | None:
+    """The BlockAdapter given, or one registered for the object's class (BlockAdapterRegister)."""
+    if isinstance(pipe_or_adapter, BlockAdapter):
+        return pipe_or_adapter
+    return BlockAdapterRegister.get_adapter(pipe_or_adapter)
 
 
 def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, params_modifiers=None,
                  parallelism_config=None, attention_backend=None, quantize_config=None, compile: bool = True,
                  inner: str = "inductor", eager: bool = False, **fields):
-    """Cache a diffusers pipeline, a transformer, or the transformer(s) of a ``BlockAdapter``, in place;
+    """Cache a diffusers pipeline, a transformer, or the transformer(s) of a ``BlockAdapter``, in place,
+    then apply cache-dit's deployment options in its order (attention backend, parallelism, quantization);
     returns what it was given.
 
     Args:
         pipe_or_adapter: the pipeline (its ``transformer`` and ``transformer_2``), a transformer module,
             or a ``BlockAdapter`` (whose block lists pin the chain; the graph is checked against them).
         cache_config, calibrator_config: configs or dicts of their fields; cache-dit's flat keyword
-            fields (``Fn_compute_blocks=...``, ``enable_taylorseer=...``) are accepted too.
+            fields (``Fn_compute_blocks=...``, ``enable_taylorseer=...``) are accepted too. As in cache-dit,
+            no cache config with a deployment option given installs no cache.
         params_modifiers: a ``ParamsModifier``, or one per transformer.
+        parallelism_config: a ``ParallelismConfig``: diffusers' context (or tensor) parallelism.
+        attention_backend: a diffusers attention backend name (``set_attention_backend``).
+        quantize_config: a ``QuantizeConfig``, applied through torchao (``pip install 'cachedit-fx[quant]'``).
         compile: False runs the rewritten graph without an inner compiler (fast start, same decisions).
         inner: the inner compiler (inductor | aot_eager | eager | tensorrt | a callable).
         eager: cache with hooks on one block list, deciding on the host, instead of the graph pass (what
             a model whose blocks cannot be captured gets on its own, with one warning).
     """
-    _unsupported(parallelism_config=parallelism_config, attention_backend=attention_backend,
-                 quantize_config=quantize_config)
     flat_cache, flat_calib = configs_from_fields(fields, "enable_cache")
-    cache = merged(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig(), flat_cache)
-    calib = merged(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"), flat_calib)
-    if not compile:
-        inner = "eager"
-    adapter = pipe_or_adapter if isinstance(pipe_or_adapter, BlockAdapter) else None
-    targets = _transformers(pipe_or_adapter)
+    deployment = dict(parallelism_config=parallelism_config, attention_backend=attention_backend,
+                      quantize_config=quantize_config)
+    adapter = _adapter(pipe_or_adapter)
+    targets = _transformers(adapter or pipe_or_adapter)
+    pipe = adapter.pipe if isinstance(pipe_or_adapter, BlockAdapter) else pipe_or_adapter
+    is_pipe = pipe is not None and not isinstance(pipe, torch.nn.Module)
+    if cache_config is not None or flat_cache is not None or all(v is None for v in deployment.values()):
+        cache = merged(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig(), flat_cache)
+        calib = merged(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"), flat_calib)
+        disable_cache(pipe_or_adapter)
+        hooks = _install_hooks(targets, adapter, params_modifiers, cache, calib, "eager" if not compile else inner,
+                               eager, is_pipe)
+        if is_pipe and hooks:
+            _wrap_pipeline_call(pipe, hooks)
+    deploy([module for _, module in targets], pipe if is_pipe else None, **deployment)
+    return pipe_or_adapter
+
+
+def set_attn_backend(pipe_or_adapter, attention_backend: str | None = None) -> None:
+    """cache-dit's ``set_attn_backend``: diffusers' ``set_attention_backend`` on each transformer of a
+    pipeline, BlockAdapter or transformer (None: nothing changes)."""
+    for _, module in _transformers(pipe_or_adapter):
+        set_attention_backend(module, attention_backend)
+
+
+def _install_hooks(targets, adapter: BlockAdapter | None, params_modifiers, cache, calib, inner, eager: bool,
+                   is_pipe: bool) -> list[CacheHook]:
     pins = adapter.pins() if adapter else [()] * len(targets)
     if adapter is not None and params_modifiers is None:
         params_modifiers = adapter.params_modifiers
     modifiers = params_modifiers if isinstance(params_modifiers, (list, tuple)) else [params_modifiers] * len(targets)
     if len(modifiers) != len(targets):
         raise ConfigError(f"params_modifiers: got {len(modifiers)} for {len(targets)} transformer(s)")
-    pipe = adapter.pipe if adapter is not None else pipe_or_adapter
-    disable_cache(pipe_or_adapter)
-    is_pipe = pipe is not None and not isinstance(pipe, torch.nn.Module)
     hooks = []
     for (attr, module), mod, pinned in zip(targets, modifiers, pins):
         c = merged(cache, mod.cache_config if mod is not None else None)
@@ -114,9 +139,7 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         hook = CacheHook(c, k, inner, pinned, eager, on_pipeline=is_pipe,
                          separate_hint=adapter is not None and adapter.has_separate_cfg)
         hooks.append(install(module, hook))
-    if is_pipe and hooks:
-        _wrap_pipeline_call(pipe, hooks)
-    return pipe_or_adapter
+    return hooks
 
 
 def _wrap_pipeline_call(pipe, hooks: list[CacheHook]):

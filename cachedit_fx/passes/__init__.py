@@ -1,7 +1,7 @@
 """The cachedit pass pipeline, one entry for every caller (the backend, export, the graph report):
 
     find chains (blocks.py) -> classify (patterns.py) -> pick -> split (split.py) -> rewrite (rewrite.py)
-    -> sink (sink.py)
+    -> sink (sink.py) -> flatten tensor-subclass cond operands (subclass.py)
 
 The analyses return data; the rewrite and the sink are the transforms, applied to a copy of the graph,
 so a graph the passes cannot handle comes back untouched with the reason (``PassResult.unmatched``).
@@ -22,6 +22,7 @@ from .pin import pin_chain
 from .rewrite import RewrittenChain, rewrite
 from .sink import sink_into_branches
 from .split import split_chain
+from .subclass import flatten_subclass_operands
 
 __all__ = ["PassResult", "RewrittenChain", "apply"]
 
@@ -36,6 +37,8 @@ class PassResult:
     unmatched: str | None = None
     # nodes of the graph moved into a cond branch, the only one that needs them (sink.py)
     moved_into_branches: list[str] = field(default_factory=list)
+    # the class of each tensor-subclass operand (quantized weights) passed to a cond as its plain tensors
+    flattened_subclasses: list[str] = field(default_factory=list)
 
     @property
     def modified(self) -> bool:
@@ -71,6 +74,8 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
         splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
                   for info in pick_chains(work, found, settings)]
         chains = rewrite(work, splits, settings, settings.group or sequence_group(work))
+        moved = sink_into_branches(work)
+        flattened = flatten_subclass_operands(work)  # after sink, which moves weight reads into branches
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))
-    return PassResult(work, chains, moved_into_branches=sink_into_branches(work))
+    return PassResult(work, chains, moved_into_branches=moved, flattened_subclasses=flattened)
