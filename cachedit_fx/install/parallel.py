@@ -81,6 +81,13 @@ def enable_parallelism(transformer: torch.nn.Module, config: ParallelismConfig) 
         what = "context" if plan == "_cp_plan" else "tensor"
         raise ConfigError(f"parallelism_config: {type(transformer).__name__} has no {what}-parallel plan in diffusers "
                           f"({plan}){'; pass cp_plan=' if what == 'context' else ''}")
+    if config.tp_enabled():
+        from diffusers.hooks.tensor_parallel import _SUPPORTED_TP_DEVICES as supported
+
+        device = torch._C._get_accelerator().type
+        if device not in supported:  # checked before diffusers records a half-applied config on the model
+            raise ConfigError(f"parallelism_config.tp_size: diffusers' tensor parallelism runs on {list(supported)}, "
+                              f"not on {device!r}; use ulysses_size / ring_size (context parallelism) here")
     backend = config.attention_backend
     if backend is None and config.cp_enabled():
         backend = "native"  # cache-dit's default for context parallelism
