@@ -10,6 +10,7 @@ from .compat.forward_pattern import ForwardPattern
 from .compat.load_configs import (load_attn_backend_config, load_cache_config, load_configs, load_options,
                                   load_parallelism_config, load_quantize_config)
 from .compat.masks import block_range, steps_mask
+from .compat.names import absent as _absent, cache_type
 from .compat.patch_functor import PatchFunctor
 from .compat.register import BlockAdapterRegister
 from .compat.stats import CacheStats
@@ -23,19 +24,24 @@ from .install.api import (ParamsModifier, disable_cache, enable_cache, refresh_c
 from .install.quantize import quantize
 from .tools.tune import TuneResult, tune
 
-NONE, DBCache = CacheType.NONE, CacheType.DBCache
+NONE, DBCache, DBPrune = CacheType.NONE, CacheType.DBCache, CacheType.DBPrune
 Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPattern
 get_adapter = BlockAdapterRegister.get_adapter
 
 __all__ = [
     "BasicCacheConfig", "BlockAdapter", "BlockAdapterRegister", "CacheStats", "CacheType", "CacheditError",
-    "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern",
+    "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "DBPrune", "ExportError", "ForwardPattern",
     "MissingDependency", "NONE", "NoCacheableChain", "ParallelismBackend", "ParallelismConfig", "ParamsModifier",
     "PatchFunctor", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4", "Pattern_5", "QuantizeBackend",
-    "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "block_range", "disable_cache",
+    "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "block_range", "cache_type", "disable_cache",
     "enable_cache", "export", "get_adapter", "load", "load_attn_backend_config", "load_cache_config", "load_configs",
     "load_options", "load_parallelism_config", "load_quantize_config", "quantize", "refresh_context", "reset",
     "set_attn_backend", "set_compile_configs", "steps_mask", "strify", "summary", "supported_matrix",
     "supported_pipelines", "tune",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """A cache-dit name cachedit-fx does not provide raises an AttributeError saying why."""
+    raise _absent(name)

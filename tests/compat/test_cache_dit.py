@@ -274,3 +274,37 @@ def test_forward_pattern_matches_cache_dit(p):
     ours = run_requests(cachedit_fx, ours_model, loop, cache, calib, 0.9)
     assert cachedit_fx.summary(ours_model, logging=False)[0].pattern == str(p)
     assert_same(theirs, ours)
+
+
+# ----------------------------------------------------------------------------- torchao-quantized weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant_type", ["int8_weight_only", "int8_per_row"])
+def test_quantized_flux_matches_cache_dit(flux, quant_type, monkeypatch):
+    """The same QuantizeConfig through both (cache-dit's CUDA-only check lifted: its torchao path is the
+    same on a CPU): the same layers quantized to the same tensors, then DBCache + TaylorSeer decide and
+    compute the same over the quantized weights (tensor subclasses crossing our cond)."""
+    pytest.importorskip("torchao", reason="torchao 0.18.0 (pip install 'cachedit-fx[quant]')")
+    from cachedit_fx.passes.subclass import flatten_value, is_user_subclass
+
+    quantize_ao = __import__("cache_dit.quantization.torchao.quantize_ao", fromlist=["_"])
+    monkeypatch.setattr(quantize_ao, "_check_if_module_can_quantized", lambda module: True)
+    transformer, inputs, _ = flux
+    theirs_model, ours_model = copy.deepcopy(transformer), copy.deepcopy(transformer)
+    reference.quantize(theirs_model, reference.QuantizeConfig(quant_type=quant_type))
+    cachedit_fx.quantize(ours_model, cachedit_fx.QuantizeConfig(quant_type=quant_type))
+    theirs_w, ours_w = (dict((n, p) for n, p in m.named_parameters() if is_user_subclass(p))
+                        for m in (theirs_model, ours_model))
+    assert len(ours_w) == 80 and set(ours_w) == set(theirs_w)
+    for name, weight in ours_w.items():
+        assert type(weight) is type(theirs_w[name])
+        assert all(torch.equal(a, b) for a, b in zip(flatten_value(weight)[0], flatten_value(theirs_w[name])[0]))
+
+    def loop(model):
+        return zoo.denoise(model, "flux", inputs, num_steps=STEPS)[1]
+
+    cache = dict(BASE, max_warmup_steps=2)
+    theirs = run_requests(reference, theirs_model, loop, cache, dict(taylorseer_order=1), 0.6)
+    ours = run_requests(cachedit_fx, ours_model, loop, cache, dict(taylorseer_order=1), 0.6)
+    assert_same(theirs, ours)

@@ -6,8 +6,6 @@ PSNR against the quantized uncached image printed; cache-dit's layer choice; the
 cannot run refused by name with the ones it can."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -17,6 +15,7 @@ from cachedit_fx import zoo
 from cachedit_fx.errors import ConfigError
 from cachedit_fx.install.hook import cache_hook
 from cachedit_fx.passes.subclass import is_user_subclass
+from cachedit_fx.tools import metrics
 
 ao = pytest.importorskip("torchao.quantization", reason="torchao 0.18.0 (pip install 'cachedit-fx[quant]')")
 
@@ -32,9 +31,8 @@ def _cache(family: str, threshold: float) -> dict:
 
 def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     """dB over the reference's value range."""
-    mse = float(((image.double() - reference.double()) ** 2).mean())
-    peak = float(reference.max() - reference.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+    return metrics.psnr(reference.double().numpy(), image.double().numpy(),
+                        data_range=float(reference.max() - reference.min()))
 
 
 def quantized_pipeline(family: str):
