@@ -6,6 +6,8 @@ options mapped onto diffusers' own machinery. ``ulysses_size`` / ``ring_size`` b
 process group from the graph's collectives as for any context-parallel model (passes/parallel.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..config import ParallelismBackend, ParallelismConfig
@@ -59,6 +61,22 @@ def _diffusers_config(config: ParallelismConfig):
     return TensorParallelConfig(tp_degree=config.tp_size)
 
 
+@contextlib.contextmanager
+def _cpu_device_index():
+    """diffusers 0.42.1 places each rank on ``rank % torch.accelerator.device_count()``, which is a
+    division by zero on a machine without an accelerator (count 0); the CPU is one device there. Scoped
+    to the ``enable_parallelism`` call; torch is left as it was."""
+    if torch._C._get_accelerator().type != "cpu" or torch.accelerator.device_count() > 0:
+        yield
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
+
+
 def enable_parallelism(transformer: torch.nn.Module, config: ParallelismConfig) -> torch.nn.Module:
     """Shard ``transformer`` over this process's ``torch.distributed`` world as ``config`` says.
 
@@ -93,7 +111,8 @@ def enable_parallelism(transformer: torch.nn.Module, config: ParallelismConfig) 
         backend = "native"  # cache-dit's default for context parallelism
     set_attention_backend(transformer, backend)
     try:
-        transformer.enable_parallelism(config=_diffusers_config(config), cp_plan=config.cp_plan)
+        with _cpu_device_index():
+            transformer.enable_parallelism(config=_diffusers_config(config), cp_plan=config.cp_plan)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"parallelism_config={config.strify(details=True)}: diffusers refuses it for "
                           f"{type(transformer).__name__}: {e}") from e

@@ -91,21 +91,22 @@ def test_quantized_zoo_pipeline_caches_in_one_inductor_graph(family, uncached):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["quantize_ after enable_cache", "quantize_config=", "eager cache"])
-def test_quantized_flux_caches_without_inductor(how, uncached):
-    pipe = zoo.build_pipeline("flux")
-    if how == "quantize_config=":
-        cachedit_fx.enable_cache(pipe, cache_config=_cache("flux", 0.0), compile=False,
+@pytest.mark.parametrize("family, how", [("flux", "quantize_ after enable_cache"), ("flux", "quantize_config="),
+                                         ("flux", "eager cache"), ("wan", "quantize_config=")])
+def test_quantized_pipeline_caches_without_inductor(family, how, uncached):
+    pipe = zoo.build_pipeline(family)
+    if how == "quantize_config=":  # every linear, as the uncached reference has them
+        cachedit_fx.enable_cache(pipe, cache_config=_cache(family, 0.0), compile=False,
                                  quantize_config=cachedit_fx.QuantizeConfig(quant_type="int8_weight_only",
                                                                             regional_quantize=False, exclude_layers=[]))
     else:
-        cachedit_fx.enable_cache(pipe, cache_config=_cache("flux", 0.0), compile=False, eager=how == "eager cache")
+        cachedit_fx.enable_cache(pipe, cache_config=_cache(family, 0.0), compile=False, eager=how == "eager cache")
         ao.quantize_(pipe.transformer, ao.Int8WeightOnlyConfig(set_inductor_config=False))
-    assert is_user_subclass(pipe.transformer.proj_out.weight)
-    run = two_requests(pipe, "flux")
+    assert all(is_user_subclass(m.weight) for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear))
+    run = two_requests(pipe, family)
     if how != "eager cache":
         assert len(cache_hook(pipe.transformer).handle.graphs) == 1
-    _check(run, uncached["flux"], "flux", how)
+    _check(run, uncached[family], family, how)
 
 
 @pytest.mark.slow
