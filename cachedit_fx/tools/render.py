@@ -29,6 +29,9 @@ def render_text(report: GraphReport) -> str:
     if report.moved_into_branches:
         lines.append(f"moved into the one cond branch that reads them: {len(report.moved_into_branches)} nodes "
                      f"({', '.join(report.moved_into_branches)})")
+    if report.flattened_subclasses:
+        lines.append("tensor-subclass weights passed to the cond as their plain tensors: " + ", ".join(
+            f"{n} {cls}" for cls, n in report.flattened_subclasses.items()))
     for c in report.chains:
         lines.append(f"chain {c.name}  pattern {c.pattern}  {c.n_blocks} blocks")
         for l in c.lists:

@@ -100,6 +100,8 @@ class GraphReport:
     islands: dict[str, int] | None = None  # class name -> instances made islands
     # nodes moved into the one cond branch that reads them (passes/sink.py), e.g. Fn's text-stream tail
     moved_into_branches: list[str] | None = None
+    # tensor-subclass cond operands (quantized weights) passed as their plain tensors: class -> count
+    flattened_subclasses: dict[str, int] | None = None
 
     def to_dict(self) -> dict:
         """The JSON form; fields that do not apply are left out."""
@@ -178,7 +180,8 @@ def _describe(graphs: list[GraphModule], graph_break: str | None, settings: Pass
     work = result.graph_module
     return GraphReport(matched=True, after=GraphSize(len(work.graph.nodes), _ops(work)),
                        chains=[_chain_report(rc) for rc in result.chains],
-                       moved_into_branches=result.moved_into_branches, **head)
+                       moved_into_branches=result.moved_into_branches,
+                       flattened_subclasses=dict(Counter(result.flattened_subclasses)) or None, **head)
 
 
 def _chain_report(rc) -> ChainReport:

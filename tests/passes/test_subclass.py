@@ -123,3 +123,4 @@ def test_a_flattened_cond_runs_eagerly_with_the_rebuilt_weight():
     for pred in (True, False):
         want = torch.nn.functional.linear(x, weight) if pred else x
         torch.testing.assert_close(gm(torch.tensor(pred), x, weight), want, rtol=0, atol=0)
+

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cachedit_fx import zoo
 
 from tests.helpers.cli import assert_one_line_error, assert_png, needs_graphviz, run
+from tests.helpers.tinydit import latent, tiny
 
 
 def test_diff_json_flux_fn_bn_cut_lists_and_inserted_nodes(capsys, tmp_path):
@@ -169,3 +171,16 @@ def test_diff_errors_are_one_line(capsys, tmp_path):
     assert_one_line_error(rc, err, "Fn_compute_blocks")
     rc, _, err = run(capsys, "diff", "sd3", "--format", "png", "--out", str(tmp_path / "nodir" / "x.png"))
     assert_one_line_error(rc, err, "output folder does not exist")
+
+
+def test_the_diff_report_counts_the_flattened_weights():
+    from cachedit_fx.tools.render import render_text
+    from cachedit_fx.tools.report import describe
+
+    ao = pytest.importorskip("torchao.quantization", reason="torchao 0.18.0 (pip install 'cachedit-fx[quant]')")
+    model = tiny()
+    ao.quantize_(model.transformer_blocks, ao.Int8WeightOnlyConfig(set_inductor_config=False))
+    report = describe(model, dict(hidden_states=latent(), timestep=torch.tensor([1.0])))
+    assert report.matched and report.flattened_subclasses and set(report.flattened_subclasses) == {"Int8Tensor"}
+    assert f"plain tensors: {report.flattened_subclasses['Int8Tensor']} Int8Tensor" in render_text(report)
+    assert describe(tiny(), dict(hidden_states=latent(), timestep=torch.tensor([1.0]))).flattened_subclasses is None
