@@ -80,6 +80,43 @@ def test_img2img_after_a_cancelled_request(install):
     assert same(request(call, img2img, seed=5), want)
 
 
+def test_img2img_after_a_request_cancelled_at_twice_its_step(install):
+    """8 steps cancelled at t=0.75, then img2img (strength 0.5) from t=0.5 with a freshly noised latent:
+    the timestep moves on by exactly twice its last step, the latent jumps. No reset() between: the
+    img2img request runs as on a fresh install, bit for bit."""
+    model, call = install
+    img2img = [0.5, 0.375, 0.25, 0.125]
+    want = fresh(model, call, img2img, seed=5)
+    assert cached_steps(model) > 0
+    cf.reset(model)
+    request(call, uniform(8)[:3], seed=3)
+    assert same(request(call, img2img, seed=5), want)
+
+
+def heun(call, steps, x):
+    """FlowMatchHeunDiscrete's order of calls: t0, then each later timestep twice (the Euler guess and
+    the corrected latent)."""
+    t = uniform(steps) + [0.0]
+    with torch.no_grad():
+        v = call(x, CTX, torch.tensor([t[0]]))
+        for i in range(steps - 1):
+            dt = t[i + 1] - t[i]
+            guess = call(x + dt * v, CTX, torch.tensor([t[i + 1]]))
+            x = x + dt * (v + guess) / 2
+            v = call(x, CTX, torch.tensor([t[i + 1]]))
+    return x
+
+
+def test_a_heun_request_is_one_request(install):
+    """The corrector calls repeat the timestep with a latent a little off the guess: neither a new request
+    nor a CFG pair; the request's steps all count in one state set."""
+    model, call = install
+    heun(call, 8, latent(12))
+    (stats,) = [s for s in cf.summary(model, logging=False) if s.unmatched is None]
+    assert len(stats.gates) == 15 and not stats.cfg_gates, (stats.gates, stats.cfg_gates)
+    assert len(stats.cached_steps) > 0
+
+
 def test_no_timestep_warns_once_and_names_reset():
     """A transformer that takes no timestep tensor: nothing tells requests apart; one warning says so."""
     class Untimed(nn.Module):
