@@ -33,7 +33,8 @@ def _uncached(gm, example_inputs, opts: BackendOptions, reason: str, cause: str 
     compiled = inner_compile(gm, example_inputs, opts.inner, opts.inner_options)
     # Recorded once compiled (a compile Dynamo restarts leaves nothing behind), so handles_for(module) /
     # summary() find the uncached graph and its reason.
-    opts.handle.add(CompiledGraph([], unmatched=reason), graph_weights(gm, example_inputs))
+    graph = CompiledGraph([], unmatched=reason)
+    opts.handle.add(graph, graph_weights(gm, example_inputs))
     message = f"cachedit: caching disabled for this graph, compiling it uncached: {reason}"
     if cause is None:
         warnings.warn(message, stacklevel=3)
@@ -41,6 +42,7 @@ def _uncached(gm, example_inputs, opts: BackendOptions, reason: str, cause: str 
         opts.handle.warn_once(cause, message, stacklevel=3)
 
     def run(*args):
+        graph.ran()
         return compiled(*args)
 
     run.cachedit_handle = opts.handle
@@ -117,10 +119,12 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     if specialised:  # this graph serves one value of the timestep: it cannot tell steps and requests apart
         return _uncached(gm, example_inputs, opts, _float_timestep_reason(specialised[0]), cause="float timestep")
     # Added once compiled: an inner compile Dynamo restarts (AOTAutograd's float tensorify) leaves no chain.
-    handle.add(CompiledGraph(result.chains), graph_weights(gm, example_inputs))
+    graph = CompiledGraph(result.chains)
+    handle.add(graph, graph_weights(gm, example_inputs))
     _warn_if_requests_look_alike(handle, result.chains)
 
     def run(*args):
+        graph.ran()  # which graphs the last request ran: summary()
         return compiled(*args, *states)
 
     run.cachedit_handle = handle  # the handle lives as long as the compiled graph
