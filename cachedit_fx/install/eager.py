@@ -162,8 +162,10 @@ class EagerCache:
         return h is streams[0] and (e is None if len(streams) == 1 else e is streams[1])
 
     def _end_before(self, call: _Call, k: int) -> None:
-        """The first call found glue before list ``k``: the chain ends at the list before. This call's
-        middle ended there too; its state update runs now, the rest of the call runs plain."""
+        """A call found list ``k`` not fed directly by the list before (glue between the loops, or a list
+        that runs elsewhere, as a text projection before the blocks): the chain ends at the list before.
+        Where this call's middle has ended already, its state update runs now and the rest of the call
+        runs plain; otherwise the call goes on over the shorter chain."""
         for lst in self.lists[k:]:
             for block in lst.blocks:
                 block.__dict__.pop("forward", None)
@@ -171,12 +173,15 @@ class EagerCache:
             self._set_span(k)
         except NoCacheableChain as e:
             self.broken = f"{e} ({self.lists[k].path} is not fed directly by {self.lists[k - 1].path})"
-        self.lists, self.checked = self.lists[:k], True
+            call.active = False
+        self.lists = self.lists[:k]
+        self.checked = len(self.lists) == 1
         if self.broken is None and call.chain is not None:
             call.chain.about = dataclasses.replace(call.chain.about, name=self.name, n_blocks=self.n)
-            streams, order = call.returned[self.last_mid]
-            self._finish(call, streams, order)
-        call.active = False
+            if self.last_mid in call.returned:
+                streams, order = call.returned[self.last_mid]
+                self._finish(call, streams, order)
+                call.active = False
 
     # ------------------------------------------------------------------ the hooks
 

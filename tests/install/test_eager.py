@@ -129,17 +129,21 @@ def test_eager_fn_bn_that_leave_no_middle_run_uncached_with_one_warning():
 
 class TwoListDiT(DiT):
     """Blocks in two lists, as Flux's ``transformer_blocks`` and ``single_transformer_blocks``: the second
-    fed directly by the first, or (``glue``) through a change of its streams between the loops."""
+    fed directly by the first, or (``glue``) through a change of its streams between the loops; a list
+    of text projections registered after them runs before them (as HiDream's ``caption_projection``)."""
 
     def __init__(self, glue: bool = False):
         super().__init__()
         self.transformer_blocks = nn.ModuleList(Block(False) for _ in range(3))
         self.single_transformer_blocks = nn.ModuleList(Block(False) for _ in range(3))
+        self.text_projections = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
         self.glue = glue
 
     def forward(self, hidden_states, encoder_hidden_states, timestep):
         h = self.proj_in(hidden_states) + self.time(timestep[:, None])[:, None]
         e = self.text_in(encoder_hidden_states)
+        for projection in self.text_projections:
+            e = e + projection(e)
         for block in self.transformer_blocks:
             e, h = block(h, e)
         if self.glue:
