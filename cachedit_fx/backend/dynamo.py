@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
+from ..capture.scalars import float_inputs, made_constant, specialised_floats, timestep_named, unspecialise
 from ..passes import apply
 from ..runtime.handle import CompiledGraph, graph_weights
 from ..runtime.ranks import chains_group, check_same_config
@@ -27,17 +28,46 @@ def _is_static(example_inputs) -> bool:
     return True
 
 
-def _uncached(gm, example_inputs, opts: BackendOptions, reason: str):
-    warnings.warn(f"cachedit: caching disabled for this graph, compiling it uncached: {reason}", stacklevel=3)
-    # Recorded too, so handles_for(module) / summary() find the uncached graph and its reason.
-    opts.handle.add(CompiledGraph([], unmatched=reason), graph_weights(gm, example_inputs))
+def _uncached(gm, example_inputs, opts: BackendOptions, reason: str, cause: str | None = None):
+    """``gm`` compiled as it is, with one warning: per graph, or per install where ``cause`` names it."""
     compiled = inner_compile(gm, example_inputs, opts.inner, opts.inner_options)
+    # Recorded once compiled (a compile Dynamo restarts leaves nothing behind), so handles_for(module) /
+    # summary() find the uncached graph and its reason.
+    graph = CompiledGraph([], unmatched=reason)
+    opts.handle.add(graph, graph_weights(gm, example_inputs))
+    message = f"cachedit: caching disabled for this graph, compiling it uncached: {reason}"
+    if cause is None:
+        warnings.warn(message, stacklevel=3)
+    else:
+        opts.handle.warn_once(cause, message, stacklevel=3)
 
     def run(*args):
+        graph.ran()
         return compiled(*args)
 
     run.cachedit_handle = opts.handle
     return run
+
+
+def _float_timestep_reason(name: str) -> str:
+    return (f"the forward takes {name!r} as a Python float, and the graph is specialised on its value (a graph per "
+            "value, each with its own state: nothing would cache, requests would look alike). Pass it as a tensor "
+            "(e.g. torch.full((batch,), t)), or cache with cachedit_fx.enable_cache, which passes it as one; with "
+            "torch.compile(dynamic=None), the default, the float is a graph input where the inner compiler keeps "
+            "it one (inner='eager' always; AOT compilers not where a tensor is built from it, e.g. torch.full)")
+
+
+def _specialised_timestep() -> str | None:
+    """Where Dynamo specialised the graph on a Python float argument named like a timestep, the reason to
+    compile it uncached; first Dynamo is asked to trace the float as a graph input instead
+    (``capture.scalars.unspecialise`` restarts the trace where automatic dynamic is on)."""
+    found = {n: by_dynamo for n, by_dynamo in specialised_floats().items() if timestep_named(n)}
+    if not found:
+        return None
+    name = sorted(found)[0]
+    if found[name]:
+        unspecialise(name)  # returns only where the float stays specialised
+    return _float_timestep_reason(name)
 
 
 def _why_not_cached(gm, example_inputs) -> str | None:
@@ -65,6 +95,9 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     reason = _why_not_cached(gm, example_inputs)
     if reason is not None:
         return _uncached(gm, example_inputs, opts, reason)
+    reason = _specialised_timestep()
+    if reason is not None:
+        return _uncached(gm, example_inputs, opts, reason, cause="float timestep")
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
     result = apply(gm, opts.pass_settings(device))
     if not result.modified:
@@ -78,13 +111,20 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     group = chains_group(result.chains)
     if group is not None:
         check_same_config(group, handle.cache_config, handle.calibrator_config)
-    handle.add(CompiledGraph(result.chains), graph_weights(gm, example_inputs))
-    _warn_if_requests_look_alike(handle, result.chains)
+    floats = {name: sym for name, sym in float_inputs(gm).items() if timestep_named(name)}
     states = [t for c in result.chains for t in c.state.ordered()]
     compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options,
                              CACHED_GRAPH_INDUCTOR_OPTIONS)
+    specialised = sorted(made_constant(floats))
+    if specialised:  # this graph serves one value of the timestep: it cannot tell steps and requests apart
+        return _uncached(gm, example_inputs, opts, _float_timestep_reason(specialised[0]), cause="float timestep")
+    # Added once compiled: an inner compile Dynamo restarts (AOTAutograd's float tensorify) leaves no chain.
+    graph = CompiledGraph(result.chains)
+    handle.add(graph, graph_weights(gm, example_inputs))
+    _warn_if_requests_look_alike(handle, result.chains)
 
     def run(*args):
+        graph.ran()  # which graphs the last request ran: summary()
         return compiled(*args, *states)
 
     run.cachedit_handle = handle  # the handle lives as long as the compiled graph

@@ -18,7 +18,7 @@ from ..compat.stats import CacheStats
 from ..config import (CacheType, DBCacheConfig, TaylorSeerCalibratorConfig, coerce, merged, strify as config_strify,
                       structural_changes)
 from ..errors import ConfigError
-from ..runtime.handle import CacheHandle, handles_for
+from ..runtime.handle import CacheHandle, handles_for, last_request
 from ..runtime.stats import cache_stats, collect, plot_diffs, render_stats
 from .deploy import deploy
 from .hook import CacheHook, cache_hook, install, uninstall
@@ -261,10 +261,12 @@ def strify(obj) -> str:
 def summary(obj, details: bool = False, logging: bool = True, plot: str | None = None) -> list[CacheStats]:
     """Per cached transformer and chain, the last request's statistics as cache-dit's ``CacheStats``
     (``cached_steps``, ``residual_diffs``, their ``cfg_`` twins, ``accumulated_*``, ``cache_options``) plus
-    the chain, its pattern, Fn/Bn and the gate of every step. ``logging`` prints a table (``details``:
-    every step); ``plot`` writes the per-step diff plot."""
+    the chain, its pattern, Fn/Bn and the gate of every step: of the graphs the last request ran (a new
+    resolution compiles a graph of its own), and with ``details`` of every graph and their steps in the
+    printed table (``logging``); ``plot`` writes the per-step diff plot."""
     handles = cached_handles(obj)
-    stats = [s for name, h in handles for s in cache_stats(h, name)]
+    only = None if details else last_request([h for _, h in handles])
+    stats = [s for name, h in handles for s in cache_stats(h, name, only)]
     if logging:
         if not handles:
             print(f"{type(obj).__name__}: no cachedit graph has run for it yet (call it once after enable_cache or "

@@ -1,4 +1,4 @@
-"""The eager cache: DBCache on one block list through hooks on its blocks, decided on the host.
+"""The eager cache: DBCache on a chain of blocks through hooks on them, decided on the host.
 
 For models whose blocks cannot be captured at all: a host sync in a block's *own* forward (``if
 x.abs().max().item() > ...``) breaks Dynamo's graph inside every block, and islands cannot isolate a
@@ -7,13 +7,17 @@ same :func:`~cachedit_fx.runtime.step.pre_step` the graph runs, the middle block
 their streams) or run, and :func:`~cachedit_fx.runtime.step.post_step` updates the state. On a model both paths
 can run, the decisions are the graph path's.
 
-The chain is one ``ModuleList`` whose blocks feed each other directly (no glue between them), as in the
-graph path; a block's first argument is H, its ``encoder_hidden_states`` argument E, and the order of
-what it returns comes from its forward pattern (a BlockAdapter's, the block's ``return`` statement, or
-the output shapes).
+The chain is one or more ``ModuleList``s in call order whose blocks feed each other directly (no glue
+between them), as the graph path joins Flux's ``transformer_blocks`` and ``single_transformer_blocks``;
+a block's first argument is H, its ``encoder_hidden_states`` argument E, and the order of what it
+returns comes from its forward pattern (a BlockAdapter's, the block's ``return`` statement, or the
+output shapes). The first call checks that each later list's first block receives the very tensors the
+list before returned; where the model's code changes them between the lists (a ``cat`` of E and H, a
+stream dropped), the chain ends at the list before, as one list's chain did before the lists joined.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -44,72 +48,100 @@ class _Call:
     pre: object = None
     chain: CachedChain | None = None
     active: bool = False  # a call of the cached transformer in flight (not grad mode, not a bare block call)
+    returned: dict | None = None  # while the lists' joins are checked: each block's (streams, order) by index
 
     @property
     def cached(self) -> bool:
         return self.pre is not None and bool(self.pre.pred)
 
 
-class EagerCache:
-    """Hooks on one block list that cache its middle blocks; states per input shape, in ``handle``."""
+@dataclass
+class BlockList:
+    """One ``ModuleList`` of the chain: its path, blocks and how its blocks take and return H and E."""
 
-    def __init__(self, blocks: torch.nn.ModuleList, path: str, handle: CacheHandle, separate_cfg: SeparateCFG,
-                 pattern: ForwardPattern | None = None, group: str | None = None):
-        cache = handle.cache_config
-        n, fn, bn = len(blocks), cache.Fn_compute_blocks, cache.Bn_compute_blocks
+    path: str
+    blocks: torch.nn.ModuleList
+    pattern: ForwardPattern | None = None
+
+    def __post_init__(self):
+        cls = type(self.blocks[0])
+        self.signature = inspect.signature(cls.forward)
+        self.h_name = list(self.signature.parameters)[1]
+        self.order = list(self.pattern.Out) if self.pattern is not None else None
+        self.source_order = return_order(cls)
+
+
+class EagerCache:
+    """Hooks on the blocks of one or more block lists that cache their middle blocks; states per input
+    shape, in ``handle``."""
+
+    def __init__(self, lists: list[BlockList], handle: CacheHandle, separate_cfg: SeparateCFG,
+                 group: str | None = None):
+        self.lists, self.handle, self.separate_cfg, self.group = list(lists), handle, separate_cfg, group
+        self.path = lists[0].path
+        self.index = [(k, i) for k, lst in enumerate(lists) for i in range(len(lst.blocks))]
+        self._set_span(len(lists))
+        self.call = _Call()
+        self.checked = len(lists) == 1  # the joins between lists are checked on the first call
+        self.broken: str | None = None  # why the chain left after the check cannot cache
+        self._chains: dict[tuple, CachedChain] = {}
+        for g, (k, i) in enumerate(self.index):
+            block = lists[k].blocks[i]
+            block.forward = self._wrap(g, block)
+
+    def _set_span(self, n_lists: int) -> None:
+        """The chain over the first ``n_lists`` lists: its Fn, middle and Bn block indices."""
+        cache = self.handle.cache_config
+        n, fn, bn = sum(len(lst.blocks) for lst in self.lists[:n_lists]), cache.Fn_compute_blocks, \
+            cache.Bn_compute_blocks
+        name = "+".join(f"{lst.path}[{len(lst.blocks)}]" for lst in self.lists[:n_lists])
         if fn + bn > n:
-            raise ConfigError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {path}[{n}] of {n} "
+            raise ConfigError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {name} of {n} "
                               f"blocks: need 1 <= Fn, 0 <= Bn and Fn + Bn <= {n}")
         if fn + bn == n:
-            raise NoCacheableChain(f"chain {path}[{n}]: the middle segment is empty (Fn + Bn == number of blocks)")
-        self.blocks, self.path, self.handle, self.separate_cfg = blocks, path, handle, separate_cfg
+            raise NoCacheableChain(f"chain {name}: the middle segment is empty (Fn + Bn == number of blocks)")
+        self.n, self.name = n, name
         self.last_fn, self.first_mid, self.last_mid = fn - 1, fn, n - bn - 1
-        self.pattern, self.group = pattern, group
-        self.call = _Call()
-        self._chains: dict[tuple, CachedChain] = {}
-        cls = type(blocks[0])
-        self._signature = inspect.signature(cls.forward)
-        self._h_name = list(self._signature.parameters)[1]
-        self._order = list(pattern.Out) if pattern is not None else None
-        self._source_order = return_order(cls)
-        for i, block in enumerate(blocks):
-            block.forward = self._wrap(i, block)
 
     def uninstall(self) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)
+        for lst in self.lists:
+            for block in lst.blocks:
+                block.__dict__.pop("forward", None)
         self._chains.clear()
 
     def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
-        self.call = _Call(timestep=timestep, latent=latent, active=True)
+        self.call = _Call(timestep=timestep, latent=latent, active=True, returned=None if self.checked else {})
 
     def end(self) -> None:
+        if self.call.returned is not None and self.call.active:
+            self.checked = True  # the whole chain ran, each list fed by the one before
         self.call = _Call()
 
     # ------------------------------------------------------------------ streams
 
-    def _streams_in(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bound = self._signature.bind(None, *args, **kwargs).arguments
-        return bound[self._h_name], bound.get(_E)
+    def _streams_in(self, lst: BlockList, args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bound = lst.signature.bind(None, *args, **kwargs).arguments
+        return bound[lst.h_name], bound.get(_E)
 
-    def _unpack(self, out, h_in) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    def _unpack(self, lst: BlockList, out, h_in) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
         """(H, E or None, the output's order as "H"/"E") of a block's return value."""
         if isinstance(out, torch.Tensor):
             return out, None, ["H"]
         if not isinstance(out, (tuple, list)) or len(out) != 2:
-            raise NoCacheableChain(f"{self.path}: a block returns {type(out).__name__}, not a tensor or a pair")
-        order = self._output_order(out, h_in)
+            raise NoCacheableChain(f"{lst.path}: a block returns {type(out).__name__}, not a tensor or a pair")
+        order = self._output_order(lst, out, h_in)
         h, e = (out[0], out[1]) if order == ["H", "E"] else (out[1], out[0])
         return h, e, order
 
-    def _output_order(self, out, h_in) -> list[str]:
-        if self._order is not None:
-            return ["H" if name == "hidden_states" else "E" for name in self._order]
-        if self._source_order is not None:
-            return self._source_order
+    @staticmethod
+    def _output_order(lst: BlockList, out, h_in) -> list[str]:
+        if lst.order is not None:
+            return ["H" if name == "hidden_states" else "E" for name in lst.order]
+        if lst.source_order is not None:
+            return lst.source_order
         fits = [isinstance(o, torch.Tensor) and o.shape == h_in.shape for o in out]
         if fits.count(True) != 1:
-            raise ConfigError(f"{self.path}: cannot tell which output of its blocks is hidden_states; pin it with "
+            raise ConfigError(f"{lst.path}: cannot tell which output of its blocks is hidden_states; pin it with "
                               "BlockAdapter(forward_pattern=...)")
         return ["H", "E"] if fits[0] else ["E", "H"]
 
@@ -119,39 +151,82 @@ class EagerCache:
             return h
         return (h, e) if order == ["H", "E"] else (e, h)
 
+    # ------------------------------------------------------------------ the joins between lists
+
+    def _fed_by_previous(self, call: _Call, g: int, h, e) -> bool:
+        """Whether block ``g`` (a list's first) receives exactly the tensors block ``g - 1`` returned."""
+        before = call.returned.get(g - 1)
+        if before is None:
+            return False
+        streams, _ = before
+        return h is streams[0] and (e is None if len(streams) == 1 else e is streams[1])
+
+    def _end_before(self, call: _Call, k: int) -> None:
+        """A call found list ``k`` not fed directly by the list before (glue between the loops, or a list
+        that runs elsewhere, as a text projection before the blocks): the chain ends at the list before.
+        Where this call's middle has ended already, its state update runs now and the rest of the call
+        runs plain; otherwise the call goes on over the shorter chain."""
+        for lst in self.lists[k:]:
+            for block in lst.blocks:
+                block.__dict__.pop("forward", None)
+        try:
+            self._set_span(k)
+        except NoCacheableChain as e:
+            self.broken = f"{e} ({self.lists[k].path} is not fed directly by {self.lists[k - 1].path})"
+            call.active = False
+        self.lists = self.lists[:k]
+        self.checked = len(self.lists) == 1
+        if self.broken is None and call.chain is not None:
+            call.chain.about = dataclasses.replace(call.chain.about, name=self.name, n_blocks=self.n)
+            if self.last_mid in call.returned:
+                streams, order = call.returned[self.last_mid]
+                self._finish(call, streams, order)
+                call.active = False
+
     # ------------------------------------------------------------------ the hooks
 
-    def _wrap(self, i: int, block: torch.nn.Module):
+    def _wrap(self, g: int, block: torch.nn.Module):
         original = block.forward
+        k, i = self.index[g]
 
         def forward(*args, **kwargs):
             call = self.call
             if not call.active:
                 return original(*args, **kwargs)
-            h, e = self._streams_in(args, kwargs)
-            if i == 0:
+            lst = self.lists[k]
+            h, e = self._streams_in(lst, args, kwargs)
+            if g == 0:
                 call.h_in = h
-            if self.first_mid <= i <= self.last_mid and call.cached:
-                order = ["H"] if call.base and len(call.base) == 1 else self._output_order((h, e), h)
-                if i < self.last_mid:
-                    return self._pack(h, e, order)
+            if call.returned is not None and i == 0 and k > 0 and not self._fed_by_previous(call, g, h, e):
+                self._end_before(call, k)
+                return original(*args, **kwargs)
+            if self.first_mid <= g <= self.last_mid and call.cached:
+                order = ["H"] if call.base and len(call.base) == 1 else self._output_order(lst, (h, e), h)
+                if g < self.last_mid:
+                    return self._pack(h, e, order)  # skipped: its streams pass through to the next block
                 return self._finish(call, call.base, order)
             out = original(*args, **kwargs)
-            if i == self.last_fn:
-                h_out, e_out, _ = self._unpack(out, h)
-                call.base = [h_out] + ([e_out] if e_out is not None else [])
-                if self.group is not None and h_out.shape != call.h_in.shape:
-                    call.h_in = ranks.own_shard(call.h_in, h_out, self.group)
-                call.fn_res = h_out - call.h_in
-                call.chain = self._chain_for(call.fn_res, call.base)
-                call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent,
-                                    *call.chain.state.ordered())
-            if i == self.last_mid:
-                h_out, e_out, order = self._unpack(out, h)
-                return self._finish(call, [h_out] + ([e_out] if e_out is not None else []), order)
+            if g in (self.last_fn, self.last_mid) or call.returned is not None:
+                h_out, e_out, order = self._unpack(lst, out, h)
+                streams = [h_out] + ([e_out] if e_out is not None else [])
+                if call.returned is not None:
+                    call.returned[g] = (streams, order)
+            if g == self.last_fn:
+                self._decide(call, h_out, streams)
+            if g == self.last_mid:
+                return self._finish(call, streams, order)
             return out
 
         return forward
+
+    def _decide(self, call: _Call, h_out: torch.Tensor, streams: list) -> None:
+        """Fn has run: its residual decides this call (one pre_step, as the graph runs)."""
+        call.base = streams
+        if self.group is not None and h_out.shape != call.h_in.shape:
+            call.h_in = ranks.own_shard(call.h_in, h_out, self.group)
+        call.fn_res = h_out - call.h_in
+        call.chain = self._chain_for(call.fn_res, call.base)
+        call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent, *call.chain.state.ordered())
 
     def _finish(self, call: _Call, outs: list, order: list[str]):
         """The middle's outputs for this call: computed (``outs``) or forecast, and the state updated."""
@@ -177,11 +252,11 @@ class EagerCache:
                                   [(t.shape, t.dtype, role) for t, role in zip(base, ("H", "E"))], cache, calib,
                                   self.separate_cfg, self.call.timestep is not None,
                                   (latent.shape, latent.dtype) if latent is not None else None, self.group)
-            n = len(self.blocks)
+            first = self.lists[0]
             pattern = ForwardPattern.Pattern_3 if len(base) == 1 else ForwardPattern.Pattern_0
-            if self._order == ["encoder_hidden_states", "hidden_states"] or self._source_order == ["E", "H"]:
+            if first.order == ["encoder_hidden_states", "hidden_states"] or first.source_order == ["E", "H"]:
                 pattern = ForwardPattern.Pattern_1
-            about = ChainAbout(f"{self.path}[{n}]", str(int(self.pattern or pattern)), n,
+            about = ChainAbout(self.name, str(int(first.pattern or pattern)), self.n,
                                cache.Fn_compute_blocks, cache.Bn_compute_blocks)
             chain = CachedChain(about, layout, ChainState(layout, cache, device=fn_res.device))
             self._chains[key] = chain

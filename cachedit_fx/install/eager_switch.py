@@ -1,6 +1,6 @@
 """The switch to the eager cache: when a transformer's blocks cannot be compiled into a graph (their own
 forward breaks it, weight offload hooks move weights in every block call) or the user asks for it,
-hooks on one block list cache its middle blocks instead (eager.py), with one warning naming the cause."""
+hooks on the chain's block lists cache its middle blocks instead (eager.py), with one warning naming the cause."""
 from __future__ import annotations
 
 import warnings
@@ -11,7 +11,7 @@ from ..config import PinnedList
 from ..errors import ConfigError, NoCacheableChain
 from ..runtime import ranks
 from .calls import call_inputs
-from .eager import EagerCache
+from .eager import BlockList, EagerCache
 from .modes import InstallState, Mode
 
 
@@ -22,6 +22,20 @@ def largest_block_list(module: torch.nn.Module) -> str | None:
     return max(lists)[1] if lists else None
 
 
+def chain_lists_from(module: torch.nn.Module, path: str, pinned: tuple[PinnedList, ...]) -> list[BlockList]:
+    """The block lists an eager chain may join, in order: the pinned ones, else the list at ``path`` and
+    the lists of two or more blocks registered after it beside it (Flux's ``single_transformer_blocks``
+    after ``transformer_blocks``); the first call keeps those each fed directly by the one before."""
+    if pinned:
+        return [BlockList(p.path, module.get_submodule(p.path), p.pattern) for p in pinned]
+    parent_path, _, name = path.rpartition(".")
+    parent = module.get_submodule(parent_path)
+    names = [n for n, m in parent.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2]
+    following = names[names.index(name):] if name in names else [name]
+    prefix = f"{parent_path}." if parent_path else ""
+    return [BlockList(prefix + n, parent.get_submodule(n)) for n in following]
+
+
 class EagerSwitch:
     """Starts, runs and stops the eager cache of one install."""
 
@@ -30,13 +44,10 @@ class EagerSwitch:
         self.cache: EagerCache | None = None
 
     def start(self, path: str | None, reason: str | None) -> None:
-        """Cache the block list at ``path`` (the pinned one, else the largest) eagerly from now on; a
-        ``reason`` is warned about once. A chain the eager cache cannot hold leaves the model uncached."""
+        """Cache the chain from the block list at ``path`` (the pinned lists, else the largest list and
+        the block lists beside it that follow it) eagerly from now on; a ``reason`` is warned about once.
+        A chain the eager cache cannot hold leaves the model uncached."""
         state, module = self.state, self.state.module
-        if len(self.pinned) > 1:
-            raise ConfigError(f"the eager cache caches one block list; the BlockAdapter names "
-                              f"{[p.path for p in self.pinned]}: pin one")
-        pattern = self.pinned[0].pattern if self.pinned else None
         path = path or (self.pinned[0].path if self.pinned else largest_block_list(module))
         if path is None:
             raise ConfigError(f"{type(module).__name__} has no ModuleList of two or more blocks to cache eagerly")
@@ -45,8 +56,8 @@ class EagerSwitch:
         if group is not None:
             ranks.check_same_config(group, handle.cache_config, handle.calibrator_config)
         try:
-            self.cache = EagerCache(module.get_submodule(path), path, handle, state.options["separate_cfg"], pattern,
-                                    group)
+            self.cache = EagerCache(chain_lists_from(module, path, self.pinned), handle,
+                                    state.options["separate_cfg"], group)
         except NoCacheableChain as e:
             state.mode = Mode.UNCACHED
             warnings.warn(f"cachedit: {type(module).__name__} runs uncached: {e}", stacklevel=5)
@@ -71,6 +82,11 @@ class EagerSwitch:
             return original(*args, **kwargs)
         finally:
             self.cache.end()
+            if self.cache.broken is not None:  # the first call found a chain with no middle to cache
+                warnings.warn(f"cachedit: {type(self.state.module).__name__} runs uncached: {self.cache.broken}",
+                              stacklevel=4)
+                self.stop()
+                self.state.mode = Mode.UNCACHED
 
     def stop(self) -> None:
         if self.cache is not None:

@@ -11,6 +11,8 @@ class keep separate state. The hook's handle owns the one copy of the configs.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
 
 import torch
@@ -19,9 +21,10 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..backend import parse_options
 from ..config import CacheType, DBCacheConfig, PinnedList, TaylorSeerCalibratorConfig, separate_cfg_mode
-from ..errors import ConfigError
+from ..capture.dynamo import describe_break
+from ..errors import CacheditError, ConfigError
 from ..runtime.handle import CacheHandle
-from .calls import FLOAT_WINDOW, FloatArguments, branch_of_call, parameter_name
+from .calls import FLOAT_WINDOW, FloatArguments, FloatTimestep, branch_of_call, parameter_name
 from .eager_switch import EagerSwitch
 from .graph import GraphInstall
 from .modes import InstallState, Mode
@@ -63,6 +66,7 @@ class CacheHook(ModelHook):
         self._want_eager = eager
         self._new_request = False  # diffusers' reset_state: the next call starts a new request
         self._floats = FloatArguments()
+        self._float_timestep = FloatTimestep()
         self._calls = 0
         self.handle.held = []  # the first calls' compile warnings wait until no float timestep shows
 
@@ -126,17 +130,79 @@ class CacheHook(ModelHook):
                                            cache.cfg_compute_first)
         self.state.set_hints(self.handle.chains)
         original = self.fn_ref.original_forward
+        converted = self._float_timestep.convert(original, args, kwargs)
+        if converted is not None:
+            return self._run_float_timestep(module, original, args, kwargs, *converted)
+        return self._route(module, original, args, kwargs)
+
+    def _route(self, module, original, args, kwargs):
+        """One call by the install's mode."""
         mode = self.state.mode
         if mode is Mode.EAGER:
             return self.eager.run(original, args, kwargs)
-        if mode is Mode.UNCACHED or self._float_timestep(original, args, kwargs):
+        if mode is Mode.UNCACHED or self._changing_float(original, args, kwargs):
             return original(*args, **kwargs)
         self._calls += 1
-        if self._calls == FLOAT_WINDOW:  # no float timestep showed: what the compile found may be said
-            self.handle.release_warnings()
+        if self._calls == FLOAT_WINDOW and not self._float_timestep.on_probation:
+            self.handle.release_warnings()  # no float timestep showed: what the compile found may be said
         if mode in (Mode.NOT_COMPILED, Mode.GRAD):
             return self._first_inference_call(module, original, args, kwargs)
         return self.graph.run(original, args, kwargs)
+
+    def _run_float_timestep(self, module, original, args, kwargs, t_args, t_kwargs, name: str):
+        """A call whose float timestep ``name`` is passed as a tensor. Where the forward needs the float
+        itself (math.* on it, int() / round(), a Python branch on its value, a fill value), the compile
+        fails or compiles a new graph for inputs it has seen, one per value: the call then runs on the
+        float, and the model uncached from now on, with one warning naming it. Until a call with inputs
+        seen before compiles nothing new, the calls' warnings wait (they may follow from this)."""
+        before = {id(g) for g in self.handle.graphs}
+        seen = self._float_timestep.repeats_inputs(t_args, t_kwargs)
+        proven = self._float_timestep.proven
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) if not proven else contextlib.nullcontext() as caught:
+                if not proven:
+                    warnings.simplefilter("always")
+                out = self._route(module, original, t_args, t_kwargs)
+        except CacheditError:
+            self._hold(caught or [])
+            raise
+        except Exception as e:  # noqa: BLE001 - the float runs the call; the model's own error raises there
+            out = original(*args, **kwargs)
+            self._drop_float_timestep(name, describe_break(e))
+            return out
+        if seen and self.state.mode not in (Mode.EAGER, Mode.UNCACHED) and \
+                any(id(g) not in before for g in self.handle.graphs):
+            self._drop_float_timestep(name, "a new graph for each value")
+            return out
+        self._hold(caught or [])
+        if not proven and (seen or self.state.mode is Mode.EAGER):
+            self._float_timestep.proven = True
+            self.handle.release_warnings()
+        return out
+
+    def _hold(self, caught) -> None:
+        """Warnings recorded during a call: held with the install's (see CacheHandle.held), or issued."""
+        for w in caught:
+            if self.handle.held is not None:
+                self.handle.held.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _drop_float_timestep(self, name: str, cause: str) -> None:
+        self._float_timestep.dropped = True
+        self.graph.clear()
+        self.eager.stop()
+        self.state.mode = Mode.UNCACHED
+        self.handle.release_warnings(drop=True)  # what the compile said follows from this
+        cls = self.state.class_name
+        self.handle.warn_once("float argument", f"cachedit: {cls}.forward takes {name!r} as a Python float; "
+                              "enable_cache passed it as a 0-dim float32 tensor so that one graph serves every "
+                              f"value, but forward uses it where a tensor cannot stand in for a float ({cause}: "
+                              "math.* on it, int() / round(), a Python `if` on its value, torch.as_tensor or "
+                              f"a fill value). {cls} runs uncached from now on. To cache it, compute from a "
+                              "tensor inside forward (torch.* instead of math.*, no Python branch on its value) "
+                              f"or pass {name} as a tensor, e.g. torch.full((batch,), t)", stacklevel=6)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """diffusers calls this at the end of every pipeline call: the next call starts a new request.
@@ -183,7 +249,7 @@ class CacheHook(ModelHook):
             return self.eager.run(original, args, kwargs)
         return self.graph.compile_and_run(original, args, kwargs)
 
-    def _float_timestep(self, original, args, kwargs) -> bool:
+    def _changing_float(self, original, args, kwargs) -> bool:
         """Whether a Python float argument changes call by call (a float timestep): the compiler makes
         one graph per value, each with its own state, so nothing would cache and requests could not be
         told apart. Switches to uncached with one warning. A float that changes per request keeps

@@ -44,6 +44,29 @@ class CompiledGraph:
 
     chains: list
     unmatched: str | None = None
+    last_run: int = 0  # the host's call count at this graph's latest call (0: never called by the backend)
+
+    def ran(self) -> None:
+        """This graph was called: one host-side count, which tells the graphs the last request ran."""
+        self.last_run = next(_CALLS)
+
+
+_CALLS = itertools.count(1)  # calls of every compiled graph, counted on the host
+
+
+def last_request(handles: list[CacheHandle]) -> list[CompiledGraph]:
+    """The graphs of ``handles`` (one module's: a new input shape compiles a graph, and a recompile a
+    handle, of its own) that served the last request: the last called one and those called since its
+    request began (its state's calls this request, e.g. a CFG pair's other graph of another text length),
+    not those of shapes an earlier request used. Every graph where none was called by the backend
+    (an export package, the eager cache)."""
+    graphs = [g for h in handles for g in h.graphs]
+    latest = max(graphs, key=lambda g: g.last_run, default=None)
+    if latest is None or latest.last_run == 0:
+        return graphs
+    calls = max((int(c.state.tensors["calls"].sum()) for c in latest.chains), default=1)
+    # a graph not called by the backend (the eager cache beside it) counts as current
+    return [g for g in graphs if g.last_run == 0 or g.last_run > latest.last_run - max(calls, 1)]
 
 
 @dataclass(eq=False)

@@ -105,6 +105,7 @@ class ChainLayout:
             ("t_dir",        (1,),                 f64,           0.0,       never),
             ("branch_hint",  (1,),                 i64,           -1,        never),
             ("last_dt",      (1,),                 f64,           0.0,       never),
+            ("rate",         (1,),                 f64,           0.0,       never),
             ("prev_latent",  self.latent_shape or (0,), self.latent_dtype, 0.0, never),
             ("latent_seen",  (1,),                 torch.bool,    False,     never),
             ("refreshes",    (1,),                 i64,           0,         request),

@@ -50,13 +50,15 @@ def _branch_fields(s: ChainStats | None) -> tuple[list[int], dict[str, float], l
     return [i for i, c in enumerate(s.cached) if c], diffs, s.gates
 
 
-def cache_stats(handle: CacheHandle, transformer: str) -> list[CacheStats]:
-    """One :class:`CacheStats` per compiled chain of ``handle`` (and per graph compiled uncached)."""
+def cache_stats(handle: CacheHandle, transformer: str, only=None) -> list[CacheStats]:
+    """One :class:`CacheStats` per compiled chain of ``handle`` (and per graph compiled uncached), of
+    the graphs in ``only`` where given (:func:`~.handle.last_request`'s)."""
     options = {"cache_config": handle.cache_config, "calibrator_config": handle.calibrator_config}
+    graphs = [g for g in handle.graphs if only is None or any(g is o for o in only)]
     out = [CacheStats(cache_options=options, transformer=transformer, unmatched=g.unmatched)
-           for g in handle.graphs if g.unmatched]
+           for g in graphs if g.unmatched]
     cfg_branch = 0 if handle.cache_config.cfg_compute_first else 1  # the CFG (uncond) call's state set
-    for chain in handle.chains:
+    for chain in (c for g in graphs for c in g.chains):
         by_branch = {s.branch: s for s in _chain_stats(chain)}
         cached, diffs, gates = _branch_fields(by_branch.get(1 - cfg_branch))
         cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(cfg_branch))

@@ -18,9 +18,12 @@ import torch
 from .algorithm import across_ranks, all_finite, commit, decide, relative_l1, slot_view, taylor_approx, taylor_update
 from .layout import BranchBy, ChainLayout, Clear, param
 
-# A call whose timestep moves on by over twice the last step and whose latent changes by more than this
-# (relative L1; a denoising step changes it by 0.1-0.35, a fresh noise sample by about 1.4) starts a request.
-LATENT_JUMP = 0.5
+# Request boundaries from the latent's continuity (docs/algorithm.md, "Requests"). A denoising step changes
+# the latent (relative L1) in proportion to its timestep step: ``rate`` = change / |step| of the last
+# moving call predicts the next one within x1.3 on the samplers measured (Euler, Heun, renoising, 2-50
+# steps); a fresh latent changes by 1.2-1.9 (a fresh noise sample ~1.4), a sampler step by 0.01-0.7.
+RATE_JUMP = 2.0  # a moving call whose change exceeds this times the rate's prediction starts a request
+LATENT_JUMP = 0.5  # ... as does one at the same timestep, or after a gap of over twice the last step, above this
 
 
 class PreStep(NamedTuple):
@@ -74,50 +77,67 @@ def _branch(layout: ChainLayout, hint, calls_total, same_timestep):
 
 
 def _latent_change(layout: ChainLayout, st: dict, latent):
-    """Relative L1 change of the latent input since the previous call (0 at the first), remembering it."""
+    """(relative L1 change of the latent input since the last call that recorded one (0 before any),
+    the latent in the state's dtype)."""
     prev, seen = st["prev_latent"], st["latent_seen"]
     x = latent.to(prev.dtype)
     change = relative_l1(prev, x, 1, layout.group).double()
-    change = torch.where(seen, change, torch.zeros_like(change))
-    prev.copy_(x)
-    seen.copy_(torch.ones_like(seen))
-    return change
+    return torch.where(seen, change, torch.zeros_like(change)), x
+
+
+def _request_boundary(layout: ChainLayout, st: dict, timestep, latent):
+    """Whether this call starts a new request by its inputs, and whether it repeats the last call's timestep
+    and latent (a CFG pair's second call); updates what the next call is compared with.
+
+    The timestep turns back against the direction it has been moving; or it moves on while the latent
+    changes by over ``RATE_JUMP`` times what the last moving call's change per timestep unit predicts (for
+    a step as long as this one or the last, whichever is longer), or after a gap of over twice the last
+    step with a change over ``LATENT_JUMP``; or it repeats while the latent changes by over
+    ``LATENT_JUMP`` (a warm-up call, a request abandoned after one call; a Heun corrector at the same
+    timestep changes it less). A call the caller names the second of a CFG pair (``branch_hint == 1``)
+    may carry another latent: it neither tests nor updates."""
+    last, direction, last_dt, rate = st["last_t"], st["t_dir"], st["last_dt"], st["rate"]
+    now = timestep.reshape(-1)[:1].to(torch.float64)
+    delta = now - last
+    step = delta.abs()
+    counts = st["branch_hint"] != 1
+    same_timestep = delta == 0
+    turned = (direction != 0) & (delta * direction < 0)
+    if latent is not None and layout.latent_shape:
+        change, x = _latent_change(layout, st, latent)
+        moving = (direction != 0) & (delta * direction > 0)
+        out_of_rate = (rate > 0) & (change > RATE_JUMP * rate * torch.maximum(step, last_dt))
+        gap = (last_dt > 0) & (step > 2 * last_dt) & (change > LATENT_JUMP)
+        fresh = same_timestep & (change > LATENT_JUMP)
+        request = counts & (turned | (moving & (out_of_rate | gap)) | fresh)
+        same_timestep = same_timestep & (change == 0)
+        st["prev_latent"].copy_(torch.where(counts.reshape((1,) * x.dim()), x, st["prev_latent"]))
+        st["latent_seen"].copy_(st["latent_seen"] | counts)
+    else:
+        change, request = None, counts & turned
+    learn = counts & ~request & torch.isfinite(last) & (delta != 0)
+    zero = torch.zeros_like(direction)
+    direction.copy_(torch.where(request, zero, torch.where(learn & (direction == 0), torch.sign(delta), direction)))
+    last_dt.copy_(torch.where(request, zero, torch.where(learn, step, last_dt)))
+    if change is not None:
+        rate.copy_(torch.where(request, zero, torch.where(learn, change / step.clamp(min=1e-300), rate)))
+    last.copy_(torch.where(counts, now, last))
+    return request, same_timestep
 
 
 def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep, latent):
     """Clear the state where this call starts a new request or context; returns the call's branch.
 
-    A request ends when the timestep turns back against the direction it has been moving (down for
-    most samplers, up for Lumina2 / Mochi); when it repeats but the latent does not (equal timesteps
-    with one latent are a CFG pair; another latent at the same timestep is a new request, e.g. after a
-    warm-up call); when it moves on by over twice the last step while the latent jumps (an img2img
-    request after a cancelled one); or after ``num_inference_steps`` steps of a branch. A context ends
-    at step ``force_refresh_step_hint`` (once per request, or of every context with the "repeat"
-    policy): the rest of the request starts afresh. The conditions are found on the counters as the
-    earlier ones would leave them, so the state is written once."""
+    A request starts where the call's inputs show one (:func:`_request_boundary`) or after
+    ``num_inference_steps`` steps of a branch. A context ends at step ``force_refresh_step_hint`` (once
+    per request, or of every context with the "repeat" policy): the rest of the request starts afresh.
+    The conditions are found on the counters as the earlier ones would leave them, so the state is
+    written once."""
     zero = torch.zeros_like(st["calls_total"])
     turned = torch.zeros_like(st["calls_total"], dtype=torch.bool)
     same_timestep = None
     if timestep is not None:
-        change = _latent_change(layout, st, latent) if latent is not None and layout.latent_shape else None
-        now = timestep.reshape(-1)[:1].to(torch.float64)
-        last, direction, last_dt = st["last_t"], st["t_dir"], st["last_dt"]
-        delta = now - last
-        same_timestep = delta == 0
-        turned = (direction != 0) & (delta * direction < 0)
-        if change is not None:
-            # Under a named branch (cond/uncond) the pair may carry different latents: the name decides.
-            other_latent = same_timestep & (change > 0) & (st["branch_hint"] < 0)
-            jumped = (direction != 0) & (delta * direction > 0) & (last_dt > 0) & (delta.abs() > 2 * last_dt) & \
-                (change > LATENT_JUMP)
-            turned = turned | other_latent | jumped
-            same_timestep = same_timestep & ~other_latent
-        learn = (direction == 0) & torch.isfinite(last) & (delta != 0)
-        direction.copy_(torch.where(turned, torch.zeros_like(direction),
-                                    torch.where(learn, torch.sign(delta), direction)))
-        moved = torch.isfinite(delta) & (delta != 0)
-        last_dt.copy_(torch.where(turned, torch.zeros_like(last_dt), torch.where(moved, delta.abs(), last_dt)))
-        last.copy_(now)
+        turned, same_timestep = _request_boundary(layout, st, timestep, latent)
     n_steps, hint, repeat = (param(st["params"], name) for name in ("n_steps", "refresh_hint", "refresh_repeat"))
     hint_branch, calls_total, calls = st["branch_hint"], st["calls_total"], st["calls"]
 

@@ -184,7 +184,8 @@ def test_hand_written_dit_package_called_by_position_and_by_name(dit_package):
 def test_loaded_package_tells_requests_apart(dit_package):
     """Request boundaries inside the package, from its timestep (``noise_level``, found by dataflow)
     and latent: a warm-up call, a request abandoned after one call, an img2img request after a
-    cancelled one; each request then runs as after a reset."""
+    cancelled one (after a gap in the timestep, or a step of twice the last); each request then runs as
+    after a reset."""
     from tests.helpers.tinydit import latent, request, uniform
 
     loaded, ctx = load(dit_package), latent(5, seed=2)
@@ -199,6 +200,12 @@ def test_loaded_package_tells_requests_apart(dit_package):
         request(loaded, [1.0, 0.9375, 0.875, 0.8125, 0.75], latent(12, seed=3), ctx)
         got = request(loaded, img2img, latent(12, seed=5), ctx)
         assert all(torch.equal(a, b) for a, b in zip(got, want_img2img)), before
+    # cancelled at t=0.75 of 8 steps, img2img from t=0.5: the timestep moves on by exactly twice its step
+    cachedit_fx.reset(loaded)
+    short = [0.5, 0.375, 0.25, 0.125]
+    want_short = request(loaded, short, latent(12, seed=5), ctx)
+    request(loaded, uniform(8)[:3], latent(12, seed=3), ctx)
+    assert all(torch.equal(a, b) for a, b in zip(request(loaded, short, latent(12, seed=5), ctx), want_short))
 
 
 def test_wrong_calls_of_a_loaded_package_name_the_argument(dit_package, package):

@@ -17,11 +17,14 @@ Semantics pinned down there:
   a computed step with a non-finite Fn residual or middle residual leaves no reference and empty ladders.
 - separate CFG with cfg_diff_compute_separate=False (and the non-CFG call first): branch 1 reuses
   branch 0's diff of the same step.
-- a new request starts where the timestep turns back against its learned direction, where it repeats
-  with another latent, where both jump (the timestep by over twice its last step, the latent by over
-  1.0 relative), or where a branch has had num_inference_steps steps; the call at step
+- a new request starts where the timestep turns back against its learned direction; where it moves on
+  and the latent changes by over twice what the last moving call's change per unit of timestep predicts
+  for the longer of this step and the last, or by over 0.5 after a step over twice the last; where it
+  repeats and the latent changes by over 0.5; or where a branch has had num_inference_steps steps. A
+  call named the CFG pair's second (hint 1) is not tested and not remembered. The call at step
   force_refresh_step_hint (once, or every time with "repeat") starts the rest of the request afresh.
-- branch: the caller's hint, else (by_timestep) 1 for a repeated timestep, else alternating calls.
+- branch: the caller's hint, else (by_timestep) 1 for a repeated timestep with the same latent, else
+  alternating calls.
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ class Oracle:
         self.cfg = cache_config
 
     def reset(self) -> None:
-        self.last_t, self.direction, self.last_dt, self.prev_latent = -math.inf, 0, 0.0, None
+        self.last_t, self.direction, self.last_dt, self.rate, self.prev_latent = -math.inf, 0, 0.0, 0.0, None
         self._new_request()
 
     def _new_request(self) -> None:
@@ -167,10 +170,13 @@ class Oracle:
         return t[s:s + 1] if self.per_sample else t
 
     def _boundary(self, timestep, latent, hint=None) -> bool | None:
-        """Start a new request where the call shows one; returns whether its timestep repeats the last
-        call's with the same latent (the second call of a CFG pair), None without a timestep."""
-        change = 0.0
+        """Start a new request where the call shows one; returns whether its timestep and latent repeat the
+        last call's (the second call of a CFG pair), None without a timestep."""
+        if hint == 1:  # the named second call of a pair: its latent may differ; the first call decided
+            return None if timestep is None else False
+        change = None
         if latent is not None:
+            change = 0.0
             if self.prev_latent is not None:
                 change = ((latent - self.prev_latent).abs().mean() / self.prev_latent.abs().mean()).item()
             self.prev_latent = latent.clone()
@@ -178,23 +184,27 @@ class Oracle:
             return None
         t = float(torch.as_tensor(timestep).reshape(-1)[0].item())
         delta = t - self.last_t
-        same_t = delta == 0
+        moving = self.direction != 0 and delta * self.direction > 0
         new = self.direction != 0 and delta * self.direction < 0  # the timestep turned back
-        if same_t and change > 0 and hint is None:  # the same timestep with another latent: not a CFG pair
-            new, same_t = True, False
-        if (self.direction != 0 and delta * self.direction > 0 and self.last_dt > 0 and abs(delta) > 2 * self.last_dt
-                and change > 0.5):  # a jump of the timestep and of the latent
-            new = True
+        if change is not None:
+            expected = self.rate * max(abs(delta), self.last_dt)  # the change the last moving call predicts
+            if moving and self.rate > 0 and change > 2 * expected:
+                new = True
+            if moving and self.last_dt > 0 and abs(delta) > 2 * self.last_dt and change > 0.5:
+                new = True  # a gap in the timestep and a jump of the latent
+            if delta == 0 and change > 0.5:  # the same timestep, another latent: not a Heun corrector
+                new = True
         if new:
             self._new_request()
-            self.direction, self.last_dt = 0, 0.0
-        else:
-            if self.direction == 0 and math.isfinite(self.last_t) and delta != 0:
+            self.direction, self.last_dt, self.rate = 0, 0.0, 0.0
+        elif math.isfinite(self.last_t) and delta != 0:
+            if self.direction == 0:
                 self.direction = 1 if delta > 0 else -1
-            if math.isfinite(delta) and delta != 0:
-                self.last_dt = abs(delta)
+            self.last_dt = abs(delta)
+            if change is not None:
+                self.rate = change / abs(delta)
         self.last_t = t
-        return same_t
+        return delta == 0 and not new and change in (None, 0.0)
 
     def _branch(self, same_t, hint) -> int:
         if hint is not None:

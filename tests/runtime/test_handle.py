@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 from torch import nn
 
@@ -58,3 +59,26 @@ def test_summary_of_a_never_compiled_twin_is_empty(capsys):
     euler(compiled, latent(), 4)
     assert [s.chain for s in cf.summary(compiled_model, logging=False)] == ["transformer_blocks[4]"]
     assert cf.summary(twin, logging=False) == []
+
+
+@pytest.mark.parametrize("surface", ["backend", "enable_cache"])
+def test_summary_describes_the_last_request_older_shapes_only_in_details(surface, capsys):
+    """A request at a second resolution compiles a second graph: summary() describes the last request
+    (that graph's row), the first resolution's row only with details=True."""
+    model, cache = tiny(), dict(Fn_compute_blocks=1, residual_diff_threshold=0.9, max_warmup_steps=1)
+    if surface == "enable_cache":
+        compiled = cf.enable_cache(model, cache_config=cache, inner="eager")
+    else:
+        compiled = compile_own(model, backend="cachedit", dynamic=False, options={"cache_config": cache,
+                                                                                 "inner": "eager"})
+    euler(compiled, latent(8), 6)
+    cf.reset(model)
+    euler(compiled, latent(12), 4)
+    last = cf.summary(model, logging=True)
+    assert [s.steps for s in last] == [4], [s.steps for s in last]
+    assert capsys.readouterr().out.count("cached") == 1
+    every = cf.summary(model, details=True, logging=True)
+    assert sorted(s.steps for s in every) == [0, 4]  # the reset cleared the first resolution's request
+    assert capsys.readouterr().out.count("steps;") == 2
+    euler(compiled, latent(8), 3)  # back to the first resolution, no reset: a new request by its latent
+    assert [s.steps for s in cf.summary(model, logging=False)] == [3]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+
 from cachedit_fx.config import TaylorSeerCalibratorConfig
+from cachedit_fx.runtime.layout import BranchBy
 
 from tests.helpers.oracle import Oracle
-from tests.runtime.glue import Calls, Glue, cfg, decisions, requests_of, run_both, walk
+from tests.runtime.glue import Calls, LATENT_SHAPE, Glue, check_logs, cfg, decisions, requests_of, run_both, walk
 
 
 def test_timestep_going_up_starts_a_new_request():
@@ -130,3 +133,48 @@ def test_force_refresh_starts_the_rest_of_the_request_afresh(policy, steps):
     glue, o = run_both(c, Calls([[1.0 + 0.01 * t for t in range(7)]]))
     assert [e["step"] for e in o.log] == steps
     assert decisions(o)[:1] == "C"  # the refreshed context has no reference
+
+
+def _latents_along(timesteps, seed, scale=0.3):
+    """Latents a sampler step moves in proportion to its timestep step (a fresh noise sample per seed)."""
+    g = torch.Generator().manual_seed(seed)
+    noise, drift = torch.randn(1, *LATENT_SHAPE, generator=g), torch.randn(1, *LATENT_SHAPE, generator=g)
+    return [noise + scale * (timesteps[0] - t) * drift for t in timesteps]
+
+
+def test_img2img_after_a_request_cancelled_at_twice_its_step_starts_afresh():
+    """8 steps cancelled at t=0.75, then img2img from t=0.5: the timestep moves on by exactly twice its last
+    step (no gap), but the latent is a fresh one, far from what the last step's change predicts."""
+    first_t, second_t = [1.0, 0.875, 0.75], [0.5, 0.375, 0.25, 0.125]
+    first = Calls([[1.0, 1.01, 1.02]], seed=1, timesteps=first_t)
+    first.latents = _latents_along(first_t, seed=3)
+    second = Calls([[1.0 + 0.01 * i for i in range(4)]], seed=2, timesteps=second_t)
+    second.latents = _latents_along(second_t, seed=5)
+    c = cfg(residual_diff_threshold=0.05, max_warmup_steps=2)
+    glue, o = run_both(c, first)
+    run_both(c, second, glue=glue, oracle=o)
+    assert requests_of(o) == [0] * 3 + [1] * 4
+    assert decisions(o) == decisions(run_both(c, second)[1])  # as a fresh install decides
+
+
+@pytest.mark.parametrize("n_branches", [1, 2])
+def test_heun_corrector_calls_stay_in_the_request(n_branches):
+    """FlowMatchHeunDiscrete calls the model twice per step after the first, at the same timestep with
+    two latents (the Euler guess, then the corrected one): one request, and no CFG pair's second call
+    either (with two state sets told apart by a repeated timestep, every call is branch 0)."""
+    steps = [1.0 - i / 6 for i in range(6)]
+    timesteps = steps[:1] + [t for t in steps[1:] for _ in range(2)]
+    calls = Calls([walk(len(timesteps), (0.01, 0.03), seed=6)], timesteps=timesteps)
+    along = _latents_along(timesteps, seed=4)
+    # the corrector's latent lies a little off the guess it corrects (Heun's averaged slope)
+    calls.latents = [x + (0.02 * along[0] if i % 2 == 0 and i > 0 else 0) for i, x in enumerate(along)]
+    c = cfg(enable_separate_cfg=n_branches == 2)
+    glue = Glue(c, None, n_branches, 1, BranchBy.TIMESTEP)
+    o = Oracle(c, None, n_branches=n_branches, n_streams=2, by_timestep=True)
+    for i, (f, m, p, t, x) in enumerate(calls):
+        assert glue.call(f, m, p, t, x)[0] == o.call(f, m, p, t, x)[0], i
+    check_logs(glue, o)
+    assert requests_of(o) == [0] * len(timesteps)
+    assert [e["branch"] for e in o.log] == [0] * len(timesteps)
+    assert [e["step"] for e in o.log] == list(range(len(timesteps)))
+    assert "r" in decisions(o)
