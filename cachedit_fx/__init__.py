@@ -1,4 +1,4 @@
-"""cachedit-fx: DBCache / TaylorSeer caching for Diffusion Transformers as a torch.compile graph pass.
+"""cachedit-fx: DBCache / TaylorSeer caching and DBPrune for Diffusion Transformers as a torch.compile graph pass.
 
 The names are cache-dit's, so ``import cachedit_fx as cache_dit`` runs a cache-dit script unchanged.
 The package is laid out as the pipeline: ``config`` and ``compat`` (what users write) -> ``capture`` and
@@ -8,7 +8,7 @@ from .compat.adapter import BlockAdapter
 from .compat.forward_pattern import ForwardPattern
 from .compat.masks import steps_mask
 from .compat.stats import CacheStats
-from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, SeparateCFG,
+from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, DBPruneConfig, SeparateCFG,
                      TaylorSeerCalibratorConfig)
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
@@ -16,15 +16,15 @@ from .export import export, load
 from .install.api import (ParamsModifier, disable_cache, enable_cache, refresh_context, reset, strify, summary)
 from .tools.tune import TuneResult, tune
 
-NONE, DBCache = CacheType.NONE, CacheType.DBCache
+NONE, DBCache, DBPrune = CacheType.NONE, CacheType.DBCache, CacheType.DBPrune
 Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPattern
 
 __all__ = [
     "BasicCacheConfig", "BlockAdapter", "CacheStats", "CacheType", "CacheditError", "CaptureError", "ChainPolicy",
-    "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern", "MissingDependency", "NONE",
-    "NoCacheableChain", "ParamsModifier", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4",
-    "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "disable_cache", "enable_cache", "export",
-    "load", "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_matrix", "supported_pipelines",
-    "tune",
+    "ConfigError", "DBCache", "DBCacheConfig", "DBPrune", "DBPruneConfig", "ExportError", "ForwardPattern",
+    "MissingDependency", "NONE", "NoCacheableChain", "ParamsModifier", "Pattern_0", "Pattern_1", "Pattern_2",
+    "Pattern_3", "Pattern_4", "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult",
+    "disable_cache", "enable_cache", "export", "load", "refresh_context", "reset", "steps_mask", "strify", "summary",
+    "supported_matrix", "supported_pipelines", "tune",
 ]
 __version__ = "0.1.0"

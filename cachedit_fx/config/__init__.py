@@ -4,11 +4,12 @@ from .cache import REFRESH_POLICIES, STEPS_POLICIES, BasicCacheConfig, CacheType
 from .calibrator import CALIBRATOR_CACHE_TYPES, CALIBRATOR_TYPES, TaylorSeerCalibratorConfig
 from .choices import ChainPolicy, SeparateCFG
 from .fields import coerce, merged, structural_fields, validated
+from .prune import PRUNE_FIELDS, DBPruneConfig, is_prune
 from .settings import (PassSettings, PinnedList, pass_settings, separate_cfg_mode, strify, structural_changes)
 
 __all__ = [
     "BasicCacheConfig", "CALIBRATOR_CACHE_TYPES", "CALIBRATOR_TYPES", "CacheType", "ChainPolicy", "DBCacheConfig",
-    "PassSettings", "PinnedList", "REFRESH_POLICIES", "STEPS_POLICIES", "SeparateCFG", "TaylorSeerCalibratorConfig",
-    "coerce", "merged", "pass_settings", "separate_cfg_mode", "strify", "structural_changes", "structural_fields",
-    "validated",
+    "DBPruneConfig", "PRUNE_FIELDS", "PassSettings", "PinnedList", "REFRESH_POLICIES", "STEPS_POLICIES",
+    "SeparateCFG", "TaylorSeerCalibratorConfig", "coerce", "is_prune", "merged", "pass_settings",
+    "separate_cfg_mode", "strify", "structural_changes", "structural_fields", "validated",
 ]

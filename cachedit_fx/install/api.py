@@ -14,15 +14,15 @@ import torch
 
 from ..compat.adapter import BlockAdapter
 from ..compat.stats import CacheStats
-from ..config import (CacheType, DBCacheConfig, TaylorSeerCalibratorConfig, coerce, merged, strify as config_strify,
-                      structural_changes)
+from ..config import (PRUNE_FIELDS, CacheType, DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig, coerce,
+                      merged, strify as config_strify, structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle, handles_for
 from ..runtime.stats import cache_stats, collect, plot_diffs, render_stats
 from .hook import CacheHook, cache_hook, install, uninstall
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
-_CACHE_FIELDS = {f.name for f in dataclasses.fields(DBCacheConfig)}
+_CACHE_FIELDS = {f.name for f in dataclasses.fields(DBPruneConfig)}  # DBCacheConfig's and DBPrune's own
 _CALIBRATOR_FIELDS = {f.name for f in dataclasses.fields(TaylorSeerCalibratorConfig)}
 # cache-dit's older keyword spellings of the calibrator fields
 _OLD_CALIBRATOR_NAMES = {"enable_taylorseer": "enable_calibrator", "enable_encoder_taylorseer": "enable_encoder_calibrator",
@@ -35,9 +35,10 @@ def configs_from_fields(fields: dict, where: str):
              if k in _CALIBRATOR_FIELDS or k in _OLD_CALIBRATOR_NAMES}
     unknown = sorted(set(fields) - _CACHE_FIELDS - _CALIBRATOR_FIELDS - set(_OLD_CALIBRATOR_NAMES))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: the fields of DBCacheConfig and "
-                          "TaylorSeerCalibratorConfig")
-    return (DBCacheConfig().empty(**cache) if cache else None,
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: the fields of DBCacheConfig (DBPruneConfig) "
+                          "and TaylorSeerCalibratorConfig")
+    config_class = DBPruneConfig if set(cache) & set(PRUNE_FIELDS) else DBCacheConfig
+    return (config_class().empty(**cache) if cache else None,
             TaylorSeerCalibratorConfig().empty(**calib) if calib else None)
 
 
