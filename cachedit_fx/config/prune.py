@@ -43,10 +43,11 @@ class DBPruneConfig(DBCacheConfig):
         self.non_prune_block_ids = sorted(set(ids))
         if self.per_sample:
             fail("per_sample", "False for DBPrune (cache-dit prunes per call, not per sample)", self.per_sample)
-        if self.enable_separate_cfg is True and not self.cfg_diff_compute_separate:
+        if self.enable_separate_cfg is True and not self.cfg_diff_compute_separate and not self.cfg_compute_first:
             # cache-dit 1.5.3 raises a TypeError at the first CFG call there (a list compared with a float).
-            fail("cfg_diff_compute_separate", "True for DBPrune with enable_separate_cfg=True (each block's diff "
-                 "is its own; cache-dit 1.5.3 fails on this combination too)", self.cfg_diff_compute_separate)
+            fail("cfg_diff_compute_separate", "True for DBPrune with enable_separate_cfg=True and cfg_compute_first="
+                 "False (each block's diff is its own; cache-dit 1.5.3 fails on this combination)",
+                 self.cfg_diff_compute_separate)
 
     def prunable(self, n_blocks: int) -> list[int]:
         """The indices of the blocks of a chain of ``n_blocks`` that may be pruned: all but the first
