@@ -4,7 +4,9 @@ relative), over two requests with a ``refresh_context`` between (the second with
 
 The tiny Flux (its 4 double + 4 single blocks are one chain of 8 for both), a hand-written DiT of one list
 (pattern 3) and one with a text stream (pattern 1) through cache-dit's BlockAdapter, on the graph path and
-the eager cache. Skipped without cache-dit (``pip install --no-deps cache-dit==1.5.3``).
+the eager cache; and the tiny Flux compiled with aot_eager, where the same script gives one graph, no
+break, no recompile across requests, and one host read per prunable block per call (each block's cond
+predicate, nothing else). Skipped without cache-dit (``pip install --no-deps cache-dit==1.5.3``).
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import cachedit_fx
 from cachedit_fx import zoo
+from cachedit_fx.install.hook import cache_hook
 
+from tests.helpers.host_reads import CountHostReads, host_read_nodes
 from tests.helpers.tinydit import euler, joint_dit, latent, tiny
 
 os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "1")  # cache-dit's default: Flux as one chain
@@ -145,6 +150,62 @@ def test_flux_prune_matches_cache_dit(flux, case):
     theirs = run_requests(reference, copy.deepcopy(transformer), loop, cache, second)
     ours = run_requests(cachedit_fx, copy.deepcopy(transformer), loop, cache, second, compile=False)
     assert_same(theirs, ours)
+
+
+def _spy_inner(seen: dict):
+    """An inner compiler: aot_eager, keeping the Dynamo-level graph and the aten forward, and running each
+    call under ``CountHostReads`` (its reads per call in ``seen["reads"]``)."""
+    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+    def fw(gm, example_inputs):
+        seen["aten"].append(gm)
+        return boxed_nop(gm, example_inputs)
+
+    def inner(gm, example_inputs):
+        seen["dynamo"].append(gm)
+        compiled = aot_eager(gm, example_inputs, fw_compiler=fw)
+
+        def run(*args):
+            with CountHostReads() as mode:
+                out = compiled(*args)
+            seen["reads"].append(dict(mode.ops))
+            return out
+        return run
+
+    return inner
+
+
+@pytest.mark.slow
+def test_compiled_flux_one_graph_and_a_read_per_prunable_block(flux):
+    """The cache-dit script compiled (aot_eager): cache-dit's pruned steps and outputs, one Dynamo graph and
+    one inner compile for both requests (refresh_context changes a number), no graph break, no recompile;
+    the graphs read the host only in the conds, one per prunable block (7 of the 8 blocks at F1B0), so a
+    call makes 7 host reads whatever it prunes."""
+    transformer, inputs, _ = flux
+    cache, _ = FLUX_CASES["thr0.3_W2"]
+
+    def loop(model):
+        return zoo.denoise(model, "flux", inputs, num_steps=STEPS)[1]
+
+    second = dict(residual_diff_threshold=0.45)
+    theirs = run_requests(reference, copy.deepcopy(transformer), loop, cache, second)
+    seen: dict = {"dynamo": [], "aten": [], "reads": []}
+    counters.clear()
+    model = copy.deepcopy(transformer)
+    ours = run_requests(cachedit_fx, model, loop, cache, second, inner=_spy_inner(seen))
+    assert_same(theirs, ours)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
+    assert len(seen["dynamo"]) == len(seen["aten"]) == 1 and len(cache_hook(model).handle.graphs) == 1
+    prunable = len(cachedit_fx.DBPruneConfig(**cache).prunable(8))
+    for kind in ("dynamo", "aten"):
+        gm = seen[kind][0]
+        assert not host_read_nodes(gm), f"the {kind} graph reads the host: {host_read_nodes(gm)}"
+        conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+        assert len(conds) == prunable == 7, f"{kind}: {len(conds)} conds"
+    assert len(seen["reads"]) == 2 * STEPS
+    for ops in seen["reads"]:
+        assert ops["cond_predicate"] == prunable and sum(ops.values()) - ops["cond_predicate"] == ops["dispatched"], ops
 
 
 # ----------------------------------------------------------------------------- hand-written DiTs
