@@ -50,7 +50,32 @@ class _Call:
         return self.pre is not None and bool(self.pre.pred)
 
 
-class EagerCache:
+class BlockHooks:
+    """Each block of ``self.blocks`` with its forward wrapped by the subclass's ``_wrap(i, block)``, and the
+    transformer call in flight (``self.call``, a ``call_type`` the transformer's hook starts and ends)."""
+
+    call_type: type = _Call
+
+    def hook_blocks(self) -> None:
+        """Start with no call in flight and no state; wrap every block's forward."""
+        self.call = self.call_type()
+        self._chains: dict[tuple, CachedChain] = {}
+        for i, block in enumerate(self.blocks):
+            block.forward = self._wrap(i, block)
+
+    def uninstall(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self._chains.clear()
+
+    def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
+        self.call = self.call_type(timestep=timestep, latent=latent, active=True)
+
+    def end(self) -> None:
+        self.call = self.call_type()
+
+
+class EagerCache(BlockHooks):
     """Hooks on one block list that cache its middle blocks; states per input shape, in ``handle``."""
 
     def __init__(self, blocks: torch.nn.ModuleList, path: str, handle: CacheHandle, separate_cfg: SeparateCFG,
@@ -65,26 +90,12 @@ class EagerCache:
         self.blocks, self.path, self.handle, self.separate_cfg = blocks, path, handle, separate_cfg
         self.last_fn, self.first_mid, self.last_mid = fn - 1, fn, n - bn - 1
         self.pattern, self.group = pattern, group
-        self.call = _Call()
-        self._chains: dict[tuple, CachedChain] = {}
         cls = type(blocks[0])
         self._signature = inspect.signature(cls.forward)
         self._h_name = list(self._signature.parameters)[1]
         self._order = list(pattern.Out) if pattern is not None else None
         self._source_order = return_order(cls)
-        for i, block in enumerate(blocks):
-            block.forward = self._wrap(i, block)
-
-    def uninstall(self) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)
-        self._chains.clear()
-
-    def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
-        self.call = _Call(timestep=timestep, latent=latent, active=True)
-
-    def end(self) -> None:
-        self.call = _Call()
+        self.hook_blocks()
 
     # ------------------------------------------------------------------ streams
 

@@ -24,6 +24,7 @@ from ..runtime.handle import CacheHandle, CachedChain, CompiledGraph
 from ..runtime.layout import ChainAbout
 from ..runtime.prune import begin, block_post, block_pre, computed_block, pruned_block
 from ..runtime.prune_layout import PrunedBlock, prune_layout
+from .eager import BlockHooks
 
 _E = "encoder_hidden_states"
 
@@ -38,8 +39,10 @@ class _Call:
     active: bool = False
 
 
-class EagerPrune:
+class EagerPrune(BlockHooks):
     """Hooks on one block list that prune its blocks (DBPrune); states per input shape, in ``handle``."""
+
+    call_type = _Call
 
     def __init__(self, blocks: torch.nn.ModuleList, path: str, handle: CacheHandle, separate_cfg: SeparateCFG,
                  pattern: ForwardPattern | None = None, group: str | None = None):
@@ -61,21 +64,7 @@ class EagerPrune:
                                    "skip a block whose output continues none of its inputs")
         self.blocks, self.path, self.handle, self.separate_cfg, self.pattern = blocks, path, handle, separate_cfg, \
             pattern
-        self.call = _Call()
-        self._chains: dict[tuple, CachedChain] = {}
-        for i, block in enumerate(blocks):
-            block.forward = self._wrap(i, block)
-
-    def uninstall(self) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)
-        self._chains.clear()
-
-    def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
-        self.call = _Call(timestep=timestep, latent=latent, active=True)
-
-    def end(self) -> None:
-        self.call = _Call()
+        self.hook_blocks()
 
     def _wrap(self, i: int, block: torch.nn.Module):
         original = block.forward

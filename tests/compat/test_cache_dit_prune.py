@@ -11,8 +11,6 @@ predicate, nothing else). Skipped without cache-dit (``pip install --no-deps cac
 from __future__ import annotations
 
 import copy
-import logging
-import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,17 +21,13 @@ import cachedit_fx
 from cachedit_fx import zoo
 from cachedit_fx.install.hook import cache_hook
 
+from tests.helpers.differential import assert_outputs_within, flux_with_uncond, import_cache_dit
 from tests.helpers.host_reads import CountHostReads, host_read_nodes
 from tests.helpers.tinydit import euler, joint_dit, latent, tiny
 
-os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "1")  # cache-dit's default: Flux as one chain
-reference = pytest.importorskip("cache_dit", reason="cache-dit 1.5.3 (pip install --no-deps cache-dit==1.5.3)")
-for _name in list(logging.root.manager.loggerDict):
-    if _name.startswith("cache_dit"):
-        logging.getLogger(_name).setLevel(logging.ERROR)
+reference = import_cache_dit()
 
 STEPS = 8
-REL_TOL = 1e-5
 
 
 @dataclass
@@ -74,10 +68,6 @@ def run_requests(lib, model, loop, cache: dict, second: dict, target=None, **kwa
     return requests
 
 
-def _flat(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
-
-
 def assert_same(theirs: list[Request], ours: list[Request]) -> None:
     for r, (t, o) in enumerate(zip(theirs, ours)):
         where = f"request {r}"
@@ -92,11 +82,7 @@ def assert_same(theirs: list[Request], ours: list[Request]) -> None:
                 assert len(mine[step]) == len(values), (where, what, step, mine[step], values)
                 for a, b in zip(mine[step], values):
                     assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (where, what, step, mine[step], values)
-        assert len(o.outputs) == len(t.outputs)
-        for i, (a, b) in enumerate(zip(o.outputs, t.outputs)):
-            a, b = _flat(a).double(), _flat(b).double()
-            err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-            assert err <= REL_TOL, f"{where}: output of call {i} differs by {err:.3g} relative"
+        assert_outputs_within(o.outputs, t.outputs, where)
     assert any(r.pruned_steps or r.cfg_pruned_steps for r in theirs), "nothing pruned: the case tests nothing"
 
 
@@ -105,10 +91,7 @@ def assert_same(theirs: list[Request], ours: list[Request]) -> None:
 
 @pytest.fixture(scope="module")
 def flux():
-    transformer, inputs = zoo.build_transformer("flux")
-    g = torch.Generator().manual_seed(123)
-    uncond = {k: torch.randn(inputs[k].shape, generator=g) for k in ("encoder_hidden_states", "pooled_projections")}
-    return transformer, inputs, uncond
+    return flux_with_uncond()
 
 
 B = dict(Fn_compute_blocks=1, Bn_compute_blocks=0)
