@@ -92,6 +92,9 @@ def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
     return changed
 
 
-def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None) -> str:
-    """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator)."""
-    return f"{cache_config.strify()}_{calibrator_config.strify() if calibrator_config is not None else 'T0O0'}"
+def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None,
+           pruned_ratio: float | None = None) -> str:
+    """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator); under DBPrune
+    with ``pruned_ratio`` (the last request's) ``_P<percent>`` follows the cache config's part."""
+    pruned = f"_P{round(pruned_ratio * 100, 2)}" if pruned_ratio is not None and is_prune(cache_config) else ""
+    return f"{cache_config.strify()}{pruned}_{calibrator_config.strify() if calibrator_config is not None else 'T0O0'}"

@@ -219,8 +219,8 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
 
 def strify(obj) -> str:
     """cache-dit's tag of each cached transformer (or of ``summary()``'s stats): its configs (``_CFG1`` when
-    it runs separate CFG) and the non-CFG cached steps of the last request (``_S<n>``, left out when none
-    cached), joined by commas. A transformer that has run no cached graph yet is tagged by its configs."""
+    it runs separate CFG; DBPrune's ``_P<pruned %>``) and the non-CFG cached steps of the last request
+    (``_S<n>``, left out when none cached), joined by commas. A transformer that has run no cached graph yet is tagged by its configs."""
     if isinstance(obj, CacheStats):
         obj = [obj]
     if isinstance(obj, list) and all(isinstance(s, CacheStats) for s in obj):  # summary()'s result
@@ -232,7 +232,8 @@ def strify(obj) -> str:
         if cache.enable_separate_cfg is None:
             cache = dataclasses.replace(cache, enable_separate_cfg=any(s.cfg_steps for s in stats))
         cached = sum(len(s.cached_steps) for s in stats)
-        parts.append(config_strify(cache, calib) + (f"_S{cached}" if cached else ""))
+        ratio = stats[0].pruned_ratio if stats else None
+        parts.append(config_strify(cache, calib, ratio) + (f"_S{cached}" if cached else ""))
     return ",".join(parts)
 
 

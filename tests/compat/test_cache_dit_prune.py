@@ -41,6 +41,7 @@ class Request:
     diffs: dict[str, list[float]]
     cfg_diffs: dict[str, list[float]]
     pruned_ratio: float | None
+    tag: str  # strify(model)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -64,7 +65,7 @@ def run_requests(lib, model, loop, cache: dict, second: dict, target=None, **kwa
             lib.refresh_context(model, **second)
         outputs = loop(model)
         stats = [copy.deepcopy(x) for x in _stats(lib, model)]
-        requests.append(Request(*stats, outputs=outputs))
+        requests.append(Request(*stats, lib.strify(model), outputs=outputs))
     return requests
 
 
@@ -76,6 +77,7 @@ def assert_same(theirs: list[Request], ours: list[Request]) -> None:
                                                          f"{getattr(o, name)}"
         assert (o.pruned_ratio is None) == (t.pruned_ratio is None) and \
             (t.pruned_ratio is None or abs(o.pruned_ratio - t.pruned_ratio) < 1e-12), (o.pruned_ratio, t.pruned_ratio)
+        assert o.tag == t.tag, f"{where}: strify, cache-dit {t.tag}, ours {o.tag}"
         for mine, their, what in ((o.diffs, t.diffs, "diffs"), (o.cfg_diffs, t.cfg_diffs, "CFG diffs")):
             assert sorted(mine) == sorted(their), f"{where}: {what} at steps {sorted(their)} (cache-dit), {sorted(mine)}"
             for step, values in their.items():
