@@ -1,4 +1,4 @@
-"""cachedit-fx: DBCache / TaylorSeer caching for Diffusion Transformers as a torch.compile graph pass.
+"""cachedit-fx: DBCache / TaylorSeer caching and DBPrune for Diffusion Transformers as a torch.compile graph pass.
 
 The names are cache-dit's, so ``import cachedit_fx as cache_dit`` runs a cache-dit script unchanged.
 The package is laid out as the pipeline: ``config`` and ``compat`` (what users write) -> ``capture`` and
@@ -14,7 +14,7 @@ from .compat.names import absent as _absent, cache_type
 from .compat.patch_functor import PatchFunctor
 from .compat.register import BlockAdapterRegister
 from .compat.stats import CacheStats
-from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, ParallelismBackend, ParallelismConfig,
+from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, DBPruneConfig, ParallelismBackend, ParallelismConfig,
                      QuantizeBackend, QuantizeConfig, SeparateCFG, TaylorSeerCalibratorConfig)
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
@@ -30,7 +30,7 @@ get_adapter = BlockAdapterRegister.get_adapter
 
 __all__ = [
     "BasicCacheConfig", "BlockAdapter", "BlockAdapterRegister", "CacheStats", "CacheType", "CacheditError",
-    "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "DBPrune", "ExportError", "ForwardPattern",
+    "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "DBPrune", "DBPruneConfig", "ExportError", "ForwardPattern",
     "MissingDependency", "NONE", "NoCacheableChain", "ParallelismBackend", "ParallelismConfig", "ParamsModifier",
     "PatchFunctor", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4", "Pattern_5", "QuantizeBackend",
     "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "block_range", "cache_type", "disable_cache",

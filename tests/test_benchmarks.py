@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling")
+SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling",
+           "prune_forms")
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -65,3 +66,17 @@ def test_peers_quick_same_decisions(runs):
         peers = [r for m, r in rows.items() if m.startswith("cache-dit 1.5.3 + ")]
         assert len(peers) == (2 if data["cache_dit"] else 0), name
         assert all(r["cached steps"] == want for r in peers), name
+
+
+def test_prune_forms_quick_counts(runs):
+    """DBPrune's two forms on the tiny Flux (F1B0: 7 prunable blocks): the cond form has one cond per
+    prunable block, the masked form none; both prune the same blocks (the script asserts the lists)."""
+    rc, _, path = runs["prune_forms"]
+    assert rc == 0
+    rows = json.loads(path.read_text())["rows"]
+    forms = {(f, i) for f in ("cond", "masked") for i in ("eager", "aot_eager")}
+    assert {(r["form"], r["inner"]) for r in rows} == forms
+    for r in rows:
+        assert r["conds"] == (7 if r["form"] == "cond" else 0), r
+        assert r["pruned blocks per step"] == str([0, 0, 7, 7, 7, 7, 0, 7]), r
+        assert r["max rel diff vs cond/eager"] <= 1e-5, r

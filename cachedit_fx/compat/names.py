@@ -40,7 +40,6 @@ ABSENT = {
     "CalibratorConfig": "the base of cache-dit's calibrators; cachedit-fx runs TaylorSeerCalibratorConfig only",
     "DMDCalibratorConfig": "the DMD (Prony) calibrator is not implemented; use TaylorSeerCalibratorConfig",
     "FoCaCalibratorConfig": "a placeholder in cache-dit itself (no FoCa calibrator runs there either)",
-    "DBPruneConfig": "Dynamic Block Prune is not implemented (cache_type=DBPrune is refused); use DBCacheConfig",
     "ENV": "cache-dit's environment settings; the few CACHE_DIT_* switches that matter here are read where used",
     "LayerwiseOffloadHandle": _OFFLOAD, "LayerwiseOffloadHandleGroup": _OFFLOAD, "layerwise_offload": _OFFLOAD,
     "layerwise_cpu_offload": _OFFLOAD, "get_layerwise_offload_handles": _OFFLOAD, "remove_layerwise_offload": _OFFLOAD,

@@ -6,12 +6,13 @@ from .choices import ChainPolicy, SeparateCFG
 from .fields import coerce, merged, structural_fields, validated
 from .parallelism import ParallelismBackend, ParallelismConfig
 from .quantize import QUANT_TYPES, QuantizeBackend, QuantizeConfig
+from .prune import PRUNE_FIELDS, DBPruneConfig, is_prune
 from .settings import (PassSettings, PinnedList, pass_settings, separate_cfg_mode, strify, structural_changes)
 
 __all__ = [
     "BasicCacheConfig", "CALIBRATOR_CACHE_TYPES", "CALIBRATOR_TYPES", "CacheType", "ChainPolicy", "DBCacheConfig",
-    "ParallelismBackend", "ParallelismConfig", "PassSettings", "PinnedList", "QUANT_TYPES", "QuantizeBackend",
+    "DBPruneConfig", "PRUNE_FIELDS", "ParallelismBackend", "ParallelismConfig", "PassSettings", "PinnedList", "QUANT_TYPES", "QuantizeBackend",
     "QuantizeConfig", "REFRESH_POLICIES", "STEPS_POLICIES", "SeparateCFG", "TaylorSeerCalibratorConfig",
-    "coerce", "merged", "pass_settings", "separate_cfg_mode", "strify", "structural_changes", "structural_fields",
+    "coerce", "is_prune", "merged", "pass_settings", "separate_cfg_mode", "strify", "structural_changes", "structural_fields",
     "validated",
 ]

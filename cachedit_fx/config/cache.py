@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from .fields import (ConfigBase, check_bool, check_choice, check_float, check_int, fail,
                      structural)
@@ -14,7 +14,8 @@ REFRESH_POLICIES = ("once", "repeat")
 
 
 class CacheType(enum.Enum):
-    """cache-dit's cache types; cachedit-fx runs DBCache (NONE leaves the model uncached)."""
+    """cache-dit's cache types: DBCache (``DBCacheConfig``), DBPrune (``DBPruneConfig``); NONE leaves the
+    model uncached."""
 
     NONE = "NONE"
     DBCache = "DBCache"
@@ -32,7 +33,7 @@ class CacheType(enum.Enum):
             found = {m.value.upper(): m for m in cls}.get(name.upper())
             if found is not None:
                 return found
-        fail(field, "CacheType.DBCache or CacheType.NONE ('DBCache' / 'NONE')", value)
+        fail(field, "CacheType.DBCache, CacheType.DBPrune or CacheType.NONE ('DBCache' / 'DBPrune' / 'NONE')", value)
 
 
 @dataclass
@@ -60,10 +61,25 @@ class DBCacheConfig(ConfigBase):
     force_refresh_step_policy: str = "once"
     per_sample: bool = structural(False)
 
+    # The cache types this config class runs (a DBPrune config is a DBPruneConfig, config/prune.py).
+    CACHE_TYPES: ClassVar[tuple[CacheType, ...]] = (CacheType.DBCache, CacheType.NONE)
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "DBCacheConfig":
+        """A config of the class (this one or a subclass) that runs ``fields["cache_type"]``: a dict with
+        ``cache_type="DBPrune"`` makes a ``DBPruneConfig``."""
+        kind = CacheType.parse(fields.get("cache_type", cls.cache_type))
+        for klass in (cls, *cls.__subclasses__()):
+            if kind in klass.CACHE_TYPES:
+                return klass(**fields)
+        return cls(**fields)  # __post_init__ names the allowed types
+
     def __post_init__(self) -> None:
         self.cache_type = CacheType.parse(self.cache_type)
-        if self.cache_type is CacheType.DBPrune:
-            fail("cache_type", "CacheType.DBCache or CacheType.NONE (DBPrune is not supported)", self.cache_type)
+        if self.cache_type not in self.CACHE_TYPES:
+            allowed = " or ".join(f"CacheType.{t.value}" for t in self.CACHE_TYPES)
+            hint = " (DBPrune: use DBPruneConfig)" if self.cache_type is CacheType.DBPrune else ""
+            fail("cache_type", f"{allowed} for {type(self).__name__}{hint}", self.cache_type)
         check_int("Fn_compute_blocks", self.Fn_compute_blocks, 1)
         check_int("Bn_compute_blocks", self.Bn_compute_blocks, 0)
         check_float("residual_diff_threshold", self.residual_diff_threshold)

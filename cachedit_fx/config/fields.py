@@ -76,16 +76,26 @@ def _check_names(cls: type, fields: dict, where: str) -> None:
 
 
 def merged(base, override):
-    """``base`` with ``override``'s changes applied (neither is modified); ``base`` when no override."""
+    """``base`` with ``override``'s changes applied (neither is modified); ``base`` when no override.
+
+    A full override may be of another config class (a ``DBPruneConfig`` over a ``DBCacheConfig``): the
+    result is of its class, with the base's values for the fields both have. A partial override keeps the
+    base's class; a field that class does not have is a ``ConfigError``."""
     if override is None:
         return base
     if base is None:
         return dataclasses.replace(override)
-    out = dataclasses.replace(base)
-    for name, value in override.changes().items():
-        setattr(out, name, value)
-    out.__post_init__()
-    return out
+    partial = getattr(override, "_given", None) is not None
+    cls = type(base) if partial else type(override)
+    names = {f.name for f in dataclasses.fields(cls)}
+    changes = override.changes()
+    foreign = sorted(set(changes) - names)
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)}: not field(s) of {cls.__name__}, the config in force; give a full "
+                          f"{type(override).__name__} to change the config class")
+    values = {name: getattr(base, name) for name in names if hasattr(base, name)}
+    values.update(changes)
+    return cls(**values)
 
 
 def coerce(value: Any, cls: type, field: str):
@@ -95,11 +105,15 @@ def coerce(value: Any, cls: type, field: str):
     if isinstance(value, cls):
         return value
     if isinstance(value, dict):
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for klass in (cls, *cls.__subclasses__()) for f in dataclasses.fields(klass)}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ConfigError(f"{field}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**value)
+        try:
+            # a class may pick a subclass from the fields (DBCacheConfig does, by cache_type)
+            return cls.from_fields(value) if hasattr(cls, "from_fields") else cls(**value)
+        except TypeError as e:  # a subclass's field given for the base class
+            raise ConfigError(f"{field}: {e}") from None
     raise ConfigError(f"{field} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 

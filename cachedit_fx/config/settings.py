@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ConfigError
 from .cache import DBCacheConfig
 from .calibrator import TaylorSeerCalibratorConfig
 from .choices import ChainPolicy, SeparateCFG
 from .fields import coerce, structural_fields, validated
+from .prune import is_prune
 
 if TYPE_CHECKING:
     from ..compat.forward_pattern import ForwardPattern
@@ -41,6 +43,9 @@ class PassSettings:
     device: torch.device | None = None
     pinned: tuple[PinnedList, ...] = ()
     group: str | None = None  # the process group sharding the sequence, by name; None: found from the graph
+    # DBPrune's graph form: "cond" (a torch.cond per prunable block) or "masked" (every block runs, the
+    # result is selected); benchmarks/prune_forms.py measures the two, docs/architecture.md says why "cond".
+    prune_form: str = "cond"
 
 
 def separate_cfg_mode(value: Any, field: str = "separate_cfg", on_pipeline: bool = False) -> SeparateCFG:
@@ -66,6 +71,9 @@ def pass_settings(cache_config, calibrator_config=None, separate_cfg: Any = data
     """
     cache = validated(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig())
     calib = validated(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"))
+    if is_prune(cache) and calib is not None:
+        raise ConfigError("calibrator_config must be None with DBPruneConfig: cachedit-fx prunes by reusing each "
+                          f"block's last residual and forecasts nothing per block (got {type(calib).__name__})")
     separate = cache.enable_separate_cfg if separate_cfg is dataclasses.MISSING else separate_cfg
     return PassSettings(cache, calib, separate_cfg_mode(separate), ChainPolicy.parse(chains, "chains"), device,
                         tuple(pinned), group)
@@ -75,7 +83,8 @@ def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
                        old_calib: TaylorSeerCalibratorConfig | None = None,
                        new_calib: TaylorSeerCalibratorConfig | None = None) -> list[str]:
     """The fields that differ and are compiled into the graph (a change needs a new compile)."""
-    changed = [f for f in structural_fields(old_cache) if getattr(old_cache, f) != getattr(new_cache, f)]
+    fields = dict.fromkeys([*structural_fields(old_cache), *structural_fields(new_cache)])  # configs of two classes
+    changed = [f for f in fields if getattr(old_cache, f, None) != getattr(new_cache, f, None)]
     if (old_calib is None) != (new_calib is None) or type(old_calib) is not type(new_calib):
         changed.append("calibrator_config")
     elif old_calib is not None:
@@ -83,6 +92,9 @@ def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
     return changed
 
 
-def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None) -> str:
-    """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator)."""
-    return f"{cache_config.strify()}_{calibrator_config.strify() if calibrator_config is not None else 'T0O0'}"
+def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None,
+           pruned_ratio: float | None = None) -> str:
+    """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator); under DBPrune
+    with ``pruned_ratio`` (the last request's) ``_P<percent>`` follows the cache config's part."""
+    pruned = f"_P{round(pruned_ratio * 100, 2)}" if pruned_ratio is not None and is_prune(cache_config) else ""
+    return f"{cache_config.strify()}{pruned}_{calibrator_config.strify() if calibrator_config is not None else 'T0O0'}"

@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from ..capture import islands
 from ..capture.dynamo import capture
-from ..config import pass_settings
+from ..config import is_prune, pass_settings
 from ..errors import ExportError
 from ..passes import apply
 from ..runtime.ranks import chains_group
@@ -89,6 +89,9 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     settings = pass_settings(cache_config, calibrator_config,
                              dataclasses.MISSING if separate_cfg is None else separate_cfg, chains)
     cache, calib = settings.cache_config, settings.calibrator_config
+    if is_prune(cache):
+        raise ExportError("export: cache_config is a DBPruneConfig; export packages DBCache (cache_type=DBCache) "
+                          "only: serve DBPrune with enable_cache or torch.compile(backend='cachedit')")
     params = callspec.record_signature(transformer.forward)
     call = callspec.canonical_call(params, tuple(example_args), dict(example_kwargs or {}))
     marked, spec = shapes.mark_dynamic(call, dynamic_shapes)

@@ -15,8 +15,8 @@ import torch
 from ..compat.adapter import BlockAdapter
 from ..compat.register import BlockAdapterRegister
 from ..compat.stats import CacheStats
-from ..config import (CacheType, DBCacheConfig, TaylorSeerCalibratorConfig, coerce, merged, strify as config_strify,
-                      structural_changes)
+from ..config import (PRUNE_FIELDS, CacheType, DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig, coerce,
+                      merged, strify as config_strify, structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle, handles_for, last_request
 from ..runtime.stats import cache_stats, collect, plot_diffs, render_stats
@@ -25,7 +25,7 @@ from .hook import CacheHook, cache_hook, install, uninstall
 from .parallel import set_attention_backend
 
 TRANSFORMER_ATTRS = ("transformer", "transformer_2")
-_CACHE_FIELDS = {f.name for f in dataclasses.fields(DBCacheConfig)}
+_CACHE_FIELDS = {f.name for f in dataclasses.fields(DBPruneConfig)}  # DBCacheConfig's and DBPrune's own
 _CALIBRATOR_FIELDS = {f.name for f in dataclasses.fields(TaylorSeerCalibratorConfig)}
 # cache-dit's older keyword spellings of the calibrator fields
 _OLD_CALIBRATOR_NAMES = {"enable_taylorseer": "enable_calibrator", "enable_encoder_taylorseer": "enable_encoder_calibrator",
@@ -38,9 +38,10 @@ def configs_from_fields(fields: dict, where: str):
              if k in _CALIBRATOR_FIELDS or k in _OLD_CALIBRATOR_NAMES}
     unknown = sorted(set(fields) - _CACHE_FIELDS - _CALIBRATOR_FIELDS - set(_OLD_CALIBRATOR_NAMES))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: the fields of DBCacheConfig and "
-                          "TaylorSeerCalibratorConfig")
-    return (DBCacheConfig().empty(**cache) if cache else None,
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: the fields of DBCacheConfig (DBPruneConfig) "
+                          "and TaylorSeerCalibratorConfig")
+    config_class = DBPruneConfig if set(cache) & set(PRUNE_FIELDS) else DBCacheConfig
+    return (config_class().empty(**cache) if cache else None,
             TaylorSeerCalibratorConfig().empty(**calib) if calib else None)
 
 
@@ -241,8 +242,8 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
 
 def strify(obj) -> str:
     """cache-dit's tag of each cached transformer (or of ``summary()``'s stats): its configs (``_CFG1`` when
-    it runs separate CFG) and the non-CFG cached steps of the last request (``_S<n>``, left out when none
-    cached), joined by commas. A transformer that has run no cached graph yet is tagged by its configs."""
+    it runs separate CFG; DBPrune's ``_P<pruned %>``) and the non-CFG cached steps of the last request
+    (``_S<n>``, left out when none cached), joined by commas. A transformer that has run no cached graph yet is tagged by its configs."""
     if isinstance(obj, CacheStats):
         obj = [obj]
     if isinstance(obj, list) and all(isinstance(s, CacheStats) for s in obj):  # summary()'s result
@@ -254,7 +255,8 @@ def strify(obj) -> str:
         if cache.enable_separate_cfg is None:
             cache = dataclasses.replace(cache, enable_separate_cfg=any(s.cfg_steps for s in stats))
         cached = sum(len(s.cached_steps) for s in stats)
-        parts.append(config_strify(cache, calib) + (f"_S{cached}" if cached else ""))
+        ratio = stats[0].pruned_ratio if stats else None
+        parts.append(config_strify(cache, calib, ratio) + (f"_S{cached}" if cached else ""))
     return ",".join(parts)
 
 

@@ -7,11 +7,12 @@ import warnings
 
 import torch
 
-from ..config import PinnedList
+from ..config import PinnedList, is_prune
 from ..errors import ConfigError, NoCacheableChain
 from ..runtime import ranks
 from .calls import call_inputs
 from .eager import BlockList, EagerCache
+from .eager_prune import EagerPrune
 from .modes import InstallState, Mode
 
 
@@ -41,7 +42,7 @@ class EagerSwitch:
 
     def __init__(self, state: InstallState, pinned: tuple[PinnedList, ...]):
         self.state, self.pinned = state, pinned
-        self.cache: EagerCache | None = None
+        self.cache: EagerCache | EagerPrune | None = None
 
     def start(self, path: str | None, reason: str | None) -> None:
         """Cache the chain from the block list at ``path`` (the pinned lists, else the largest list and
@@ -56,8 +57,13 @@ class EagerSwitch:
         if group is not None:
             ranks.check_same_config(group, handle.cache_config, handle.calibrator_config)
         try:
-            self.cache = EagerCache(chain_lists_from(module, path, self.pinned), handle,
-                                    state.options["separate_cfg"], group)
+            if is_prune(handle.cache_config):
+                pattern = self.pinned[0].pattern if self.pinned else None
+                self.cache = EagerPrune(module.get_submodule(path), path, handle, state.options["separate_cfg"],
+                                        pattern, group)
+            else:
+                self.cache = EagerCache(chain_lists_from(module, path, self.pinned), handle,
+                                        state.options["separate_cfg"], group)
         except NoCacheableChain as e:
             state.mode = Mode.UNCACHED
             warnings.warn(f"cachedit: {type(module).__name__} runs uncached: {e}", stacklevel=5)

@@ -20,7 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..backend import parse_options
-from ..config import CacheType, DBCacheConfig, PinnedList, TaylorSeerCalibratorConfig, separate_cfg_mode
+from ..config import CacheType, DBCacheConfig, PinnedList, TaylorSeerCalibratorConfig, is_prune, separate_cfg_mode
 from ..capture.dynamo import describe_break
 from ..errors import CacheditError, ConfigError
 from ..runtime.handle import CacheHandle
@@ -95,7 +95,8 @@ class CacheHook(ModelHook):
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         cache = self.handle.cache_config
         blocks = sum(len(m) for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2)
-        if cache.Fn_compute_blocks + cache.Bn_compute_blocks > blocks:  # no chain can be longer than all lists
+        # No chain can be longer than all lists (DBPrune, as cache-dit, prunes nothing then: one warning).
+        if cache.Fn_compute_blocks + cache.Bn_compute_blocks > blocks and not is_prune(cache):
             raise ConfigError(f"Fn_compute_blocks={cache.Fn_compute_blocks}, Bn_compute_blocks={cache.Bn_compute_blocks}: "
                               f"{type(module).__name__} has {blocks} blocks in all its block lists; need "
                               f"Fn + Bn <= the chain's length")

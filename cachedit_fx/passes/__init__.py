@@ -1,7 +1,8 @@
 """The cachedit pass pipeline, one entry for every caller (the backend, export, the graph report):
 
     find chains (blocks.py) -> classify (patterns.py) -> pick -> split (split.py) -> rewrite (rewrite.py)
-    -> sink (sink.py) -> flatten tensor-subclass cond operands (subclass.py)
+    -> sink (sink.py) -> flatten tensor-subclass cond operands (subclass.py);
+    DBPrune: ... -> pick -> a cond per prunable block (prune.py) -> sink -> flatten
 
 The analyses return data; the rewrite and the sink are the transforms, applied to a copy of the graph,
 so a graph the passes cannot handle comes back untouched with the reason (``PassResult.unmatched``).
@@ -14,17 +15,18 @@ import torch
 from torch.fx import GraphModule
 
 from ..capture.fx_facts import clone_graph_module
-from ..config import ChainPolicy, PassSettings
+from ..config import ChainPolicy, PassSettings, is_prune
 from ..errors import NoCacheableChain
 from .parallel import sequence_group
 from .patterns import ChainInfo, Unmatched, analyze
 from .pin import pin_chain
+from .prune import PrunedChain, rewrite_pruned
 from .rewrite import RewrittenChain, rewrite
 from .sink import sink_into_branches
 from .split import split_chain
 from .subclass import flatten_subclass_operands
 
-__all__ = ["PassResult", "RewrittenChain", "apply"]
+__all__ = ["PassResult", "PrunedChain", "RewrittenChain", "apply"]
 
 
 @dataclass
@@ -33,7 +35,7 @@ class PassResult:
     nothing was rewritten."""
 
     graph_module: GraphModule
-    chains: list[RewrittenChain] = field(default_factory=list)
+    chains: list[RewrittenChain | PrunedChain] = field(default_factory=list)
     unmatched: str | None = None
     # nodes of the graph moved into a cond branch, the only one that needs them (sink.py)
     moved_into_branches: list[str] = field(default_factory=list)
@@ -71,9 +73,15 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
         return PassResult(gm, unmatched=found.reason)
     cache = settings.cache_config
     try:
-        splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
-                  for info in pick_chains(work, found, settings)]
-        chains = rewrite(work, splits, settings, settings.group or sequence_group(work))
+        picked = pick_chains(work, found, settings)
+        group = settings.group or sequence_group(work)
+        if is_prune(cache):
+            if group is not None:  # cache-dit 1.5.3 raises for DBPrune with context parallelism too
+                raise NoCacheableChain(f"DBPrune runs in one process; this graph is sharded over {group}")
+            chains = rewrite_pruned(work, picked, settings)
+        else:
+            splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks) for info in picked]
+            chains = rewrite(work, splits, settings, group)
         moved = sink_into_branches(work)
         flattened = flatten_subclass_operands(work)  # after sink, which moves weight reads into branches
     except NoCacheableChain as e:

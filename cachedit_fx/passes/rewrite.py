@@ -37,7 +37,7 @@ def inline(graph: torch.fx.Graph, sub: GraphModule, args) -> list[Node]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
+def cond_branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
     """A flat cond branch returning fresh tensors: branch outputs must not alias operands or each other
     (Flux single blocks return slices). It holds no submodules, so torch.export can trace it, except the
     subgraphs a higher-order op in ``segment`` reads (flex_attention's score_mod), copied from it."""
@@ -60,7 +60,7 @@ def _n_outputs(layout: ChainLayout) -> int:
 def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body) -> GraphModule:
     """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
     (a step.py function returning a :class:`BranchOut`), whose flattened outputs the branch returns."""
-    flat = _named(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}")
+    flat = named_function(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}")
     n_step = len(_STEP_OPERANDS)
 
     def graph_body(g, ops):
@@ -68,7 +68,7 @@ def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, 
         out = g.call_function(flat, body(g, mid, step_ops, stored))
         return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
 
-    return _branch(n_in + n_step + len(layout.stored_names()), graph_body, segment)
+    return cond_branch(n_in + n_step + len(layout.stored_names()), graph_body, segment)
 
 
 def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int) -> GraphModule:
@@ -142,7 +142,7 @@ def _(x):
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
-def _own_buffer(node: Node, add) -> Node:
+def own_buffer(node: Node, add) -> Node:
     """A cond operand that a ``cat`` also reads, as a copy in a buffer of its own. Inductor lowers such
     a value straight into a slice of the cat's output and hands the cond that strided view, while the
     branches were compiled for a dense operand (HiDream's double->single glue). A ``clone`` would be
@@ -155,9 +155,22 @@ def _own_buffer(node: Node, add) -> Node:
     return node
 
 
-def _named(fn, name):
+def named_function(fn, name):
     fn.__name__ = fn.__qualname__ = name
     return fn
+
+
+def state_placeholders(gm: GraphModule, idx: int, names: list[str], tensors: list[torch.Tensor]) -> list[Node]:
+    """Chain ``idx``'s state tensors as placeholders after the graph's own inputs: the caller passes them on
+    every call (the backend appends them to the inputs)."""
+    graph = gm.graph
+    first_compute = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first_compute):
+        nodes = [graph.placeholder(f"cachedit_state_{idx}_{n}") for n in names]
+    for node, tensor in zip(nodes, tensors):
+        node.meta["example_value"] = tensor
+        node._dynamo_source = None  # caller-owned state, not a user input Dynamo guards on
+    return nodes
 
 
 def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSettings,
@@ -181,12 +194,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_in))
 
     graph = gm.graph
-    first_compute = next(n for n in graph.nodes if n.op != "placeholder")
-    with graph.inserting_before(first_compute):
-        state_nodes = [graph.placeholder(f"cachedit_state_{idx}_{n}") for n in layout.names()]
-    for node, tensor in zip(state_nodes, state.ordered()):
-        node.meta["example_value"] = tensor
-        node._dynamo_source = None  # caller-owned state, not a user input Dynamo guards on
+    state_nodes = state_placeholders(gm, idx, layout.names(), state.ordered())
     k = len(split.middle_outputs)
     inserted: list[Node] = []
 
@@ -198,8 +206,9 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
         inserted.append(node)
         return node
 
-    pre_fn = _named(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st), f"cachedit_pre_step_{idx}")
-    post_fn = _named(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
+    pre_fn = named_function(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st),
+                            f"cachedit_pre_step_{idx}")
+    post_fn = named_function(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
     pre = add("call_function", pre_fn, (fn_res, timestep, latent, *state_nodes))
 
@@ -210,7 +219,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     step_operands = [fn_res, *(field(n) for n in _STEP_OPERANDS[1:])]
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
-    operands = (*[_own_buffer(i, add) for i in split.middle_inputs], *step_operands,
+    operands = (*[own_buffer(i, add) for i in split.middle_inputs], *step_operands,
                 *(by_name[n] for n in layout.stored_names()))
     cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
     final = [add("call_function", operator.getitem, (cond, i)) for i in range(_n_outputs(layout))]

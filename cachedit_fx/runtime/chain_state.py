@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DBCacheConfig
-from .layout import ChainLayout, params_from_config
+from .layout import ChainLayout
 
 
 class ChainState:
@@ -19,9 +19,9 @@ class ChainState:
 
     def configure(self, cache_config: DBCacheConfig) -> None:
         """Load the request-level numbers (threshold, warmup, mask ...) without touching the graph."""
-        params, mask = params_from_config(cache_config)
-        self.tensors["params"].copy_(torch.tensor(params, dtype=torch.float64))
-        self.tensors["mask"].copy_(torch.tensor(mask, dtype=torch.int8))
+        for name, values in self.layout.configured(cache_config).items():
+            tensor = self.tensors[name]
+            tensor.copy_(torch.tensor(values, dtype=tensor.dtype))
 
     def reset(self) -> None:
         for f in self.layout.fields():

@@ -96,23 +96,9 @@ class ChainLayout:
         """The state table, in the order the graph takes the tensors. Reference and ladders keep their
         values when cleared on device: ``has_ref`` / ``ladder_len`` say they are stale."""
         nb, s, cap, f64, i64 = self.n_branches, self.slots, self.capacity, torch.float64, torch.int64
-        never, request, context = Clear.NEVER, Clear.REQUEST, Clear.CONTEXT
-        table = [
+        never, context = Clear.NEVER, Clear.CONTEXT
+        table = request_rows(self) + [
             # name           shape                 dtype          reset()    cleared on device by
-            ("params",       (len(PARAM_NAMES),),  f64,           None,      never),
-            ("mask",         (cap,),               torch.int8,    None,      never),
-            ("last_t",       (1,),                 f64,           -math.inf, never),
-            ("t_dir",        (1,),                 f64,           0.0,       never),
-            ("branch_hint",  (1,),                 i64,           -1,        never),
-            ("last_dt",      (1,),                 f64,           0.0,       never),
-            ("rate",         (1,),                 f64,           0.0,       never),
-            ("prev_latent",  self.latent_shape or (0,), self.latent_dtype, 0.0, never),
-            ("latent_seen",  (1,),                 torch.bool,    False,     never),
-            ("refreshes",    (1,),                 i64,           0,         request),
-            ("calls_total",  (1,),                 i64,           0,         context),
-            ("calls",        (nb,),                i64,           0,         context),
-            ("cached_count", (nb, s),              i64,           0,         context),
-            ("run",          (nb, s),              i64,           0,         context),
             ("ladder_len",   (nb, s),              i64,           0,         context),
             ("last_computed", (nb, s),             i64,           0,         context),
             ("has_ref",      (nb, s),              torch.bool,    False,     context),
@@ -126,6 +112,11 @@ class ChainLayout:
         table += [(f"ladder_{k}", (nb, st.ladder, *st.shape), st.dtype, 0.0, never)
                   for k, st in enumerate(self.streams)]
         return [StateField(*row) for row in table]
+
+    def configured(self, cache_config: DBCacheConfig) -> dict[str, list]:
+        """The values of the fields a config loads (``initial`` None): the request-level numbers."""
+        params, mask = params_from_config(cache_config)
+        return {"params": params, "mask": mask}
 
     @property
     def ladder(self) -> int:
@@ -162,6 +153,32 @@ class ChainLayout:
         return cls(**{**d, "fn_shape": tuple(d["fn_shape"]), "fn_dtype": _dtype(d["fn_dtype"]), "streams": streams,
                       "branch_by": BranchBy(d["branch_by"]), "latent_shape": latent,
                       "latent_dtype": _dtype(d["latent_dtype"])})
+
+
+def request_rows(layout) -> list[tuple]:
+    """The first rows of every layout's state table (``(name, shape, dtype, reset(), clear)`` each): the
+    request-level numbers, what tells requests and CFG branches apart, the call counters and the
+    cached-step counters. ``layout``: anything with ``n_branches``, ``slots``, ``capacity``,
+    ``latent_shape`` and ``latent_dtype``."""
+    nb, s, cap, f64, i64 = layout.n_branches, layout.slots, layout.capacity, torch.float64, torch.int64
+    never, request, context = Clear.NEVER, Clear.REQUEST, Clear.CONTEXT
+    return [
+        # name           shape                 dtype          reset()    cleared on device by
+        ("params",       (len(PARAM_NAMES),),  f64,           None,      never),
+        ("mask",         (cap,),               torch.int8,    None,      never),
+        ("last_t",       (1,),                 f64,           -math.inf, never),
+        ("t_dir",        (1,),                 f64,           0.0,       never),
+        ("branch_hint",  (1,),                 i64,           -1,        never),
+        ("last_dt",      (1,),                 f64,           0.0,       never),
+        ("rate",         (1,),                 f64,           0.0,       never),
+        ("prev_latent",  layout.latent_shape or (0,), layout.latent_dtype, 0.0, never),
+        ("latent_seen",  (1,),                 torch.bool,    False,     never),
+        ("refreshes",    (1,),                 i64,           0,         request),
+        ("calls_total",  (1,),                 i64,           0,         context),
+        ("calls",        (nb,),                i64,           0,         context),
+        ("cached_count", (nb, s),              i64,           0,         context),
+        ("run",          (nb, s),              i64,           0,         context),
+    ]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -12,6 +12,7 @@ from ..compat.stats import CacheStats
 from ..errors import MissingDependency
 from .algorithm import GATE_NAMES
 from .handle import CacheHandle
+from .prune_layout import PruneLayout
 
 
 @dataclass
@@ -59,6 +60,9 @@ def cache_stats(handle: CacheHandle, transformer: str, only=None) -> list[CacheS
            for g in graphs if g.unmatched]
     cfg_branch = 0 if handle.cache_config.cfg_compute_first else 1  # the CFG (uncond) call's state set
     for chain in (c for g in graphs for c in g.chains):
+        if isinstance(chain.layout, PruneLayout):
+            out.append(_prune_cache_stats(chain, cfg_branch, options, transformer))
+            continue
         by_branch = {s.branch: s for s in _chain_stats(chain)}
         cached, diffs, gates = _branch_fields(by_branch.get(1 - cfg_branch))
         cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(cfg_branch))
@@ -73,6 +77,44 @@ def cache_stats(handle: CacheHandle, transformer: str, only=None) -> list[CacheS
     return out
 
 
+def _prune_logs(chain) -> list[dict]:
+    """Per CFG branch that ran: its steps' pruned block counts, each block's recorded diff and gate."""
+    t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "pruned_log", "block_diff_log", "block_gate_log")}
+    called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
+    out = []
+    for b, steps in enumerate(called):
+        gates = t["block_gate_log"][b, :steps].tolist()
+        recorded = [[float(d) for d, g in zip(row, gate) if g >= 8] for row, gate in
+                    zip(t["block_diff_log"][b, :steps].tolist(), gates)]
+        out.append(dict(steps=steps, pruned=[int(n) for n in t["pruned_log"][b, :steps]], recorded=recorded,
+                        gates=["/".join(dict.fromkeys(GATE_NAMES.get(g, "-") for g in row)) for row in gates]))
+    return out
+
+
+def _prune_cache_stats(chain, cfg_branch: int, options: dict, transformer: str) -> CacheStats:
+    """cache-dit's DBPrune statistics of one chain: a step is cached (pruned) when a block was pruned in it;
+    ``residual_diffs`` maps a step to the diffs its blocks recorded."""
+    logs = _prune_logs(chain)
+    empty = dict(steps=0, pruned=[], recorded=[], gates=[])
+    branch, cfg = logs[1 - cfg_branch] if len(logs) > 1 else logs[0], logs[cfg_branch] if len(logs) > 1 else empty
+    fields = {}
+    for prefix, log in (("", branch), ("cfg_", cfg)):
+        actual = [chain.layout.n_blocks] * log["steps"]
+        fields.update({
+            f"{prefix}cached_steps": [i for i, n in enumerate(log["pruned"]) if n > 0],
+            f"{prefix}residual_diffs": {str(i): d for i, d in enumerate(log["recorded"]) if d},
+            f"{prefix}pruned_blocks": log["pruned"], f"{prefix}actual_blocks": actual,
+            f"{prefix}pruned_ratio": sum(log["pruned"]) / sum(actual) if log["steps"] else None,
+            f"{prefix}gates": log["gates"]})
+    about = chain.about
+    return CacheStats(
+        cache_options=options, **fields, pruned_steps=fields["cached_steps"], cfg_pruned_steps=fields["cfg_cached_steps"],
+        accumulated_cached_steps=len(fields["cached_steps"]), cfg_accumulated_cached_steps=len(fields["cfg_cached_steps"]),
+        accumulated_executed_steps=max(branch["steps"], cfg["steps"]),
+        accumulated_transformer_executed_steps=branch["steps"] + cfg["steps"], transformer=transformer,
+        chain=about.name, pattern=about.pattern, n_blocks=about.n_blocks, Fn=about.fn, Bn=about.bn)
+
+
 def render_stats(stats: list[CacheStats], details: bool = False) -> str:
     lines = []
     for s in stats:
@@ -83,12 +125,17 @@ def render_stats(stats: list[CacheStats], details: bool = False) -> str:
                                             ("CFG ", s.cfg_cached_steps, s.cfg_residual_diffs, s.cfg_steps)):
             if steps == 0 and label:
                 continue
-            p = ", ".join(f"{k}={v:.3f}" for k, v in diff_percentiles(diffs.values()).items())
+            flat = [d for v in diffs.values() for d in (v if isinstance(v, list) else [v])]  # DBPrune: lists
+            p = ", ".join(f"{k}={v:.3f}" for k, v in diff_percentiles(flat).items())
+            pruned = s.cfg_pruned_blocks if label else s.pruned_blocks
+            blocks = f"; pruned {sum(pruned)}/{s.n_blocks * steps} blocks" if s.pruned_steps or s.pruned_blocks else ""
             lines.append(f"{s.transformer} {s.chain} pattern {s.pattern} F{s.Fn}B{s.Bn}: {label}cached "
-                         f"{len(cached)}/{steps} steps; diff {p or '-'}")
+                         f"{len(cached)}/{steps} steps{blocks}; diff {p or '-'}")
             if details:
                 lines.append(f"  {label}cached steps: {cached}")
-                lines.append(f"  {label}residual diffs: " + ", ".join(f"{k}: {v:.4f}" for k, v in diffs.items()))
+                lines.append(f"  {label}residual diffs: " + ", ".join(
+                    f"{k}: {v:.4f}" if not isinstance(v, list) else f"{k}: [{', '.join(f'{d:.4f}' for d in v)}]"
+                    for k, v in diffs.items()))
     return "\n".join(lines)
 
 
@@ -97,6 +144,11 @@ def collect(handle: CacheHandle) -> list[ChainStats]:
 
 
 def _chain_stats(chain) -> list[ChainStats]:
+    if isinstance(chain.layout, PruneLayout):  # a step is cached when a block was pruned in it
+        about = chain.about
+        return [ChainStats(about.name, about.pattern, about.n_blocks, about.fn, about.bn, b, log["steps"],
+                           [n > 0 for n in log["pruned"]], [float(np.mean(d)) if d else math.nan for d in log["recorded"]],
+                           log["gates"]) for b, log in enumerate(_prune_logs(chain)) if log["steps"] or b == 0]
     t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log")}
     called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
     out = []

@@ -157,6 +157,30 @@ def _start_of_request_or_context(layout: ChainLayout, st: dict, timestep, latent
     return _branch(layout, hint_branch, st["calls_total"], same_timestep)
 
 
+def begin_call(layout, st: dict, timestep, latent):
+    """The start of every call, whatever the cache type: clear the state where this call starts a new
+    request or context, then count the call in its CFG branch. ``st``: the state tensors by name (any
+    layout whose table starts with :func:`~cachedit_fx.runtime.layout.request_rows`).
+
+    Returns:
+        ``(branch, step)``: the call's branch, shape (1,), and its 0-dim 0-based step in that branch.
+    """
+    branch = _start_of_request_or_context(layout, st, timestep, latent)
+    st["calls_total"].add_(1)
+    calls = st["calls"].index_select(0, branch) + 1
+    st["calls"].index_copy_(0, branch, calls)
+    return branch, calls[0] - 1
+
+
+def store_rows(tensors, branch, rows) -> None:
+    """Write the rows a cond branch returned into the branch's entry of each state tensor: one row
+    after a computed step, none after a cached one (the two branches return different lengths)."""
+    for tensor, row in zip(tensors, rows):
+        n = row.shape[0]
+        torch._check(n <= 1)
+        tensor.index_copy_(0, branch.expand(n), row)
+
+
 def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     """Start a call: clear the state at a new request or context, advance the branch's step, decide.
     ``timestep`` and ``latent`` (the call's inputs, each may be None) tell requests apart.
@@ -164,12 +188,7 @@ def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     Returns a :class:`PreStep`.
     """
     st = _state(layout, state)
-    branch = _start_of_request_or_context(layout, st, timestep, latent)
-    st["calls_total"].add_(1)
-    calls = st["calls"].index_select(0, branch) + 1
-    st["calls"].index_copy_(0, branch, calls)
-    step = calls[0] - 1
-
+    branch, step = begin_call(layout, st, timestep, latent)
     slots = layout.slots
     diff = relative_l1(_select(layout, st["ref"], branch), fn_res, slots, layout.group)
     if layout.diff_shared:
@@ -236,10 +255,7 @@ def post_step(layout: ChainLayout, pre: PreStep, finite, rows, *state) -> None:
     # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
     sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "ladder_len", "last_computed",
                                                        "has_ref", "acc_diff")}
-    for name, row in zip(layout.stored_names(), rows):
-        n = row.shape[0]  # 1 or 0: the cond's branches return rows of different lengths
-        torch._check(n <= 1)
-        st[name].index_copy_(0, branch.expand(n), row)
+    store_rows([st[name] for name in layout.stored_names()], branch, rows)
     for name, value in commit(pre.use_cache, finite, pre.step, pre.recorded, layout.ladder, **sel).items():
         _write(st[name], branch, value)
     at = pre.step.clamp(0, layout.capacity - 1).reshape(1)

@@ -101,8 +101,10 @@ def images_01(output) -> np.ndarray:
     return np.asarray(output, dtype=np.float32)
 
 
-def _speedup(stats) -> tuple[int, int, float]:
-    """(cached calls, calls, blocks run uncached / blocks run) over every chain and CFG branch."""
+def blocks_speedup(stats) -> tuple[int, int, float]:
+    """(cached calls, calls, blocks run uncached / blocks run) over every chain and CFG branch of
+    ``summary()``'s stats; under DBPrune a cached call is one that pruned a block, and the blocks not
+    run are the pruned ones."""
     cached = calls = full = run = 0
     for s in stats:
         if s.unmatched:
@@ -111,7 +113,8 @@ def _speedup(stats) -> tuple[int, int, float]:
         n_calls = s.steps + s.cfg_steps
         cached, calls = cached + n_cached, calls + n_calls
         full += n_calls * s.n_blocks
-        run += n_calls * s.n_blocks - n_cached * (s.n_blocks - s.Fn - s.Bn)
+        pruned = s.pruned_blocks + s.cfg_pruned_blocks  # per call: empty unless DBPrune
+        run += n_calls * s.n_blocks - (sum(pruned) if pruned else n_cached * (s.n_blocks - s.Fn - s.Bn))
     return cached, calls, (full / run if run else 1.0)
 
 
@@ -183,7 +186,7 @@ def tune(pipe, call_kwargs: dict, target_speedup: float | None = None, min_psnr:
         images = images_01(output)
         if not reference:
             reference.append(images)
-        cached, calls, speedup = _speedup(summary(pipe, logging=False))
+        cached, calls, speedup = blocks_speedup(summary(pipe, logging=False))
         trial = Trial(threshold, cached, calls, speedup, seconds, psnr(reference[0], images, data_range=1.0),
                       None if score is None else float(score(output)))
         trials.append(trial)

@@ -2,53 +2,16 @@
 the backend hands the inner compiler, or in its aten-level forward, outside the cond predicate."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cachedit_fx import zoo
 
 from tests.backend.families import FAMILIES, aot_config, family_results
 from tests.backend.reference import branches_of, graph_log, uncond_inputs
+from tests.helpers.host_reads import HOST_READS, CountHostReads, host_read_nodes
 
 pytestmark = pytest.mark.slow
-
-
-HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default"}
-
-
-HOST_READ_TARGETS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                     torch.ops.aten.is_nonzero.default)
-
-
-class CountHostReads(TorchDispatchMode):
-    """Counts host reads; a ``cond`` counts one read for its predicate and its branch runs under the
-    mode, so reads inside the branches are counted too."""
-
-    supports_higher_order_operators = True
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.higher_order.cond:
-            pred, true_fn, false_fn, operands = args
-            self.ops["cond_predicate"] += 1
-            branch = true_fn if bool(pred) else false_fn
-            with self:
-                return branch(*operands)
-        self.ops["dispatched"] += 1
-        name = str(func)
-        if name in HOST_READS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def reads(self) -> int:
-        return self.ops["cond_predicate"] + sum(self.ops[n] for n in HOST_READS)
 
 
 def measure_host_reads(name: str, steps: int = 6) -> dict:
@@ -94,19 +57,6 @@ def test_host_reads_per_step(name):
         f"want both cached and computed steps in the measured window: {cached}"
 
 
-def _host_read_nodes(gm: torch.fx.GraphModule, where: str = "") -> list[str]:
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in HOST_READ_TARGETS:
-            found.append(f"{where}{node.name}: {node.target}")
-        if node.op == "call_method" and node.target in ("item", "tolist", "__bool__", "nonzero"):
-            found.append(f"{where}{node.name}: .{node.target}()")
-    for name, sub in gm.named_children():
-        if isinstance(sub, torch.fx.GraphModule):
-            found += _host_read_nodes(sub, f"{where}{name}.")
-    return found
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_graph_has_no_host_reads_outside_cond(name):
     """The graph handed to the inner compiler, and its aten-level forward (cond branches included),
@@ -121,7 +71,7 @@ def test_graph_has_no_host_reads_outside_cond(name):
     assert len(graphs["dynamo"]) == 1 and len(graphs["aten"]) == 1, {k: len(v) for k, v in graphs.items()}
     for kind in ("dynamo", "aten"):
         gm = graphs[kind][0]
-        assert not _host_read_nodes(gm), f"{name}: the {kind} graph reads the host: {_host_read_nodes(gm)}"
+        assert not host_read_nodes(gm), f"{name}: the {kind} graph reads the host: {host_read_nodes(gm)}"
     aten = graphs["aten"][0]
     conds = [n for n in aten.graph.nodes if n.target is torch.ops.higher_order.cond]
     assert len(conds) == n_chains, f"{name}: expected {n_chains} cond(s), one per chain, got {len(conds)}"

@@ -11,9 +11,7 @@ independent check of our own spec; these tests are the check against cache-dit.
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,16 +22,12 @@ from torch import nn
 import cachedit_fx
 from cachedit_fx import zoo
 
+from tests.helpers.differential import assert_outputs_within, flux_with_uncond, import_cache_dit
 from tests.helpers.tinydit import D, attend, euler, latent
 
-os.environ.setdefault("CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS", "1")  # cache-dit's default: Flux as one chain
-reference = pytest.importorskip("cache_dit", reason="cache-dit 1.5.3 (pip install --no-deps cache-dit==1.5.3)")
-for _name in list(logging.root.manager.loggerDict):
-    if _name.startswith("cache_dit"):
-        logging.getLogger(_name).setLevel(logging.ERROR)
+reference = import_cache_dit()
 
 STEPS = 8
-REL_TOL = 1e-5
 
 
 @dataclass
@@ -73,10 +67,6 @@ def run_requests(lib, model, loop, cache: dict, calib: dict | None, second_thres
     return requests
 
 
-def _flat(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
-
-
 def assert_same(theirs: list[Request], ours: list[Request]):
     for r, (t, o) in enumerate(zip(theirs, ours)):
         where = f"request {r}"
@@ -87,11 +77,7 @@ def assert_same(theirs: list[Request], ours: list[Request]):
             for k in their:
                 a, b = mine[k], their[k]
                 assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (where, what, k, a, b)
-        assert len(o.outputs) == len(t.outputs)
-        for i, (a, b) in enumerate(zip(o.outputs, t.outputs)):
-            a, b = _flat(a).double(), _flat(b).double()
-            err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-            assert err <= REL_TOL, f"{where}: output of call {i} differs by {err:.3g} relative"
+        assert_outputs_within(o.outputs, t.outputs, where)
     assert any(r.cached or r.cfg_cached for r in theirs), "no step cached: the case tests nothing"
 
 
@@ -100,10 +86,7 @@ def assert_same(theirs: list[Request], ours: list[Request]):
 
 @pytest.fixture(scope="module")
 def flux():
-    transformer, inputs = zoo.build_transformer("flux")
-    g = torch.Generator().manual_seed(123)
-    uncond = {k: torch.randn(inputs[k].shape, generator=g) for k in ("encoder_hidden_states", "pooled_projections")}
-    return transformer, inputs, uncond
+    return flux_with_uncond()
 
 
 BASE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.5)

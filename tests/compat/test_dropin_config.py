@@ -30,6 +30,18 @@ def test_config_fields_and_tags_are_cache_dits():
         is cache_dit.NONE
 
 
+def test_prune_config_fields_defaults_and_tags_are_cache_dits():
+    theirs, ours = reference.DBPruneConfig(), cache_dit.DBPruneConfig()
+    for f in dataclasses.fields(reference.DBPruneConfig):
+        assert str(getattr(ours, f.name)) == str(getattr(theirs, f.name)), f.name
+    fields = dict(Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.12, max_warmup_steps=3,
+                  warmup_interval=2, max_cached_steps=5, max_continuous_cached_steps=2, non_prune_block_ids=[4],
+                  enable_dynamic_prune_threshold=True)
+    for kw in ({}, fields):
+        assert cache_dit.DBPruneConfig(**kw).strify() == reference.DBPruneConfig(**kw).strify()
+    assert str(cache_dit.DBPrune) == str(reference.DBPrune)
+
+
 @pytest.mark.parametrize("bad, field", [(dict(cache_type="DBPrune"), "cache_type"),
                                         (dict(force_refresh_step_policy="twice"), "force_refresh_step_policy"),
                                         (dict(num_inference_steps=0), "num_inference_steps")])

@@ -1,10 +1,10 @@
 """The exported program (torch.export, no package built): it holds the cond and no host sync; export's
-argument checks (dynamic shapes, models that need islands); load's missing-file error."""
+argument checks (dynamic shapes, models that need islands, DBPrune); load's missing-file error."""
 import pytest
 import torch
 
+from cachedit_fx import DBPruneConfig, zoo
 from cachedit_fx.export import export_program, load
-from cachedit_fx import zoo
 
 from tests.export.common import CACHE, dynamic_spec, flux_inputs, pipeline_call_kwargs
 
@@ -16,6 +16,12 @@ def test_exported_program_holds_cond_and_no_host_sync(flux_pipe):
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert any("cond" in t for t in targets)
     assert not [t for t in targets if "_local_scalar_dense" in t or t.endswith(".item") or "is_nonzero" in t]
+
+
+def test_export_refuses_dbprune():
+    transformer, kwargs = zoo.build_transformer("flux")
+    with pytest.raises(ValueError, match="export: cache_config is a DBPruneConfig; export packages DBCache"):
+        export_program(transformer, example_kwargs=kwargs, cache_config=DBPruneConfig(Fn_compute_blocks=1))
 
 
 def test_load_missing_file():

@@ -119,3 +119,45 @@ def cross_dit() -> CrossDiT:
     """The factory ``cachedit-fx export --config tinydit:cross_dit`` builds (seeded, eval mode)."""
     torch.manual_seed(0)
     return CrossDiT().eval()
+
+
+class JointBlock(nn.Module):
+    """Attention over H, a text stream E updated beside it and mixed into H; returns (E, H) as Flux's
+    double blocks do (pattern 1). ``host_sync``: a host read in the block's own forward (``.item()``
+    deciding a Python branch), which no graph can hold."""
+
+    def __init__(self, host_sync: bool = False):
+        super().__init__()
+        self.qkv, self.proj, self.mlp, self.e_proj = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, D), \
+            nn.Linear(D, D)
+        self.host_sync = host_sync
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        if self.host_sync and hidden_states.abs().max().item() > 1e6:
+            hidden_states = hidden_states / 2
+        hidden_states = hidden_states + self.proj(attend(hidden_states, self.qkv))
+        encoder_hidden_states = encoder_hidden_states + self.e_proj(encoder_hidden_states).tanh()
+        hidden_states = hidden_states + self.mlp(hidden_states) + encoder_hidden_states.mean(dim=1, keepdim=True)
+        return encoder_hidden_states, hidden_states
+
+
+class JointDiT(nn.Module, CacheMixin):
+    """One list of ``depth`` joint blocks: ``forward(hidden_states, encoder_hidden_states, timestep)``."""
+
+    def __init__(self, depth: int = 5, host_sync: bool = False):
+        super().__init__()
+        self.proj_in, self.text_in, self.time, self.proj_out = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(1, D), \
+            nn.Linear(D, D)
+        self.transformer_blocks = nn.ModuleList(JointBlock(host_sync) for _ in range(depth))
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        h = self.proj_in(hidden_states) + self.time(timestep[:, None])[:, None]
+        e = self.text_in(encoder_hidden_states)
+        for block in self.transformer_blocks:
+            e, h = block(h, e)
+        return self.proj_out(h)
+
+
+def joint_dit(depth: int = 5) -> JointDiT:
+    torch.manual_seed(0)
+    return JointDiT(depth).eval()

@@ -264,7 +264,7 @@ def test_inductor_makes_the_same_decisions(flux):
 @pytest.mark.inductor
 def test_inductor_with_islands_and_glue_cat():
     """HiDream under Inductor: its MoE islands run as extern calls inside the cond's full branch, and
-    the value its double->single glue concatenates is also a cond operand (rewrite._own_buffer)."""
+    the value its double->single glue concatenates is also a cond operand (rewrite.own_buffer)."""
     pipe = zoo.build_pipeline("hidream")
     _inductor_matches_eager_inner(pipe, run(pipe, "hidream"), "hidream")
 

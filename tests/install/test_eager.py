@@ -7,52 +7,19 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import cachedit_fx as cf
 from cachedit_fx.install.hook import cache_hook
 from cachedit_fx.install.modes import Mode
 
-from tests.helpers.tinydit import D, euler, latent
-
-
-class Block(nn.Module):
-    def __init__(self, host_sync: bool):
-        super().__init__()
-        self.qkv, self.proj, self.mlp, self.e_proj = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.host_sync = host_sync
-
-    def forward(self, hidden_states, encoder_hidden_states):
-        if self.host_sync and hidden_states.abs().max().item() > 1e6:  # host control flow in the block itself
-            hidden_states = hidden_states / 2
-        q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
-        hidden_states = hidden_states + self.proj(F.scaled_dot_product_attention(q, k, v))
-        encoder_hidden_states = encoder_hidden_states + self.e_proj(encoder_hidden_states).tanh()
-        hidden_states = hidden_states + self.mlp(hidden_states) + encoder_hidden_states.mean(dim=1, keepdim=True)
-        return encoder_hidden_states, hidden_states
-
-
-class DiT(nn.Module):
-    def __init__(self, host_sync: bool = False):
-        super().__init__()
-        self.proj_in, self.text_in, self.time = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(1, D)
-        self.transformer_blocks = nn.ModuleList(Block(host_sync) for _ in range(5))
-        self.proj_out = nn.Linear(D, D)
-
-    def forward(self, hidden_states, encoder_hidden_states, timestep):
-        h = self.proj_in(hidden_states) + self.time(timestep[:, None])[:, None]
-        e = self.text_in(encoder_hidden_states)
-        for block in self.transformer_blocks:
-            e, h = block(h, e)
-        return self.proj_out(h)
+from tests.helpers.tinydit import JointDiT, euler, latent
 
 
 def pair():
     """The same weights with and without the host sync."""
     torch.manual_seed(0)
-    clean = DiT().eval()
-    synced = DiT(host_sync=True).eval()
+    clean = JointDiT().eval()
+    synced = JointDiT(host_sync=True).eval()
     synced.load_state_dict(clean.state_dict())
     return clean, synced
 
