@@ -60,6 +60,7 @@ class BlockHooks:
     transformer call in flight (``self.call``, a ``call_type`` the transformer's hook starts and ends)."""
 
     call_type: type = _Call
+    broken: str | None = None  # why the chain cannot cache, found on a call (EagerCache's joined lists)
 
     def hook_blocks(self) -> None:
         """Start with no call in flight and no state; wrap every block's forward."""

@@ -7,12 +7,13 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import cachedit_fx as cf
 from cachedit_fx.install.hook import cache_hook
 from cachedit_fx.install.modes import Mode
 
-from tests.helpers.tinydit import JointDiT, euler, latent
+from tests.helpers.tinydit import D, JointBlock, JointDiT, euler, latent
 
 
 def pair():
@@ -94,15 +95,15 @@ def test_eager_fn_bn_that_leave_no_middle_run_uncached_with_one_warning():
         cf.disable_cache(synced)
 
 
-class TwoListDiT(DiT):
+class TwoListDiT(JointDiT):
     """Blocks in two lists, as Flux's ``transformer_blocks`` and ``single_transformer_blocks``: the second
     fed directly by the first, or (``glue``) through a change of its streams between the loops; a list
     of text projections registered after them runs before them (as HiDream's ``caption_projection``)."""
 
     def __init__(self, glue: bool = False):
         super().__init__()
-        self.transformer_blocks = nn.ModuleList(Block(False) for _ in range(3))
-        self.single_transformer_blocks = nn.ModuleList(Block(False) for _ in range(3))
+        self.transformer_blocks = nn.ModuleList(JointBlock(False) for _ in range(3))
+        self.single_transformer_blocks = nn.ModuleList(JointBlock(False) for _ in range(3))
         self.text_projections = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
         self.glue = glue
 
