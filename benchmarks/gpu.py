@@ -52,7 +52,7 @@ FULL_COMPILE_S = 67.0  # a cold Inductor compile of the whole 57-block FLUX.1-de
 PLAIN, FX, FN_ONLY = "plain torch.compile", "cachedit-fx", "Fn-only model (every step)"
 HEADERS = ["method", "cached steps", "median s", "min s", "speedup vs plain (median)", "speedup (min)",
            "efficiency vs ideal", "implied cached step ms", "first request s", "compile s", "peak GiB",
-           "peak above weights GiB", "graphs / breaks (first request)"]
+           "peak over start GiB", "graphs / breaks (first request)"]
 
 
 def step_tflop(config: dict, image_tokens: int, text_tokens: int) -> float:
@@ -157,7 +157,7 @@ def extra_columns(rows, first_s, graphs, timings, memory) -> None:
         row.update({"first request s": first_s[k], "compile s": first_s[k] - warm,
                     "graphs / breaks (first request)": "%d / %d" % tuple(graphs[k])})
         if k in memory:
-            row.update({"peak GiB": memory[k][0], "peak above weights GiB": memory[k][1]})
+            row.update({"peak GiB": memory[k][0], "peak over start GiB": memory[k][1]})
 
 
 def parse(argv_extra):
