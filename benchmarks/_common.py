@@ -132,13 +132,18 @@ def first_block_cache(model, threshold: float) -> list[bool]:
         fbc.FBCHeadBlockHook._should_compute_remaining_blocks = counted
         fbc.FBCHeadBlockHook._bench_wrapped = True
     decisions: list[bool] = []
-    for mod in model.modules():
-        reg = getattr(mod, "_diffusers_hook", None)
-        if reg is not None:
-            for h in reg.hooks.values():
-                if isinstance(h, fbc.FBCHeadBlockHook):
-                    h._bench_log = decisions
+    for h in head_block_hooks(model):
+        h._bench_log = decisions
     return decisions
+
+
+def head_block_hooks(model) -> list:
+    """FirstBlockCache's head-block hooks in ``model`` (one per application)."""
+    from diffusers.hooks import first_block_cache as fbc
+
+    registries = [getattr(mod, "_diffusers_hook", None) for mod in model.modules()]
+    return [h for reg in registries if reg is not None for h in reg.hooks.values()
+            if isinstance(h, fbc.FBCHeadBlockHook)]
 
 
 def compile_own(model, backend, **kwargs):
@@ -220,13 +225,8 @@ class FBC:
         """The next requests' threshold; starts afresh. FirstBlockCache computes when ``diff > threshold``:
         a threshold <= 0 becomes -inf, so that it never caches, as cachedit-fx's and cache-dit's gate
         ``threshold <= 0`` does (0 would still cache a diff of exactly 0: the same input every call)."""
-        from diffusers.hooks import first_block_cache as fbc
-
-        for mod in self.m.modules():
-            reg = getattr(mod, "_diffusers_hook", None)
-            for h in reg.hooks.values() if reg is not None else ():
-                if isinstance(h, fbc.FBCHeadBlockHook):
-                    h.threshold = threshold if threshold > 0 else float("-inf")
+        for h in head_block_hooks(self.m):
+            h.threshold = threshold if threshold > 0 else float("-inf")
         self.reset()
 
     def cached_list(self):

@@ -70,8 +70,11 @@ def fbc_variant(model, inner: str, clone=copy.deepcopy) -> Variant:
     where they run none)."""
     fbc = FBC(model, 0.0, compile_backend=inner, clone=clone)
     fbc.configure(0.0)
-    # FirstBlockCache has no warmup or limits: it runs at the threshold alone
-    return Variant(fbc, fbc.reset, fbc.cached_list, configure=lambda threshold, warmup=0, **limits: fbc.configure(threshold))
+
+    def configure(threshold, warmup=0, **limits):  # no warmup, no limits: the threshold alone
+        fbc.configure(threshold)
+
+    return Variant(fbc, fbc.reset, fbc.cached_list, configure=configure)
 
 
 def cache_dit_lib():

@@ -104,8 +104,9 @@ def bench_config(name, spec, args, lib, inner, steps):
         eager, h_eager = cachedit_variant(model, "eager")
         thr, tuning = tune_threshold(lambda: request(eager.call), h_eager, steps, 1 if args.quick else 4)
         expected = eager.cached()
-        few_thr, few_tuning = tune_threshold(lambda: few_request(eager.call), h_eager, FEW_STEPS, 4, target=(0.25, 0.25),
-                                             warmup=DISTILLED_WARMUP, **DISTILLED_LIMITS)
+        # the limits allow 2 cached steps of 8: bisect until both are (4 rounds even in --quick: 8 tiny calls each)
+        few_thr, few_tuning = tune_threshold(lambda: few_request(eager.call), h_eager, FEW_STEPS, 4,
+                                             target=(0.25, 0.25), warmup=DISTILLED_WARMUP, **DISTILLED_LIMITS)
         few_expected = eager.cached()
         variants = make_variants(model, lib, inner, plain, fn_only)
         configure_all(variants, thr, 4)
