@@ -67,12 +67,14 @@ def step_tflop(config: dict, image_tokens: int, text_tokens: int) -> float:
 def estimate(config, image_tokens, text_tokens, steps, reps, step_reps, n_compiles) -> dict:
     """The plan's GPU seconds from FLOPs: a computed step at ASSUMED_MFU of the H100's peak, a cached step as
     the first double block's share of it, 45 % of the steps cached; the requests each variant runs (first,
-    warm, reps; the tuning's 1 + up to 4); compiles scaled from FULL_COMPILE_S by depth."""
+    warm, reps: cachedit-fx's first computes every step, the others' run at the tuned threshold; the tuning's
+    1 + up to 4); compiles scaled from FULL_COMPILE_S by depth."""
     step_s = step_tflop(config, image_tokens, text_tokens) / (H100_BF16_TFLOPS * ASSUMED_MFU)
     blocks = config["num_layers"] + config["num_single_layers"]
     full_s, cached_s = steps * step_s, steps * step_s * (0.55 + 0.45 / blocks)
     requests_s = (2 + reps) * full_s  # plain
-    requests_s += 3 * (full_s + (1 + reps) * cached_s) + full_s + 4 * cached_s  # cachedit-fx, cache-dit, FBC; tuning
+    requests_s += full_s + (1 + reps) * cached_s + 2 * (2 + reps) * cached_s  # cachedit-fx; cache-dit, FBC
+    requests_s += full_s + 4 * cached_s  # the tuning
     requests_s += (2 + reps) * steps * step_s / blocks + step_reps * 5 * step_s  # Fn-only; the per-step table
     compile_s = n_compiles * FULL_COMPILE_S * blocks / 57 + 10  # + the Fn-only model and the probe
     return {"computed_step_s": step_s, "request_s": full_s, "requests_s": requests_s, "compile_s": compile_s,
