@@ -19,10 +19,12 @@ from __future__ import annotations
 import enum
 
 import torch
+from torch._C._dynamo.guards import dict_version
 
 # Containers are described this deep; anything deeper by type and identity.
 _DEPTH = 3
 _SIMPLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+_PLAIN = frozenset(_SIMPLE[:-1])  # the exact types, found without isinstance
 # A module's __dict__ entries described on their own (the rest by _describe)
 _OWN = ("_parameters", "_buffers", "_modules")
 
@@ -57,14 +59,58 @@ def fingerprint(module: torch.nn.Module) -> tuple:
     Returns:
         A tuple equal for two calls exactly when none of these changed.
     """
-    parts = []
-    for path, m in module.named_modules(remove_duplicate=False):
-        d = m.__dict__
-        tensors = tuple((k, _tensor(v)) for kind in ("_parameters", "_buffers") for k, v in d[kind].items())
-        children = tuple((k, type(v)) for k, v in d["_modules"].items())
-        attrs = tuple((k, _describe(v, _DEPTH)) for k, v in d.items() if k not in _OWN)
-        parts.append((path, type(m), tensors, children, attrs))
-    return tuple(parts)
+    return _Watched(module).print
+
+
+class _Watched:
+    """A module's fingerprint and what can change it without a new one being computed: the dicts it
+    read (by CPython's dict version, which any write bumps), the lists and sets (by a shallow copy) and
+    the tensors (by metadata: ``p.data = ...`` changes a parameter's shape and no dict)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.dicts, self.seqs, self.tensors = [], [], []
+        parts = []
+        for path, m in module.named_modules(remove_duplicate=False):
+            d = m.__dict__
+            self.dicts += [d, d["_parameters"], d["_buffers"], d["_modules"]]
+            tensors = tuple((k, self._tensor(v)) for kind in ("_parameters", "_buffers") for k, v in d[kind].items())
+            children = tuple((k, type(v)) for k, v in d["_modules"].items())
+            attrs = tuple((k, self._describe(v, _DEPTH)) for k, v in d.items() if k not in _OWN)
+            parts.append((path, type(m), tensors, children, attrs))
+        self.print = tuple(parts)
+        self.versions = list(map(dict_version, self.dicts))
+        self.copies = [type(s)(s) for s in self.seqs]
+        self.metas = list(map(_tensor, self.tensors))
+
+    def unchanged(self) -> bool:
+        """True when nothing the fingerprint read was written since (C-level compares, once per request);
+        False when something was (the fingerprint may still be equal: compare a new one)."""
+        return list(map(dict_version, self.dicts)) == self.versions and \
+            all(type(s)(s) == c for s, c in zip(self.seqs, self.copies)) and \
+            list(map(_tensor, self.tensors)) == self.metas
+
+    def _tensor(self, t):
+        if t is not None:
+            self.tensors.append(t)
+        return _tensor(t)
+
+    def _describe(self, v, depth: int):
+        t = type(v)
+        if t in _PLAIN or isinstance(v, _SIMPLE):
+            return t, v
+        if isinstance(v, torch.Tensor):
+            return self._tensor(v)
+        if isinstance(v, torch.nn.Module):
+            return t, id(v)  # its own entry describes it
+        if depth and isinstance(v, (tuple, list, set, frozenset)):
+            if isinstance(v, (list, set)):
+                self.seqs.append(v)
+            items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
+            return t, tuple(self._describe(x, depth - 1) for x in items)
+        if depth and isinstance(v, dict):  # hook dicts, peft's scaling and active adapters, diffusers' config
+            self.dicts.append(v)
+            return t, tuple((k, self._describe(x, depth - 1)) for k, x in v.items())
+        return t, id(v)
 
 
 def _tensor(t) -> tuple | None:
@@ -73,27 +119,12 @@ def _tensor(t) -> tuple | None:
     return type(t), tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad
 
 
-def _describe(v, depth: int):
-    if isinstance(v, _SIMPLE):
-        return type(v), v
-    if isinstance(v, torch.Tensor):
-        return _tensor(v)
-    if isinstance(v, torch.nn.Module):
-        return type(v), id(v)  # its own entry describes it
-    if depth and isinstance(v, (tuple, list, set, frozenset)):
-        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
-        return type(v), tuple(_describe(x, depth - 1) for x in items)
-    if depth and isinstance(v, dict):  # hook dicts, peft's scaling and active adapters, diffusers' config
-        return type(v), tuple((k, _describe(x, depth - 1)) for k, x in v.items())
-    return type(v), id(v)
-
-
 class OwnedGuards:
     """Whether an install's one-graph compile runs guard-light, and the module's fingerprint to check."""
 
     def __init__(self) -> None:
         self.light = False  # the compiled forward drops the module's guards
-        self._print: tuple | None = None
+        self._watched: _Watched | None = None
         self._requests_seen = 0
 
     def filter_for(self, handle):
@@ -104,16 +135,24 @@ class OwnedGuards:
 
     def compiled(self, module: torch.nn.Module, handle) -> None:
         """A one-graph compile succeeded: the module as it was compiled."""
-        self._print = fingerprint(module) if self.light else None
+        self._watched = _Watched(module) if self.light else None
         self._requests_seen = handle.requests
 
     def stale(self, module: torch.nn.Module, handle) -> bool:
         """At a call: a request started since the last check and the module is not the one compiled. The
-        check itself runs once per request (one integer compared per call otherwise)."""
-        if self._print is None or handle.requests == self._requests_seen:
+        check runs once per request (one integer compared per call otherwise): C-level compares of what
+        the fingerprint read, and a new fingerprint only when one of those was written."""
+        watched = self._watched
+        if watched is None or handle.requests == self._requests_seen:
             return False
         self._requests_seen = handle.requests
-        return fingerprint(module) != self._print
+        if watched.unchanged():
+            return False
+        now = _Watched(module)
+        if now.print != watched.print:
+            return True
+        self._watched = now  # written with equal values (a flag set again): watch the new versions
+        return False
 
     def forget(self) -> None:
-        self.light, self._print = False, None
+        self.light, self._watched = False, None

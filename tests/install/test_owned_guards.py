@@ -6,6 +6,7 @@ model's own, made the same change."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from torch import nn
 
 import cachedit_fx as cf
 from cachedit_fx.install.hook import cache_hook
-from cachedit_fx.install.owned import fingerprint
+from cachedit_fx.install.owned import OwnedGuards, fingerprint
 
-from tests.helpers.tinydit import latent, request, tiny, uniform
+from tests.helpers.tinydit import D, latent, request, tiny, uniform
 
 COMPUTE_ALL = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, max_warmup_steps=0)
 STEPS = uniform(3)
@@ -109,6 +110,33 @@ def test_fingerprint_sees_structure_and_metadata_not_values():
         before = after
     model.transformer_blocks[2].mlp.weight = nn.Parameter(torch.zeros(3, 3))
     assert fingerprint(model) != before  # a new shape
+
+
+def test_the_per_request_check_sees_writes_no_dict_records():
+    """The check compares dict versions, list copies and tensor metadata before it computes a new
+    fingerprint: a parameter's ``.data`` of a new shape, a list or a dict attribute changed in place."""
+    model = tiny()
+    model.transformer_blocks[0].merged = []  # as peft's merged_adapters
+    model.transformer_blocks[0].scaling = {"style": 1.0}  # as peft's scaling
+    changes = [lambda: setattr(model.proj_out.weight, "data", torch.zeros(D, 2 * D)),
+               lambda: model.transformer_blocks[0].merged.append("style"),
+               lambda: model.transformer_blocks[0].scaling.update(style=2.0)]
+    handle = SimpleNamespace(requests=1)
+    guards = OwnedGuards()
+    assert guards.filter_for(handle) is not None
+    guards.compiled(model, handle)
+    for change in changes:
+        assert not guards.stale(model, handle)  # same request: not checked
+        handle.requests += 1
+        assert not guards.stale(model, handle)  # a new request, nothing changed
+        with torch.no_grad():
+            change()
+        handle.requests += 1
+        assert guards.stale(model, handle)
+        guards.compiled(model, handle)  # what a compile again records
+    handle.requests += 1
+    model.transformer_blocks[0].merged = ["style"]  # written, equal: no compile
+    assert not guards.stale(model, handle)
 
 
 @pytest.mark.slow
