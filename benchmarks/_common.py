@@ -34,6 +34,8 @@ def flux_config(num_layers: int, num_single_layers: int, heads: int, head_dim: i
 # (1024 tokens / dim 256 took 0.6-1.1 s a step on the shared 2-core CPU; this is ~0.2-0.4 s).
 MEDIUM = flux_config(2, 6, heads=2)
 MEDIUM_SIDE, MEDIUM_TXT = 24, 32
+# peers.py's latency-bound Flux (config, image side, text tokens): small, few tokens, host-bound
+LATENCY_BOUND = (flux_config(2, 4, heads=1), 8, 16)
 
 
 def parse_args(name: str, extra=None):

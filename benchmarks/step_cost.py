@@ -21,10 +21,9 @@ import copy
 
 import torch
 
-from _common import (build_flux, build_model, cachedit_model, cfg, check_all_but_first_cached, compile_own,
-                     first_block_only, flux_config, guard_check_us, parse_args, table, time_interleaved, write_json)
+from _common import (LATENCY_BOUND, build_flux, build_model, cachedit_model, cfg, check_all_but_first_cached,
+                     compile_own, first_block_only, guard_check_us, parse_args, table, time_interleaved, write_json)
 
-LATENCY_BOUND = (flux_config(2, 4, heads=1), 8, 16)  # peers.py's latency-bound config
 LIGHT, FULL = "enable_cache cached step (guard-light)", "enable_cache cached step (full guards)"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling", "gpu")
+SCRIPTS = ("step_cost", "guard_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling", "gpu")
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
