@@ -34,6 +34,8 @@ def flux_config(num_layers: int, num_single_layers: int, heads: int, head_dim: i
 # (1024 tokens / dim 256 took 0.6-1.1 s a step on the shared 2-core CPU; this is ~0.2-0.4 s).
 MEDIUM = flux_config(2, 6, heads=2)
 MEDIUM_SIDE, MEDIUM_TXT = 24, 32
+# peers.py's latency-bound Flux (config, image side, text tokens): small, few tokens, host-bound
+LATENCY_BOUND = (flux_config(2, 4, heads=1), 8, 16)
 
 
 def parse_args(name: str, extra=None):
@@ -50,24 +52,42 @@ def parse_args(name: str, extra=None):
     return args
 
 
-def build_flux(config: dict, side: int, txt: int, seed: int = 0):
+def flux_dev_config(num_layers: int = 19, num_single_layers: int = 38) -> dict:
+    """FLUX.1-dev's transformer config (dim 3072: 24 heads x 128, 64 latent channels, T5 width 4096, pooled
+    CLIP width 768, guidance embedding, rope axes 16 / 56 / 56), at the given depth."""
+    return dict(patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+
+
+def build_flux(config: dict, side: int, txt: int, seed: int = 0, device="cpu", dtype=torch.float32):
     """(transformer, inputs, info) for a random FluxTransformer2DModel(**config) on a side x side latent
-    (patch size 1: side**2 image tokens) and ``txt`` text tokens, fp32."""
+    (patch size 1: side**2 image tokens) and ``txt`` text tokens, its weights created in ``dtype`` on
+    ``device`` (a 12B model never exists in fp32); a guidance input where the config embeds one."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    t = FluxTransformer2DModel(**config).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            t = FluxTransformer2DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(default)
     g = torch.Generator().manual_seed(seed)
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(),
                                          indexing="ij"), -1).reshape(-1, 3)
     inputs = dict(
-        hidden_states=torch.randn(1, side * side, config["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g),
-        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
-        timestep=torch.tensor([1.0]), img_ids=img_ids.float(), txt_ids=torch.zeros(txt, 3), return_dict=False)
+        hidden_states=torch.randn(1, side * side, config["in_channels"], generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(device, dtype),
+        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g).to(device, dtype),
+        timestep=torch.tensor([1.0], device=device), img_ids=img_ids.float().to(device),
+        txt_ids=torch.zeros(txt, 3, device=device), return_dict=False)
+    if config.get("guidance_embeds"):
+        inputs["guidance"] = torch.tensor([3.5], device=device)
     desc = (f"random FluxTransformer2DModel {config['num_layers']} double + {config['num_single_layers']} single "
             f"blocks, dim {config['attention_head_dim'] * config['num_attention_heads']}, "
-            f"{side * side} image + {txt} text tokens, fp32")
+            f"{side * side} image + {txt} text tokens, {str(dtype).replace('torch.', '')}")
     return t, inputs, {"model": desc}
 
 
@@ -81,9 +101,16 @@ def build_model(quick: bool, seed: int = 0):
     return build_flux(MEDIUM, MEDIUM_SIDE, MEDIUM_TXT, seed)
 
 
-def first_block_only(model):
+def shared_copy(model):
+    """A copy of ``model``'s modules that shares its parameters and buffers (the variants of a model too
+    large to hold twice: each gets its own hooks, patches and compiled forward over one set of weights)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def first_block_only(model, clone=copy.deepcopy):
     """A copy that keeps only the first double block (the ideal F1B0 cached step: Fn only)."""
-    m = copy.deepcopy(model)
+    m = clone(model)
     m.transformer_blocks = torch.nn.ModuleList(list(m.transformer_blocks)[:1])
     m.single_transformer_blocks = torch.nn.ModuleList()
     return m
@@ -107,13 +134,18 @@ def first_block_cache(model, threshold: float) -> list[bool]:
         fbc.FBCHeadBlockHook._should_compute_remaining_blocks = counted
         fbc.FBCHeadBlockHook._bench_wrapped = True
     decisions: list[bool] = []
-    for mod in model.modules():
-        reg = getattr(mod, "_diffusers_hook", None)
-        if reg is not None:
-            for h in reg.hooks.values():
-                if isinstance(h, fbc.FBCHeadBlockHook):
-                    h._bench_log = decisions
+    for h in head_block_hooks(model):
+        h._bench_log = decisions
     return decisions
+
+
+def head_block_hooks(model) -> list:
+    """FirstBlockCache's head-block hooks in ``model`` (one per application)."""
+    from diffusers.hooks import first_block_cache as fbc
+
+    registries = [getattr(mod, "_diffusers_hook", None) for mod in model.modules()]
+    return [h for reg in registries if reg is not None for h in reg.hooks.values()
+            if isinstance(h, fbc.FBCHeadBlockHook)]
 
 
 def compile_own(model, backend, **kwargs):
@@ -127,15 +159,16 @@ def compile_own(model, backend, **kwargs):
     return torch.compile(model, backend=backend, dynamic=False, **kwargs)
 
 
-def cfg(threshold: float, warmup: int = 4):
-    """The benchmarks' cachedit-fx config: F1B0, ``warmup`` warmup steps, no separate CFG."""
+def cfg(threshold: float, warmup: int = 4, **limits):
+    """The benchmarks' cachedit-fx config: F1B0, ``warmup`` warmup steps, no separate CFG; ``limits``: more
+    DBCacheConfig fields (max_cached_steps, max_continuous_cached_steps)."""
     from cachedit_fx.config import DBCacheConfig
 
     return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                         max_warmup_steps=warmup, enable_separate_cfg=False)
+                         max_warmup_steps=warmup, enable_separate_cfg=False, **limits)
 
 
-def cachedit(model, inner: str):
+def cachedit(model, inner: str, clone=copy.deepcopy):
     """(cached copy of ``model``, its handle): cachedit-fx's enable_cache at threshold 0 (configure it later)."""
     from cachedit_fx.install.api import enable_cache
     from cachedit_fx.install.hook import cache_hook
@@ -144,19 +177,21 @@ def cachedit(model, inner: str):
     # of a deepcopy shares FluxTransformer2DModel.forward's Dynamo cache (and its recompile limit of 8) with
     # the plain-Inductor and FirstBlockCache instances here, and once that limit was hit (FirstBlockCache's
     # graph breaks add entries) the cachedit instances silently ran the other backends' graphs, uncached.
-    m = enable_cache(copy.deepcopy(model), cache_config=cfg(0.0), inner=inner)
+    m = enable_cache(clone(model), cache_config=cfg(0.0), inner=inner)
     return m, cache_hook(m).handle
 
 
-def cachedit_model(model, threshold: float, inner: str):
+def cachedit_model(model, threshold: float, inner: str, clone=copy.deepcopy, inner_options=None):
     """(compiled copy, handle) through the cachedit backend with no warmup: threshold 0 computes every step,
-    1e9 caches every step after the first (the per-step cost benchmarks)."""
+    1e9 caches every step after the first (the per-step cost benchmarks); ``inner_options`` go to the inner
+    compiler (Inductor's config patches)."""
     from cachedit_fx.runtime.handle import CacheHandle
 
     c = cfg(threshold, warmup=0)
     handle = CacheHandle(c, None)
-    compiled = compile_own(copy.deepcopy(model), "cachedit", options={"cache_config": c, "inner": inner, "handle": handle,
-                                                                       "separate_cfg": False})
+    compiled = compile_own(clone(model), "cachedit", options={"cache_config": c, "inner": inner, "handle": handle,
+                                                               "separate_cfg": False,
+                                                               "inner_options": inner_options or {}})
     return compiled, handle
 
 
@@ -172,10 +207,11 @@ def check_all_but_first_cached(handle, label: str) -> tuple[int, int]:
 
 
 class FBC:
-    """diffusers FirstBlockCache on a copy of the model, counting its cached steps."""
+    """diffusers FirstBlockCache on a copy of the model, recording its decisions. Its threshold is read on
+    the host by a ``torch.compiler.disable``d function, so a new one needs no recompile (``configure``)."""
 
-    def __init__(self, model, threshold, compile_backend=None):
-        self.m = copy.deepcopy(model)
+    def __init__(self, model, threshold, compile_backend=None, clone=copy.deepcopy):
+        self.m = clone(model)
         self.decisions = first_block_cache(self.m, threshold)
         self.call_m = self.m if compile_backend is None else compile_own(self.m, compile_backend)
 
@@ -187,18 +223,31 @@ class FBC:
         self.m._reset_stateful_cache()
         self.decisions.clear()
 
+    def configure(self, threshold: float) -> None:
+        """The next requests' threshold; starts afresh. FirstBlockCache computes when ``diff > threshold``:
+        a threshold <= 0 becomes -inf, so that it never caches, as cachedit-fx's and cache-dit's gate
+        ``threshold <= 0`` does (0 would still cache a diff of exactly 0: the same input every call)."""
+        for h in head_block_hooks(self.m):
+            h.threshold = threshold if threshold > 0 else float("-inf")
+        self.reset()
+
+    def cached_list(self):
+        return [i for i, d in enumerate(self.decisions) if not d]
+
     def cached_steps(self):
         return sum(1 for d in self.decisions if not d)
 
 
-def tune_threshold(request, handle, steps: int, rounds: int, target=TARGET, warmup: int = 4):
+def tune_threshold(request, handle, steps: int, rounds: int, target=TARGET, warmup: int = 4, **limits):
     """Bisect the threshold of ``handle`` (a compile=False cachedit instance: same decisions, fast) until a
     request, run by ``request()``, caches a fraction ``target`` of its ``steps``; the search starts at the
-    0.55 quantile of the diffs of an all-computing request. Returns (threshold, [{threshold, cached}])."""
+    0.55 quantile of the diffs of an all-computing request. The threshold found is then moved to the middle
+    of the gap between the diffs its last request compared (``centre_threshold``: the same decisions, the
+    widest margin against another implementation's rounding). Returns (threshold, [{threshold, cached}])."""
     import numpy as np
     from cachedit_fx.runtime.stats import collect
 
-    handle.configure(cfg(1e-12, warmup))  # (threshold 0 skips the diff test) every step computes, diffs logged
+    handle.configure(cfg(1e-12, warmup, **limits))  # (threshold 0 skips the diff test) every step computes
     handle.reset()
     request()
     diffs = [d for d in collect(handle)[0].diffs[warmup:] if np.isfinite(d)]
@@ -206,7 +255,7 @@ def tune_threshold(request, handle, steps: int, rounds: int, target=TARGET, warm
     thr = float(np.quantile(diffs, 0.55))
     tuning = []
     for _ in range(rounds):
-        handle.configure(cfg(thr, warmup))
+        handle.configure(cfg(thr, warmup, **limits))
         handle.reset()
         request()
         n = sum(s.n_cached for s in collect(handle))
@@ -216,7 +265,27 @@ def tune_threshold(request, handle, steps: int, rounds: int, target=TARGET, warm
             break
         lo, hi = (thr, hi) if frac < target[0] else (lo, thr)
         thr = (lo + hi) / 2
-    return tuning[-1]["threshold"], tuning
+    centred, margin = centre_threshold(handle, tuning[-1]["threshold"])
+    tuning.append({"threshold": centred, "cached": tuning[-1]["cached"], "centred": True, "margin": margin})
+    handle.configure(cfg(centred, warmup, **limits))
+    return centred, tuning
+
+
+def centre_threshold(handle, threshold: float) -> tuple[float, float]:
+    """(threshold, margin): the middle of the gap around ``threshold`` between the diffs the diff test
+    compared in ``handle``'s last request (no compared diff lies between the old and the new threshold, so
+    that request's decisions, and therefore its diffs, stay the same), and the relative distance from it
+    to the nearest compared diff."""
+    import numpy as np
+    from cachedit_fx.runtime.stats import collect
+
+    compared = [d for s in collect(handle) for d, g in zip(s.diffs, s.gates) if g == "diff_test" and np.isfinite(d)]
+    below = [d for d in compared if d < threshold]
+    above = [d for d in compared if d >= threshold]
+    if below and above:
+        threshold = (max(below) + min(above)) / 2
+    margin = min(abs(d - threshold) for d in compared) / threshold if compared and threshold > 0 else float("inf")
+    return float(threshold), float(margin)
 
 
 def machine() -> dict:
@@ -235,14 +304,18 @@ def machine() -> dict:
             "loadavg_at_end": [round(x, 2) for x in load] if load else None}
 
 
-def time_interleaved(fns: dict, repeats: int, inner: int = 1) -> dict:
-    """Median seconds per call of each fn, calls interleaved (A B C A B C ...) so load drift hits all."""
+def time_interleaved(fns: dict, repeats: int, inner: int = 1, sync=None) -> dict:
+    """Median seconds per call of each fn, calls interleaved (A B C A B C ...) so load drift hits all;
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and before it stops."""
+    sync = sync or (lambda: None)
     samples = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
+            sync()
             samples[k].append((time.perf_counter() - t0) / inner)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "n": len(v)} for k, v in samples.items()}
 

@@ -15,214 +15,142 @@ decisions: the script asserts their cached-step lists are equal. FirstBlockCache
 run (request time / N); efficiency = ideal / method time, each at its own n (plain: n = 0). "implied cached
 step ms" = (method median - (N - n) x plain step) / n: a cached step's cost if the computed steps cost a plain
 step (derived, not timed alone; the Fn-only row gives its step, the floor).
+
+Few-step rows, on both configs: the same variants on 8-step requests over a distilled model's schedule
+(Qwen-Image-Lightning's flow-matching scheduler, time shift 3; no CFG) with cache-dit's own cache limits
+for that 8-step model (W4, at most 2 cached steps, never 2 in a row), the threshold bisected to cache the 2
+steps the limits allow; cachedit-fx and cache-dit asserted equal to the compile=False run again.
 """
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import statistics
-import time
 
 import torch
 
-from _common import (FBC, LOAD_AT_START, build_flux, cachedit, cfg, compile_own, first_block_only, flux_config,
-                     parse_args, table, time_interleaved, tune_threshold, write_json)
-from cachedit_fx.install.api import summary
+from _common import LOAD_AT_START, build_flux, compile_own, first_block_only, flux_config, parse_args, table, \
+    tune_threshold, write_json
+from _compare import (DISTILLED_LIMITS, DISTILLED_WARMUP, INSTALL, STEP_HEADERS, Variant, cache_dit_lib,
+                      cache_dit_variant, cachedit_variant, decision_mismatches, denoise_sigmas, distilled_sigmas,
+                      fbc_variant, first_requests, graph_counts, interleaved_requests, per_step, request_rows,
+                      step_rows)
 from cachedit_fx import zoo
 
 # name: (flux_config, image side (patch 1: side**2 tokens), text tokens, request reps, (per-step samples,
-# calls per sample))
+# calls per sample), few-step request reps)
 CONFIGS = {
-    "compute-bound": (flux_config(4, 8, heads=3), 32, 64, 3, (5, 1)),
-    "latency-bound": (flux_config(2, 4, heads=1), 8, 16, 15, (15, 3)),
+    "compute-bound": (flux_config(4, 8, heads=3), 32, 64, 3, (5, 1), 3),
+    "latency-bound": (flux_config(2, 4, heads=1), 8, 16, 15, (15, 3), 15),
 }
 # (--quick: one tiny config; a second tiny one would repeat the same code path at twice the compile time)
-QUICK_CONFIGS = {"tiny": (flux_config(2, 2, heads=1, head_dim=16, cond_dim=16), 4, 4, 1, (1, 1))}
-INSTALL = "pip install --no-deps cache-dit==1.5.3 pyyaml accelerate"
+QUICK_CONFIGS = {"tiny": (flux_config(2, 2, heads=1, head_dim=16, cond_dim=16), 4, 4, 1, (1, 1), 1)}
+FEW_STEPS = 8
+HEADERS = ["method", "cached steps", "median s", "min s", "speedup vs plain (median)", "speedup (min)",
+           "efficiency vs ideal", "implied cached step ms", "first request s", "graphs / breaks (first request)"]
+FEW_HEADERS = ["method", "cached steps", "median s", "min s", "speedup vs plain (median)", "efficiency vs ideal",
+               "implied cached step ms"]
 
 
-class Variant:
-    """One method: ``call`` stands in for the transformer, ``reset`` starts a request, ``cached()`` the
-    last request's cached step indices (None where only a count is known: ``count()``); ``fix(threshold)``
-    (where the method can be reconfigured without a recompile) sets no warmup and that threshold and starts
-    afresh: 0 computes every step, 1e9 caches every step after the first (the per-step table)."""
-
-    def __init__(self, call, reset=None, cached=None, count=None, fix=None):
-        self.call, self.reset = call, reset or (lambda: None)
-        self.cached = cached or (lambda: None)
-        self.count = count or (lambda: len(self.cached() or []))
-        self.fix = fix
-
-
-def cache_dit_lib():
-    try:
-        import cache_dit
-    except ImportError:
-        return None
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("cache_dit"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    # cache-dit's recommended compile setup, Dynamo part only (recompile limits raised): descent_tuning=True
-    # would also change global Inductor options, i.e. the plain and cachedit-fx compiles in this process.
-    cache_dit.set_compile_configs(descent_tuning=False)
-    return cache_dit
+def make_variants(model, lib, inner, plain, fn_only):
+    """Every method on its own copy of ``model`` and its own forward code object."""
+    fx, _ = cachedit_variant(model, inner)
+    variants = {plain: Variant(compile_own(copy.deepcopy(model), inner)), f"cachedit-fx ({inner})": fx}
+    if lib is not None:
+        variants[f"cache-dit 1.5.3 + torch.compile ({inner})"] = cache_dit_variant(lib, model, inner, False)
+        variants[f"cache-dit 1.5.3 + regional compile ({inner})"] = cache_dit_variant(lib, model, inner, True)
+    variants[f"diffusers FirstBlockCache + torch.compile ({inner})"] = fbc_variant(model, inner)
+    variants[fn_only] = Variant(compile_own(first_block_only(model), inner))
+    return variants
 
 
-def cache_dit_variant(lib, model, thr, inner, regional):
-    m = copy.deepcopy(model)
-
-    def config(threshold=thr, warmup=4):
-        return lib.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                                 max_warmup_steps=warmup, enable_separate_cfg=False)
-
-    lib.enable_cache(m, cache_config=config())
-    if regional:  # compiles each block in place; the cache-dit wrappers around them stay eager
-        m.compile_repeated_blocks(backend=inner, dynamic=False)
-        call = m
-    else:
-        call = compile_own(m, inner)
-
-    def cached():
-        return list(m._context_manager.get_context(m._context_names[-1]).cached_steps)
-
-    return Variant(call, lambda: lib.refresh_context(m, cache_config=config()), cached,
-                   fix=lambda t: lib.refresh_context(m, cache_config=config(t, 0)))
+def configure_all(variants, threshold, warmup, **limits):
+    for v in variants.values():
+        if v.configure is not None:
+            v.configure(threshold, warmup, **limits)
 
 
-def per_step(variants, inputs, plain, fn_only, reps, per):
-    """Single calls at a fixed state, interleaved: each method's computed step (plain: every call) and
-    cached step (Fn only: every call); ms, median and min."""
-    out = {}
-    for state, thr in (("computed", 0.0), ("cached", 1e9)):
-        fns = {}
-        for k, v in variants.items():
-            if v.fix is not None:
-                v.fix(thr)
-                v.call(**inputs)  # the first call after a fresh start computes
-            if v.fix is not None or k == (plain if state == "computed" else fn_only):
-                fns[k] = lambda v=v: v.call(**inputs)
-        for k, r in time_interleaved(fns, reps, per).items():
-            out.setdefault(k, {})[state] = {"median_ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3}
-        for k, v in variants.items():  # the state held: nothing cached, or every call after the first
-            if v.fix is not None:
-                want = 0 if state == "computed" else reps * per
-                assert v.count() == want, f"{k}, {state} state: {v.count()} calls cached, expected {want}"
-    return out
-
-
-def graph_counts():
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+def timed_requests(name, variants, request, reps, expected, steps, plain, fn_only):
+    """Interleaved requests of every variant after the first (untimed) ones; the decisions checked against
+    ``expected``. Returns (rows, timings, cached, first_s, graphs, graphs compiled during the timed reps)."""
+    first_s, graphs = first_requests(variants, request)
+    g0 = graph_counts()
+    timings, cached = interleaved_requests(variants, request, reps)
+    recompiled = [a - b for a, b in zip(graph_counts(), g0)]
+    same = [k for k in variants if k.startswith(("cachedit-fx", "cache-dit"))]
+    bad = decision_mismatches(cached, expected, same)
+    assert not bad, f"{name}: " + "; ".join(bad)
+    assert expected, f"{name}: no step cached (the comparison tests nothing)"
+    rows = request_rows(timings, {k: c[0][1] for k, c in cached.items()}, steps, plain, fn_only, len(expected))
+    for row in rows:
+        if row["method"] in first_s:
+            row["first request s"] = first_s[row["method"]]
+            row["graphs / breaks (first request)"] = "%d / %d" % tuple(graphs[row["method"]])
+    return rows, timings, cached, first_s, graphs, recompiled
 
 
 def bench_config(name, spec, args, lib, inner, steps):
-    config, side, txt, reps, step_reps = spec
+    config, side, txt, reps, step_reps, few_reps = spec
     plain, fn_only = f"plain {inner} (uncached)", f"Fn only ({inner}, every step)"
     model, inputs, info = build_flux(config, side, txt)
+    sigmas = distilled_sigmas(FEW_STEPS)
 
     def request(call):
         return zoo.denoise(model, "flux", inputs, num_steps=steps, call=call)[0]
 
+    def few_request(call):
+        return denoise_sigmas(call, inputs, sigmas)
+
     with torch.no_grad():
-        eager_c, h_eager = cachedit(model, "eager")
-        thr, tuning = tune_threshold(lambda: request(eager_c), h_eager, steps, 1 if args.quick else 4)
-        expected = next(s.cached_steps for s in summary(eager_c, logging=False) if s.unmatched is None)
-        fx, h_fx = cachedit(model, inner)
-        h_fx.configure(cfg(thr))
-        fbc = FBC(model, thr, compile_backend=inner)
-        variants = {
-            plain: Variant(compile_own(copy.deepcopy(model), inner)),
-            f"cachedit-fx ({inner})": Variant(fx, h_fx.reset, lambda: next(
-                s.cached_steps for s in summary(fx, logging=False) if s.unmatched is None),
-                fix=lambda t: (h_fx.configure(cfg(t, warmup=0)), h_fx.reset())),
-        }
-        if lib is not None:
-            variants[f"cache-dit 1.5.3 + torch.compile ({inner})"] = cache_dit_variant(lib, model, thr, inner, False)
-            variants[f"cache-dit 1.5.3 + regional compile ({inner})"] = cache_dit_variant(lib, model, thr, inner, True)
-        variants[f"diffusers FirstBlockCache + torch.compile ({inner})"] = Variant(fbc, fbc.reset,
-                                                                                 count=fbc.cached_steps)
-        variants[fn_only] = Variant(compile_own(first_block_only(model), inner))
-        first_s, graphs = {}, {}
-        for vname, v in variants.items():  # first request compiles; outside the timing
-            g0 = graph_counts()
-            v.reset()
-            t0 = time.perf_counter()
-            request(v.call)
-            first_s[vname] = time.perf_counter() - t0
-            graphs[vname] = [a - b for a, b in zip(graph_counts(), g0)]
-        g0 = graph_counts()
-        timings = {k: [] for k in variants}
-        cached = {k: [] for k in variants}
-        for _ in range(reps):
-            for vname, v in variants.items():
-                v.reset()
-                t0 = time.perf_counter()
-                request(v.call)
-                timings[vname].append(time.perf_counter() - t0)
-                cached[vname].append((v.cached(), v.count()))
-        recompiled = [a - b for a, b in zip(graph_counts(), g0)]
+        eager, h_eager = cachedit_variant(model, "eager")
+        thr, tuning = tune_threshold(lambda: request(eager.call), h_eager, steps, 1 if args.quick else 4)
+        expected = eager.cached()
+        # the limits allow 2 cached steps of 8: bisect until both are (4 rounds even in --quick: 8 tiny calls each)
+        few_thr, few_tuning = tune_threshold(lambda: few_request(eager.call), h_eager, FEW_STEPS, 4,
+                                             target=(0.25, 0.25), warmup=DISTILLED_WARMUP, **DISTILLED_LIMITS)
+        few_expected = eager.cached()
+        variants = make_variants(model, lib, inner, plain, fn_only)
+        configure_all(variants, thr, 4)
+        rows, timings, cached, first_s, graphs, recompiled = timed_requests(
+            name, variants, request, reps, expected, steps, plain, fn_only)
         g0 = graph_counts()
         steps_ms = per_step(variants, inputs, plain, fn_only, *step_reps)
         recompiled_per_step = [a - b for a, b in zip(graph_counts(), g0)]
-    # decisions: stable across reps; cachedit-fx and cache-dit identical to the compile=False tuning run
-    for vname, runs in cached.items():
-        assert all(r == runs[0] for r in runs), f"{name} / {vname}: decisions differ between reps: {runs}"
-    same = [k for k in variants if k.startswith(("cachedit-fx", "cache-dit"))]
-    for k in same:
-        assert cached[k][0][0] == list(expected), \
-            f"{name} / {k}: cached steps {cached[k][0][0]}, the compile=False cachedit-fx run cached {list(expected)}"
-    assert expected, f"{name}: no step cached at threshold {thr} (the comparison tests nothing)"
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    low = {k: min(v) for k, v in timings.items()}
-
-    def ideal(n, t):  # t: median or min request times
-        return ((steps - n) * t[plain] + n * t[fn_only]) / steps
-
-    def implied(n, k):  # what each cached step cost, if its computed steps cost a plain step
-        if k == fn_only:
-            return 1e3 * med[fn_only] / steps
-        return 1e3 * (med[k] - (steps - n) * med[plain] / steps) / n if n else ""
-
-    rows = []
-    for k in variants:
-        n = cached[k][0][1] if k != fn_only else steps
-        rows.append({"method": k, "cached steps": f"{n}/{steps}" if k != fn_only else "(all Fn only)",
-                     "median s": med[k], "min s": low[k], "speedup vs plain (median)": med[plain] / med[k],
-                     "speedup (min)": low[plain] / low[k],
-                     "efficiency vs ideal": ideal(n, med) / med[k] if k != fn_only else "",
-                     "implied cached step ms": implied(n, k), "first request s": first_s[k],
-                     "graphs / breaks (first request)": "%d / %d" % tuple(graphs[k])})
-    n_same = len(expected)
-    rows.append({"method": f"ideal (computed x plain step + cached x Fn-only step, {n_same} cached)",
-                 "cached steps": f"{n_same}/{steps}", "median s": ideal(n_same, med), "min s": ideal(n_same, low),
-                 "speedup vs plain (median)": med[plain] / ideal(n_same, med),
-                 "speedup (min)": low[plain] / ideal(n_same, low), "efficiency vs ideal": 1.0})
+        configure_all(variants, few_thr, DISTILLED_WARMUP, **DISTILLED_LIMITS)
+        few_rows, few_timings, few_cached, _, few_graphs, _ = timed_requests(
+            f"{name} few-step", variants, few_request, few_reps, few_expected, FEW_STEPS, plain, fn_only)
     if lib is None:
         rows.append({"method": "cache-dit 1.5.3", "cached steps": f"not installed: {INSTALL}"})
-    headers = ["method", "cached steps", "median s", "min s", "speedup vs plain (median)", "speedup (min)",
-               "efficiency vs ideal", "implied cached step ms", "first request s", "graphs / breaks (first request)"]
     print(f"\n### {name}: {info['model']}; {steps} Euler steps, F1B0, W4, threshold {thr:.4g}; "
           f"{reps} interleaved reps\n")
-    print(table(headers, rows))
+    print(table(HEADERS, rows))
     print(f"\ncached steps ({'cachedit-fx = cache-dit' if lib else 'cachedit-fx'} = compile=False run, asserted): "
           f"{list(expected)}; graphs compiled during the "
           f"timed reps: {recompiled[0]}, graph breaks: {recompiled[1]}")
-    step_rows = [{"method": k, **{f"{state} step {stat} ms": v[state][f"{stat}_ms"] for state in v
-                                  for stat in ("median", "min")},
-                  "cached / Fn only (median)": v["cached"]["median_ms"] / steps_ms[fn_only]["cached"]["median_ms"]
-                  if "cached" in v else ""} for k, v in steps_ms.items()]
     print(f"\nper step: single calls at a fixed state, {step_reps[0]} x {step_reps[1]} interleaved (computed: "
-          f"threshold 0; cached: threshold 1e9, no warmup, after one computing call; FirstBlockCache cannot be "
-          f"reconfigured without a recompile); graphs compiled meanwhile: {recompiled_per_step[0]}\n")
-    print(table(["method", "computed step median ms", "computed step min ms", "cached step median ms",
-                 "cached step min ms", "cached / Fn only (median)"], step_rows))
+          f"threshold 0; cached: threshold 1e9, no warmup, after one computing call; FirstBlockCache's threshold "
+          f"is set on its hook, no recompile); graphs compiled meanwhile: {recompiled_per_step[0]}\n")
+    print(table(STEP_HEADERS, step_rows(steps_ms, fn_only)))
+    few_new_graphs = sum(g[0] for g in few_graphs.values())
+    print(f"\n### {name}, few-step: {FEW_STEPS} steps on a distilled model's schedule (Qwen-Image-Lightning's: "
+          f"flow matching, time shift 3), no CFG; F1B0, W{DISTILLED_WARMUP}, max_cached_steps "
+          f"{DISTILLED_LIMITS['max_cached_steps']}, max_continuous_cached_steps "
+          f"{DISTILLED_LIMITS['max_continuous_cached_steps']} (cache-dit's config for that 8-step model), threshold "
+          f"{few_thr:.4g}; {few_reps} interleaved reps after one untimed request each (graphs compiled by it: "
+          f"{few_new_graphs})\n")
+    print(table(FEW_HEADERS, few_rows))
+    print(f"\ncached steps ({'cachedit-fx = cache-dit' if lib else 'cachedit-fx'} = compile=False run, asserted): "
+          f"{list(few_expected)}; FirstBlockCache (threshold alone, no warmup or limits): "
+          f"{few_cached[next(k for k in variants if 'FirstBlockCache' in k)][0][0]}")
     return {"info": info, "config": config, "side": side, "text_tokens": txt, "reps": reps, "threshold": thr,
             "tuning": tuning, "cached_steps": list(expected), "rows": rows, "timings_s": timings,
             "cached_per_rep": {k: [c[1] for c in v] for k, v in cached.items()}, "first_request_s": first_s,
             "graphs_breaks_first_request": graphs, "graphs_breaks_timed": recompiled, "per_step_ms": steps_ms,
-            "per_step_reps": step_reps, "graphs_breaks_per_step": recompiled_per_step}
+            "per_step_reps": step_reps, "graphs_breaks_per_step": recompiled_per_step,
+            "few_step": {"steps": FEW_STEPS, "sigmas": sigmas, "warmup": DISTILLED_WARMUP, **DISTILLED_LIMITS,
+                         "threshold": few_thr, "tuning": few_tuning, "cached_steps": list(few_expected),
+                         "reps": few_reps, "rows": few_rows, "timings_s": few_timings,
+                         "cached_per_rep": {k: [c[1] for c in v] for k, v in few_cached.items()},
+                         "graphs_breaks_first_request": few_graphs}}
 
 
 def main():

@@ -1,17 +1,18 @@
 """Smoke test of benchmarks/: each script runs with --quick (tiny zoo Flux, or the shipped digits DiT for
-fidelity; no Inductor, no timing asserts), prints its markdown table and writes its JSON. They run
+fidelity, or for gpu a tiny bf16 Flux with a guidance embedding on the CPU; no Inductor, no timing asserts), prints its markdown table and writes its JSON. They run
 as parallel subprocesses."""
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("step_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers", "scaling",
-           "prune_forms")
+SCRIPTS = ("step_cost", "guard_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers",
+           "scaling", "gpu", "prune_forms")
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -23,10 +24,12 @@ def runs(tmp_path_factory):
     procs = {name: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick",
                                      "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for name in SCRIPTS}
-    results = {}
+    # one deadline for all: they share the CPUs, so the first one waited on must not get less time than the
+    # last (a quiet 2-core machine runs them all in ~4 minutes)
+    deadline, results = time.monotonic() + 900, {}
     for name, p in procs.items():
         try:
-            stdout, _ = p.communicate(timeout=240)
+            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             stdout, _ = p.communicate()
@@ -66,6 +69,45 @@ def test_peers_quick_same_decisions(runs):
         peers = [r for m, r in rows.items() if m.startswith("cache-dit 1.5.3 + ")]
         assert len(peers) == (2 if data["cache_dit"] else 0), name
         assert all(r["cached steps"] == want for r in peers), name
+        few = conf["few_step"]
+        few_rows = {r["method"].split(" (")[0]: r for r in few["rows"]}
+        few_want = f"{len(few['cached_steps'])}/{few['steps']}"
+        assert 0 < len(few["cached_steps"]) <= few["max_cached_steps"], name  # cache-dit's 8-step limits hold
+        assert few_rows["cachedit-fx"]["cached steps"] == few_want, name
+        assert all(r["cached steps"] == few_want for m, r in few_rows.items() if m.startswith("cache-dit 1.5.3 + "))
+        assert len(few["sigmas"]) == few["steps"] + 1 and few["sigmas"][0] == 1.0 and few["sigmas"][-1] == 0.0
+
+
+def test_peers_quick_threshold_centred(runs):
+    """The bisected threshold moves to the middle of its gap between the compared diffs: same decisions,
+    a margin above zero."""
+    rc, _, path = runs["peers"]
+    assert rc == 0
+    for conf in json.loads(path.read_text())["configs"].values():
+        for tuning in (conf["tuning"], conf["few_step"]["tuning"]):
+            last = tuning[-1]
+            assert last["centred"] and last["margin"] > 0 and last["cached"] == tuning[-2]["cached"]
+
+
+def test_gpu_quick_every_peer_at_identical_decisions(runs):
+    """gpu.py --quick runs the GPU script's code on the CPU: every caching variant (cachedit-fx, cache-dit
+    where installed, FirstBlockCache at no warmup) cached the tuning run's steps in every request, the
+    outputs stayed finite, and the plan and the CUDA-graphs finding are recorded."""
+    rc, stdout, path = runs["gpu"]
+    assert rc == 0, stdout[-3000:]
+    data = json.loads(path.read_text())
+    assert data["decision_mismatches"] == [] and data["cached_steps"]
+    assert data["info"]["model"].endswith("bfloat16") and data["config"]["guidance_embeds"]
+    want = f"{len(data['cached_steps'])}/{data['steps']}"
+    rows = {r["method"]: r for r in data["rows"]}
+    caching = ["cachedit-fx", "diffusers FirstBlockCache + torch.compile"]
+    caching += ["cache-dit 1.5.3 + torch.compile"] if data["cache_dit"] else []
+    assert all(rows[m]["cached steps"] == want for m in caching)
+    assert rows["plain torch.compile"]["cached steps"] == f"0/{data['steps']}"
+    assert all("compile s" in rows[m] and "first request s" in rows[m] for m in caching)
+    assert data["cudagraphs_with_cond"][0] is False and "no CUDA" in data["cudagraphs_with_cond"][1]
+    assert {"computed_step_s", "requests_s", "compile_s", "total_s"} <= set(data["plan"])
+    assert "plan (H100 estimate)" in stdout and "cached steps (every caching variant" in stdout
 
 
 def test_prune_forms_quick_counts(runs):

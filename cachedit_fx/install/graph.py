@@ -17,6 +17,7 @@ from ..errors import ConfigError, IslandsNeeded
 from ..runtime.handle import chain_lists
 from .eager_switch import EagerSwitch, largest_block_list
 from .modes import InstallState, Mode
+from .owned import OwnedGuards
 
 # Graphs one install may compile (one per input shape, e.g. resolution or text length, each with its own
 # state) before calls with new shapes run uncached; Dynamo's default of 8 is low for serving.
@@ -38,9 +39,16 @@ class GraphInstall:
         self.grad_forward = None
         self.failed: ConfigError | None = None  # a config that does not fit the model, found at the first call
         self._first_compile = False  # inside the first inference call's compile, which logs on its own
+        self.owned = OwnedGuards()  # the one-graph compile's guards on the module, checked per request
 
     def run(self, original, args, kwargs):
-        """A call after the first inference call compiled."""
+        """A call after the first inference call compiled; the first of a request whose module changed
+        since the guard-light compile (owned.py) compiles again."""
+        if self.owned.stale(self.state.module, self.state.handle):
+            logger.info("cachedit: %s changed (submodules, attributes or parameter metadata) since it was "
+                        "compiled; compiling again", self.state.class_name)
+            self.clear()
+            return self.compile_and_run(original, args, kwargs)
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported:
@@ -82,6 +90,7 @@ class GraphInstall:
         """Forget the compiled forwards (a new structure compiles again on the next call); islands stay."""
         self.state.handle.graphs.clear()
         self.compiled = self.grad_forward = self.failed = None
+        self.owned.forget()
 
     def uninstall(self) -> None:
         self.clear()
@@ -111,8 +120,11 @@ class GraphInstall:
         return self._backend(gm, example_inputs)
 
     def _compile(self, original, backend, fullgraph: bool):
+        # only the one-graph compile's single frame is the module's forward, its ``self`` the module
+        light = self.owned.filter_for(self.state.handle) if fullgraph else None
+        options = {"guard_filter_fn": light} if light is not None else None
         return logging_ignored(torch.compile(private_code(original), backend=backend, dynamic=False,
-                                             fullgraph=fullgraph, recompile_limit=MAX_GRAPHS))
+                                             fullgraph=fullgraph, recompile_limit=MAX_GRAPHS, options=options))
 
     def _fit_one_graph(self, original, args, kwargs):
         module, state = self.state.module, self.state
@@ -151,6 +163,7 @@ class GraphInstall:
                 self.islands.extend(islands.install_all(new))
                 continue
             self.compiled, state.mode = fn, Mode.ONE_GRAPH
+            self.owned.compiled(module, state.handle)
             return out
         return self._run_with_breaks(original, args, kwargs, outside)
 

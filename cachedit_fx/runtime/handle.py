@@ -78,6 +78,7 @@ class CacheHandle:
     graphs: list[CompiledGraph] = field(default_factory=list)
     islands_checked: bool = False  # enable_cache looked for islands before compiling (islands.py)
     resets_per_call: bool = False  # a pipeline install: every pipeline call starts a new request
+    requests: int = 0  # requests marked on the host (reset calls): the install's once-per-request checks
     warned: set = field(default_factory=set)  # causes already warned about, one warning each per install
     held: list | None = None  # warnings waiting for release_warnings(), or None: warn at once
     serial: int = field(default_factory=itertools.count().__next__, init=False)  # creation order
@@ -100,6 +101,7 @@ class CacheHandle:
             warnings.warn(message, stacklevel=3)
 
     def reset(self) -> None:
+        self.requests += 1
         for c in self.chains:
             c.state.reset()
 
