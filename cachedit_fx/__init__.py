@@ -1,4 +1,5 @@
-"""cachedit-fx: DBCache / TaylorSeer caching for Diffusion Transformers as a torch.compile graph pass.
+"""cachedit-fx: DBCache / FirstBlockCache / MagCache with TaylorSeer / FoCa / DMD forecasts for Diffusion
+Transformers as a torch.compile graph pass.
 
 The names are cache-dit's, so ``import cachedit_fx as cache_dit`` runs a cache-dit script unchanged.
 The package is laid out as the pipeline: ``config`` and ``compat`` (what users write) -> ``capture`` and
@@ -8,7 +9,8 @@ from .compat.adapter import BlockAdapter
 from .compat.forward_pattern import ForwardPattern
 from .compat.masks import steps_mask
 from .compat.stats import CacheStats
-from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, SeparateCFG,
+from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, DMDCalibratorConfig,
+                     FirstBlockCacheConfig, FoCaCalibratorConfig, MagCacheConfig, SeparateCFG,
                      TaylorSeerCalibratorConfig)
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
@@ -21,7 +23,8 @@ Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPatter
 
 __all__ = [
     "BasicCacheConfig", "BlockAdapter", "CacheStats", "CacheType", "CacheditError", "CaptureError", "ChainPolicy",
-    "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern", "MissingDependency", "NONE",
+    "ConfigError", "DBCache", "DBCacheConfig", "DMDCalibratorConfig", "ExportError", "FirstBlockCacheConfig",
+    "FoCaCalibratorConfig", "ForwardPattern", "MagCacheConfig", "MissingDependency", "NONE",
     "NoCacheableChain", "ParamsModifier", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4",
     "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "disable_cache", "enable_cache", "export",
     "load", "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_matrix", "supported_pipelines",

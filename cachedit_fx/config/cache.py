@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from .fields import (ConfigBase, check_bool, check_choice, check_float, check_int, fail,
                      structural)
@@ -59,12 +59,14 @@ class DBCacheConfig(ConfigBase):
     force_refresh_step_hint: int | None = None
     force_refresh_step_policy: str = "once"
     per_sample: bool = structural(False)
+    # The fewest Fn blocks the config allows: MagCache (config/indicators.py) skips the first block too.
+    MIN_FN: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
         self.cache_type = CacheType.parse(self.cache_type)
         if self.cache_type is CacheType.DBPrune:
             fail("cache_type", "CacheType.DBCache or CacheType.NONE (DBPrune is not supported)", self.cache_type)
-        check_int("Fn_compute_blocks", self.Fn_compute_blocks, 1)
+        check_int("Fn_compute_blocks", self.Fn_compute_blocks, self.MIN_FN)
         check_int("Bn_compute_blocks", self.Bn_compute_blocks, 0)
         check_float("residual_diff_threshold", self.residual_diff_threshold)
         check_int("max_warmup_steps", self.max_warmup_steps, 0)

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import DBCacheConfig
-from .calibrator import TaylorSeerCalibratorConfig
+from .calibrator import CalibratorConfig, coerce_calibrator
 from .choices import ChainPolicy, SeparateCFG
-from .fields import coerce, structural_fields, validated
+from .fields import structural_fields, validated
+from .indicators import coerce_cache
 
 if TYPE_CHECKING:
     from ..compat.forward_pattern import ForwardPattern
@@ -34,8 +35,8 @@ class PassSettings:
     """What the passes need to know: the cache structure (Fn/Bn, calibrator, per-sample), how calls map
     to CFG branches, which chains to cache (or the one a BlockAdapter pins), and where the state lives."""
 
-    cache_config: DBCacheConfig
-    calibrator_config: TaylorSeerCalibratorConfig | None = None
+    cache_config: DBCacheConfig  # or FirstBlockCacheConfig / MagCacheConfig (config/indicators.py)
+    calibrator_config: CalibratorConfig | None = None
     separate_cfg: SeparateCFG = SeparateCFG.OFF
     chains: ChainPolicy = ChainPolicy.LONGEST
     device: torch.device | None = None
@@ -64,17 +65,20 @@ def pass_settings(cache_config, calibrator_config=None, separate_cfg: Any = data
         group: the process group sharding the sequence; None: found from the graph's collectives.
         device: where the state tensors live.
     """
-    cache = validated(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig())
-    calib = validated(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"))
+    cache = validated(coerce_cache(cache_config) or DBCacheConfig())
+    calib = validated(coerce_calibrator(calibrator_config))
     separate = cache.enable_separate_cfg if separate_cfg is dataclasses.MISSING else separate_cfg
     return PassSettings(cache, calib, separate_cfg_mode(separate), ChainPolicy.parse(chains, "chains"), device,
                         tuple(pinned), group)
 
 
 def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
-                       old_calib: TaylorSeerCalibratorConfig | None = None,
-                       new_calib: TaylorSeerCalibratorConfig | None = None) -> list[str]:
-    """The fields that differ and are compiled into the graph (a change needs a new compile)."""
+                       old_calib: CalibratorConfig | None = None,
+                       new_calib: CalibratorConfig | None = None) -> list[str]:
+    """The fields that differ and are compiled into the graph (a change needs a new compile); another
+    config class (an indicator: FirstBlockCache, MagCache) is one such change."""
+    if type(old_cache) is not type(new_cache):
+        return [f"cache_config ({type(old_cache).__name__} -> {type(new_cache).__name__})"]
     changed = [f for f in structural_fields(old_cache) if getattr(old_cache, f) != getattr(new_cache, f)]
     if (old_calib is None) != (new_calib is None) or type(old_calib) is not type(new_calib):
         changed.append("calibrator_config")
@@ -83,6 +87,6 @@ def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
     return changed
 
 
-def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None) -> str:
+def strify(cache_config: DBCacheConfig, calibrator_config: CalibratorConfig | None = None) -> str:
     """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator)."""
     return f"{cache_config.strify()}_{calibrator_config.strify() if calibrator_config is not None else 'T0O0'}"

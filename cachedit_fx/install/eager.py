@@ -59,7 +59,7 @@ class EagerCache:
         n, fn, bn = len(blocks), cache.Fn_compute_blocks, cache.Bn_compute_blocks
         if fn + bn > n:
             raise ConfigError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {path}[{n}] of {n} "
-                              f"blocks: need 1 <= Fn, 0 <= Bn and Fn + Bn <= {n}")
+                              f"blocks: need {cache.MIN_FN} <= Fn, 0 <= Bn and Fn + Bn <= {n}")
         if fn + bn == n:
             raise NoCacheableChain(f"chain {path}[{n}]: the middle segment is empty (Fn + Bn == number of blocks)")
         self.blocks, self.path, self.handle, self.separate_cfg = blocks, path, handle, separate_cfg
@@ -131,6 +131,8 @@ class EagerCache:
             h, e = self._streams_in(args, kwargs)
             if i == 0:
                 call.h_in = h
+                if self.last_fn < 0:  # no Fn (MagCache): decide before the first block
+                    self._decide(call, h, [h] + ([e] if e is not None and self._returns_e(h, e) else []))
             if self.first_mid <= i <= self.last_mid and call.cached:
                 order = ["H"] if call.base and len(call.base) == 1 else self._output_order((h, e), h)
                 if i < self.last_mid:
@@ -139,13 +141,9 @@ class EagerCache:
             out = original(*args, **kwargs)
             if i == self.last_fn:
                 h_out, e_out, _ = self._unpack(out, h)
-                call.base = [h_out] + ([e_out] if e_out is not None else [])
                 if self.group is not None and h_out.shape != call.h_in.shape:
                     call.h_in = ranks.own_shard(call.h_in, h_out, self.group)
-                call.fn_res = h_out - call.h_in
-                call.chain = self._chain_for(call.fn_res, call.base)
-                call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent,
-                                    *call.chain.state.ordered())
+                self._decide(call, h_out, [h_out] + ([e_out] if e_out is not None else []))
             if i == self.last_mid:
                 h_out, e_out, order = self._unpack(out, h)
                 return self._finish(call, [h_out] + ([e_out] if e_out is not None else []), order)
@@ -153,17 +151,34 @@ class EagerCache:
 
         return forward
 
+    def _decide(self, call: _Call, h_fn: torch.Tensor, base: list) -> None:
+        """Fn has run (or is empty): the call's state and decision."""
+        call.base = base
+        call.fn_res = h_fn - call.h_in
+        call.chain = self._chain_for(call.fn_res, call.base)
+        call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent, *call.chain.state.ordered())
+
+    def _returns_e(self, h, e) -> bool:
+        """Whether the blocks return E (a stream of the middle) rather than only read it; needed before
+        the first block runs when Fn is empty."""
+        order = self._order or self._source_order
+        if order is None:
+            raise NoCacheableChain(f"{self.path}: with Fn_compute_blocks=0 the eager cache needs the blocks' return "
+                                   "order before they run; pin it with BlockAdapter(forward_pattern=...)")
+        return "E" in order or "encoder_hidden_states" in order
+
     def _finish(self, call: _Call, outs: list, order: list[str]):
         """The middle's outputs for this call: computed (``outs``) or forecast, and the state updated."""
         chain = call.chain
         layout, pre = chain.layout, call.pre
         ref, *ladders = (chain.state.tensors[n] for n in layout.stored_names())
+        history = [chain.state.tensors[n] for n in layout.history_names()]
         if call.cached:
-            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, ref, ladders)
+            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, ref, ladders, history)
         else:
             out = computed_step(layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance,
-                                call.fn_res, outs, call.base, ref, ladders)
-        post_step(layout, pre, out.finite, out.rows, *chain.state.ordered())
+                                call.fn_res, outs, call.base, ref, ladders, history)
+        post_step(layout, pre, out.finite, out.rows, *chain.state.ordered(), logged=out.logged)
         mixed = out.outs
         return self._pack(mixed[0], mixed[1] if len(mixed) > 1 else None, order)
 

@@ -68,7 +68,7 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
         return PassResult(gm, unmatched=found.reason)
     cache = settings.cache_config
     try:
-        splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
+        splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks, cache.MIN_FN)
                   for info in pick_chains(work, found, settings)]
         chains = rewrite(work, splits, settings, settings.group or sequence_group(work))
     except NoCacheableChain as e:

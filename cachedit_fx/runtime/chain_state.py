@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DBCacheConfig
-from .layout import ChainLayout, params_from_config
+from .layout import ChainLayout, configured_values
 
 
 class ChainState:
@@ -18,10 +18,11 @@ class ChainState:
         self.reset()
 
     def configure(self, cache_config: DBCacheConfig) -> None:
-        """Load the request-level numbers (threshold, warmup, mask ...) without touching the graph."""
-        params, mask = params_from_config(cache_config)
-        self.tensors["params"].copy_(torch.tensor(params, dtype=torch.float64))
-        self.tensors["mask"].copy_(torch.tensor(mask, dtype=torch.int8))
+        """Load the request-level numbers (threshold, warmup, mask, MagCache's ratios ...) without touching
+        the graph."""
+        for name, values in configured_values(self.layout, cache_config).items():
+            t = self.tensors[name]
+            t.copy_(torch.tensor(values, dtype=t.dtype))
 
     def reset(self) -> None:
         for f in self.layout.fields():
