@@ -26,6 +26,7 @@ class ChainStats:
     cached: list[bool]
     diffs: list[float]
     gates: list[str]
+    ratios: list[float] = field(default_factory=list)  # MagCache calibration's, per step
 
     @property
     def n_cached(self) -> int:
@@ -60,6 +61,7 @@ def cache_stats(handle: CacheHandle, transformer: str) -> list[CacheStats]:
         by_branch = {s.branch: s for s in _chain_stats(chain)}
         cached, diffs, gates = _branch_fields(by_branch.get(1 - cfg_branch))
         cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(cfg_branch))
+        ratios, cfg_ratios = (by_branch[b].ratios if b in by_branch else [] for b in (1 - cfg_branch, cfg_branch))
         out.append(CacheStats(
             cache_options=options, cached_steps=cached, residual_diffs=diffs, cfg_cached_steps=cfg_cached,
             cfg_residual_diffs=cfg_diffs, accumulated_cached_steps=len(cached),
@@ -67,7 +69,7 @@ def cache_stats(handle: CacheHandle, transformer: str) -> list[CacheStats]:
             accumulated_transformer_executed_steps=len(gates) + len(cfg_gates), transformer=transformer,
             chain=chain.about.name, pattern=chain.about.pattern, n_blocks=chain.about.n_blocks, Fn=chain.about.fn,
             Bn=chain.about.bn,
-            gates=gates, cfg_gates=cfg_gates))
+            gates=gates, cfg_gates=cfg_gates, mag_ratios=ratios, cfg_mag_ratios=cfg_ratios))
     return out
 
 
@@ -84,6 +86,9 @@ def render_stats(stats: list[CacheStats], details: bool = False) -> str:
             p = ", ".join(f"{k}={v:.3f}" for k, v in diff_percentiles(diffs.values()).items())
             lines.append(f"{s.transformer} {s.chain} pattern {s.pattern} F{s.Fn}B{s.Bn}: {label}cached "
                          f"{len(cached)}/{steps} steps; diff {p or '-'}")
+            ratios = s.cfg_mag_ratios if label else s.mag_ratios
+            if ratios:
+                lines.append(f"  {label}MagCache ratios (MagCacheConfig(mag_ratios=...)): {[round(r, 5) for r in ratios]}")
             if details:
                 lines.append(f"  {label}cached steps: {cached}")
                 lines.append(f"  {label}residual diffs: " + ", ".join(f"{k}: {v:.4f}" for k, v in diffs.items()))
@@ -95,7 +100,8 @@ def collect(handle: CacheHandle) -> list[ChainStats]:
 
 
 def _chain_stats(chain) -> list[ChainStats]:
-    t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log")}
+    t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log", "ratio_log")
+         if k in chain.state.tensors}
     called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
     out = []
     for b, steps in enumerate(called):
@@ -109,6 +115,7 @@ def _chain_stats(chain) -> list[ChainStats]:
             cached=[bool(x) for x in t["cached_log"][b, :steps].all(dim=1)],
             diffs=[float(x) for x in t["diff_log"][b, :steps].nanmean(dim=1)] if steps else [],
             gates=[GATE_NAMES.get(int(g), "-") for g in t["gate_log"][b, :steps, 0]],
+            ratios=[float(x) for x in t["ratio_log"][b, :steps].mean(dim=1)] if "ratio_log" in t else [],
         ))
     return out
 
