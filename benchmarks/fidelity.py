@@ -4,7 +4,7 @@ threshold searched to about the same number of cached transformer calls (~40 %, 
 request's calls), then PSNR / SSIM against the uncached images, the digit classifier's accuracy, the
 transformer blocks run, and the wall time.
 
-    python benchmarks/fidelity.py [--quick]
+    python benchmarks/fidelity.py [--quick] [--steps N] [--per-class N] [--trials N] [--repeats N]
 
 Cells: indicators DBCache F1B0 (warmup 2), FirstBlockCache (diffusers' rule: against the last computed
 step, no warmup) and MagCache (accumulated error of calibrated magnitude ratios; skips every block) x
@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -177,12 +178,20 @@ def search(make, generate, target: int, trials: int, memo: dict):
 
 
 def main():
-    args = parse_args("fidelity")
+    def options(p):
+        p.add_argument("--steps", type=int, default=None, help="inference steps (default 28; --quick 8)")
+        p.add_argument("--per-class", type=int, default=None, help="digits per class (default 5; --quick 1)")
+        p.add_argument("--trials", type=int, default=None, help="threshold trials per target (default 8; --quick 1)")
+        p.add_argument("--repeats", type=int, default=None, help="interleaved timed runs (default 3; --quick 1)")
+
+    args = parse_args("fidelity", options)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # a pipeline is loaded per trial
     diffusers_logging.set_verbosity_error()
-    steps, per_class, trials, repeats = (8, 1, 1, 1) if args.quick else (28, 5, 8, 3)
+    defaults = (8, 1, 1, 1) if args.quick else (28, 5, 8, 3)
+    given = (args.steps, args.per_class, args.trials, args.repeats)
+    steps, per_class, trials, repeats = (d if g is None else g for g, d in zip(given, defaults))
     labels = [d for _ in range(per_class) for d in range(10)]
     calls = 2 * steps
     fractions = (0.4,) if args.quick else (0.4, 0.7, 0.85)
@@ -229,7 +238,7 @@ def main():
           f"wall: median of {repeats} interleaved runs, eager)\n")
     print(table(["method", "target", "threshold", "cached calls", "blocks run", "speedup (wall)", "PSNR dB", "SSIM",
                  "accuracy"], rows))
-    write_json("fidelity", args, {"steps": steps, "labels": labels, "target_cached_calls": targets, "rows": rows,
+    write_json("fidelity", args, {"argv": sys.argv[1:], "steps": steps, "labels": labels, "target_cached_calls": targets, "rows": rows,
                                   "tuning": tuning, "timings_s": timings})
 
 
