@@ -25,15 +25,23 @@ def _check_common(config, own_type: str) -> None:
 
 
 @dataclass
-class TaylorSeerCalibratorConfig(ConfigBase):
-    """Forecast the cached middle residuals (or hidden states) with a Taylor series over the computed
-    steps. Every field is cache-dit's."""
+class _CalibratorFields(ConfigBase):
+    """The fields every cache-dit calibrator config has, in cache-dit's order (a subclass sets its own
+    ``calibrator_type`` default; the field keeps its place)."""
 
     enable_calibrator: bool = structural(True)
     enable_encoder_calibrator: bool = structural(True)
     calibrator_type: str = structural("taylorseer")
     calibrator_cache_type: str = structural("residual")
     calibrator_kwargs: dict = structural(default_factory=dict)
+
+
+@dataclass
+class TaylorSeerCalibratorConfig(_CalibratorFields):
+    """Forecast the cached middle residuals (or hidden states) with a Taylor series over the computed
+    steps. Every field is cache-dit's."""
+
+    calibrator_type: str = structural("taylorseer")
     taylorseer_order: int = structural(1)
 
     def __post_init__(self) -> None:
@@ -51,17 +59,13 @@ class TaylorSeerCalibratorConfig(ConfigBase):
 
 
 @dataclass
-class FoCaCalibratorConfig(ConfigBase):
+class FoCaCalibratorConfig(_CalibratorFields):
     """FoCa (cache-dit 1.5.3): a cached step forecasts ``F_full + (e/2)·((F_full − F_full_prev) +
     (F_k − F_km1))`` from the last two computed values and the last two values (computed or forecast),
     damped towards ``F_full`` beyond 3 steps (docs/algorithm.md). No hyper-parameters: like cache-dit,
     ``calibrator_kwargs`` is accepted and ignored."""
 
-    enable_calibrator: bool = structural(True)
-    enable_encoder_calibrator: bool = structural(True)
     calibrator_type: str = structural("foca")
-    calibrator_cache_type: str = structural("residual")
-    calibrator_kwargs: dict = structural(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_common(self, "foca")
@@ -71,18 +75,14 @@ class FoCaCalibratorConfig(ConfigBase):
 
 
 @dataclass
-class DMDCalibratorConfig(ConfigBase):
+class DMDCalibratorConfig(_CalibratorFields):
     """DMD (cache-dit 1.5.3): a cached step forecasts by dynamic mode decomposition over the evenly
     spaced tail of the last ``dmd_history`` computed values once it holds 4 or more, else by a first
     order Taylor step (docs/algorithm.md). ``dmd_svd_precision`` is accepted for cache-dit's scripts; the
     forecast comes from the snapshots' Gram matrix here, which every precision gives alike.
     ``calibrator_kwargs`` may set ``n_derivatives`` (the fallback's order, cache-dit's only extra)."""
 
-    enable_calibrator: bool = structural(True)
-    enable_encoder_calibrator: bool = structural(True)
     calibrator_type: str = structural("dmd")
-    calibrator_cache_type: str = structural("residual")
-    calibrator_kwargs: dict = structural(default_factory=dict)
     dmd_history: int = structural(6)
     dmd_rank: int = structural(0)
     dmd_ridge: float = structural(1e-8)
