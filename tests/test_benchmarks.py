@@ -122,3 +122,22 @@ def test_prune_forms_quick_counts(runs):
         assert r["conds"] == (7 if r["form"] == "cond" else 0), r
         assert r["pruned blocks per step"] == str([0, 0, 7, 7, 7, 7, 0, 7]), r
         assert r["max rel diff vs cond/eager"] <= 1e-5, r
+
+
+def test_fidelity_quick_every_cell(runs):
+    """Every indicator x calibrator cell has a row, and where cache-dit runs the same cell (DBCache F1B0
+    with any calibrator) or diffusers its own indicator, both cache the same calls with the same PSNR at
+    the same threshold (the decisions and outputs are the libraries')."""
+    rc, _, path = runs["fidelity"]
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+    calibrators = ("", " + TaylorSeer O1", " + FoCa", " + DMD")
+    for indicator in ("DBCache F1B0", "FirstBlockCache", "MagCache"):
+        for cal in calibrators:
+            assert f"cachedit-fx {indicator}{cal}" in rows, sorted(rows)
+    peers = {f"cache-dit 1.5.3 DBCache F1B0{cal}": f"cachedit-fx DBCache F1B0{cal}" for cal in calibrators}
+    peers.update({"diffusers FirstBlockCache": "cachedit-fx FirstBlockCache", "diffusers MagCache": "cachedit-fx MagCache"})
+    for peer, mine in peers.items():
+        if peer in rows and rows[peer]["threshold"] == rows[mine]["threshold"]:
+            assert rows[peer]["cached calls"] == rows[mine]["cached calls"], (peer, rows[peer], rows[mine])
+            assert abs(rows[peer]["PSNR dB"] - rows[mine]["PSNR dB"]) <= 1e-3, (peer, rows[peer], rows[mine])

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..config import (DBCacheConfig, PassSettings, PinnedList, TaylorSeerCalibratorConfig, coerce,
-                      pass_settings, structural_changes)
+from ..config import (PassSettings, PinnedList, coerce_cache, coerce_calibrator, pass_settings,
+                      structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle
 from .inner import check_inner
@@ -61,9 +61,8 @@ def _group_name(group) -> str | None:
 def _check_agrees(handle: CacheHandle, cache, calib) -> None:
     """A handle owns its configs (``configure`` may have changed its numbers since): configs given beside
     it must agree on what is compiled into the graph."""
-    given_cache = coerce(cache, DBCacheConfig, "cache_config") or handle.cache_config
-    given_calib = coerce(calib, TaylorSeerCalibratorConfig, "calibrator_config") if calib is not None else \
-        handle.calibrator_config
+    given_cache = coerce_cache(cache) or handle.cache_config
+    given_calib = coerce_calibrator(calib) if calib is not None else handle.calibrator_config
     changed = structural_changes(handle.cache_config, given_cache, handle.calibrator_config, given_calib)
     if changed:
         raise ConfigError(f"cachedit backend: the options' {', '.join(changed)} disagree with the handle's, which "

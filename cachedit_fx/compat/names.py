@@ -37,9 +37,6 @@ _SUBMODULE = ("a cache-dit subpackage; cachedit-fx's package is laid out by stag
               "runtime, passes, backend, install, export: docs/architecture.md)")
 
 ABSENT = {
-    "CalibratorConfig": "the base of cache-dit's calibrators; cachedit-fx runs TaylorSeerCalibratorConfig only",
-    "DMDCalibratorConfig": "the DMD (Prony) calibrator is not implemented; use TaylorSeerCalibratorConfig",
-    "FoCaCalibratorConfig": "a placeholder in cache-dit itself (no FoCa calibrator runs there either)",
     "ENV": "cache-dit's environment settings; the few CACHE_DIT_* switches that matter here are read where used",
     "LayerwiseOffloadHandle": _OFFLOAD, "LayerwiseOffloadHandleGroup": _OFFLOAD, "layerwise_offload": _OFFLOAD,
     "layerwise_cpu_offload": _OFFLOAD, "get_layerwise_offload_handles": _OFFLOAD, "remove_layerwise_offload": _OFFLOAD,

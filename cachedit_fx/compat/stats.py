@@ -40,6 +40,10 @@ class CacheStats:
     gates: list[str] = field(default_factory=list)
     cfg_gates: list[str] = field(default_factory=list)
     unmatched: str | None = None
+    # MagCacheConfig(calibrate=True): the per-step residual magnitude ratios diffusers prints, to pass as
+    # MagCacheConfig(mag_ratios=...); empty otherwise
+    mag_ratios: list[float] = field(default_factory=list)
+    cfg_mag_ratios: list[float] = field(default_factory=list)
 
     @property
     def steps(self) -> int:

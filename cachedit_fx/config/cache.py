@@ -60,6 +60,8 @@ class DBCacheConfig(ConfigBase):
     force_refresh_step_hint: int | None = None
     force_refresh_step_policy: str = "once"
     per_sample: bool = structural(False)
+    # The fewest Fn blocks the config allows: MagCache (config/indicators.py) skips the first block too.
+    MIN_FN: ClassVar[int] = 1
 
     # The cache types this config class runs (a DBPrune config is a DBPruneConfig, config/prune.py).
     CACHE_TYPES: ClassVar[tuple[CacheType, ...]] = (CacheType.DBCache, CacheType.NONE)
@@ -80,7 +82,7 @@ class DBCacheConfig(ConfigBase):
             allowed = " or ".join(f"CacheType.{t.value}" for t in self.CACHE_TYPES)
             hint = " (DBPrune: use DBPruneConfig)" if self.cache_type is CacheType.DBPrune else ""
             fail("cache_type", f"{allowed} for {type(self).__name__}{hint}", self.cache_type)
-        check_int("Fn_compute_blocks", self.Fn_compute_blocks, 1)
+        check_int("Fn_compute_blocks", self.Fn_compute_blocks, self.MIN_FN)
         check_int("Bn_compute_blocks", self.Bn_compute_blocks, 0)
         check_float("residual_diff_threshold", self.residual_diff_threshold)
         check_int("max_warmup_steps", self.max_warmup_steps, 0)

@@ -13,9 +13,10 @@ import torch
 
 from ..errors import ConfigError
 from .cache import DBCacheConfig
-from .calibrator import TaylorSeerCalibratorConfig
+from .calibrator import CalibratorConfig, coerce_calibrator
 from .choices import ChainPolicy, SeparateCFG
-from .fields import coerce, structural_fields, validated
+from .fields import structural_fields, validated
+from .indicators import coerce_cache
 from .prune import is_prune
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ class PassSettings:
     """What the passes need to know: the cache structure (Fn/Bn, calibrator, per-sample), how calls map
     to CFG branches, which chains to cache (or the one a BlockAdapter pins), and where the state lives."""
 
-    cache_config: DBCacheConfig
-    calibrator_config: TaylorSeerCalibratorConfig | None = None
+    cache_config: DBCacheConfig  # or FirstBlockCacheConfig / MagCacheConfig (config/indicators.py)
+    calibrator_config: CalibratorConfig | None = None
     separate_cfg: SeparateCFG = SeparateCFG.OFF
     chains: ChainPolicy = ChainPolicy.LONGEST
     device: torch.device | None = None
@@ -69,8 +70,8 @@ def pass_settings(cache_config, calibrator_config=None, separate_cfg: Any = data
         group: the process group sharding the sequence; None: found from the graph's collectives.
         device: where the state tensors live.
     """
-    cache = validated(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig())
-    calib = validated(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"))
+    cache = validated(coerce_cache(cache_config) or DBCacheConfig())
+    calib = validated(coerce_calibrator(calibrator_config))
     if is_prune(cache) and calib is not None:
         raise ConfigError("calibrator_config must be None with DBPruneConfig: cachedit-fx prunes by reusing each "
                           f"block's last residual and forecasts nothing per block (got {type(calib).__name__})")
@@ -80,11 +81,14 @@ def pass_settings(cache_config, calibrator_config=None, separate_cfg: Any = data
 
 
 def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
-                       old_calib: TaylorSeerCalibratorConfig | None = None,
-                       new_calib: TaylorSeerCalibratorConfig | None = None) -> list[str]:
-    """The fields that differ and are compiled into the graph (a change needs a new compile)."""
+                       old_calib: CalibratorConfig | None = None,
+                       new_calib: CalibratorConfig | None = None) -> list[str]:
+    """The fields that differ and are compiled into the graph (a change needs a new compile); another
+    config class (an indicator: FirstBlockCache, MagCache) is one such change."""
     fields = dict.fromkeys([*structural_fields(old_cache), *structural_fields(new_cache)])  # configs of two classes
     changed = [f for f in fields if getattr(old_cache, f, None) != getattr(new_cache, f, None)]
+    if type(old_cache) is not type(new_cache):
+        changed.insert(0, f"cache_config ({type(old_cache).__name__} -> {type(new_cache).__name__})")
     if (old_calib is None) != (new_calib is None) or type(old_calib) is not type(new_calib):
         changed.append("calibrator_config")
     elif old_calib is not None:
@@ -92,7 +96,7 @@ def structural_changes(old_cache: DBCacheConfig, new_cache: DBCacheConfig,
     return changed
 
 
-def strify(cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None = None,
+def strify(cache_config: DBCacheConfig, calibrator_config: CalibratorConfig | None = None,
            pruned_ratio: float | None = None) -> str:
     """cache-dit's tag of a cache and calibrator config pair (``T0O0`` without a calibrator); under DBPrune
     with ``pruned_ratio`` (the last request's) ``_P<percent>`` follows the cache config's part."""

@@ -10,7 +10,7 @@ import zipfile
 
 import torch
 
-from ..config import DBCacheConfig, TaylorSeerCalibratorConfig
+from ..config import CACHE_CLASSES, coerce_calibrator
 from ..errors import ConfigError
 from ..runtime.chain_state import ChainState
 from ..runtime.handle import CacheHandle, CachedChain, CompiledGraph
@@ -35,8 +35,8 @@ class CachedTransformer(torch.nn.Module):
         self._bounds = {s: (lo, math.inf if hi is None else hi) for s, (lo, hi) in meta["bounds"].items()}
         self._state_shapes = [c["state_shapes"] for c in meta["chains"]]
         self._last_shapes = None
-        cache = DBCacheConfig(**meta["cache_config"])
-        calib = TaylorSeerCalibratorConfig(**meta["calibrator_config"]) if meta["calibrator_config"] else None
+        cache = CACHE_CLASSES[meta.get("cache_config_type", "DBCacheConfig")](**meta["cache_config"])
+        calib = coerce_calibrator(meta["calibrator_config"])
         chains = []
         for c in meta["chains"]:
             layout = ChainLayout.from_dict(c["layout"])

@@ -141,6 +141,7 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
         "symbols": shapes.symbols_of(user_values),
         "bounds": shapes.bounds_of(user_values),
         "cache_config": dict(vars(cache)),
+        "cache_config_type": type(cache).__name__,
         "calibrator_config": dict(vars(calib)) if calib else None,
         "chains": [{"about": dataclasses.asdict(c.about), "layout": c.layout.to_dict(), "state_shapes": t}
                    for c, t in zip(rewritten, templates)],

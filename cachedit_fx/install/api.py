@@ -15,8 +15,8 @@ import torch
 from ..compat.adapter import BlockAdapter
 from ..compat.register import BlockAdapterRegister
 from ..compat.stats import CacheStats
-from ..config import (PRUNE_FIELDS, CacheType, DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig, coerce,
-                      merged, strify as config_strify, structural_changes)
+from ..config import (PRUNE_FIELDS, CacheType, DBCacheConfig, DBPruneConfig, TaylorSeerCalibratorConfig,
+                      coerce_cache, coerce_calibrator, merged, strify as config_strify, structural_changes)
 from ..errors import ConfigError
 from ..runtime.handle import CacheHandle, handles_for, last_request
 from ..runtime.stats import cache_stats, collect, plot_diffs, render_stats
@@ -51,9 +51,9 @@ class ParamsModifier:
 
     def __init__(self, cache_config=None, calibrator_config=None, **fields):
         cache, calib = configs_from_fields(fields, "ParamsModifier")
-        self.cache_config = merged(coerce(cache_config, DBCacheConfig, "ParamsModifier.cache_config"), cache)
-        self.calibrator_config = merged(coerce(calibrator_config, TaylorSeerCalibratorConfig,
-                                               "ParamsModifier.calibrator_config"), calib)
+        self.cache_config = merged(coerce_cache(cache_config, "ParamsModifier.cache_config"), cache)
+        self.calibrator_config = merged(coerce_calibrator(calibrator_config, "ParamsModifier.calibrator_config"),
+                                        calib)
 
 
 def _transformers(obj) -> list[tuple[str | None, torch.nn.Module]]:
@@ -105,8 +105,8 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
     pipe = adapter.pipe if isinstance(pipe_or_adapter, BlockAdapter) else pipe_or_adapter
     is_pipe = pipe is not None and not isinstance(pipe, torch.nn.Module)
     if cache_config is not None or flat_cache is not None or all(v is None for v in deployment.values()):
-        cache = merged(coerce(cache_config, DBCacheConfig, "cache_config") or DBCacheConfig(), flat_cache)
-        calib = merged(coerce(calibrator_config, TaylorSeerCalibratorConfig, "calibrator_config"), flat_calib)
+        cache = merged(coerce_cache(cache_config) or DBCacheConfig(), flat_cache)
+        calib = merged(coerce_calibrator(calibrator_config), flat_calib)
         disable_cache(pipe_or_adapter)
         hooks = _install_hooks(targets, adapter, params_modifiers, cache, calib, "eager" if not compile else inner,
                                eager, is_pipe)
@@ -221,10 +221,8 @@ def refresh_context(obj, num_inference_steps: int | None = None, cache_config=No
     for name, module in targets:
         hook = cache_hook(module)
         for handle in _module_handles(module):
-            new_cache = merged(merged(handle.cache_config, coerce(cache_config, DBCacheConfig, "cache_config")),
-                               flat_cache)
-            new_calib = merged(merged(handle.calibrator_config, coerce(calibrator_config, TaylorSeerCalibratorConfig,
-                                                                       "calibrator_config")), flat_calib)
+            new_cache = merged(merged(handle.cache_config, coerce_cache(cache_config)), flat_cache)
+            new_calib = merged(merged(handle.calibrator_config, coerce_calibrator(calibrator_config)), flat_calib)
             changed = structural_changes(handle.cache_config, new_cache, handle.calibrator_config, new_calib)
             if changed and hook is None:
                 raise ConfigError(f"refresh_context: {', '.join(changed)} are compiled into {name}'s graph, which "

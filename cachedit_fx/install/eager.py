@@ -123,7 +123,7 @@ class EagerCache:
         name = "+".join(f"{lst.path}[{len(lst.blocks)}]" for lst in self.lists[:n_lists])
         if fn + bn > n:
             raise ConfigError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {name} of {n} "
-                              f"blocks: need 1 <= Fn, 0 <= Bn and Fn + Bn <= {n}")
+                              f"blocks: need {cache.MIN_FN} <= Fn, 0 <= Bn and Fn + Bn <= {n}")
         if fn + bn == n:
             raise NoCacheableChain(f"chain {name}: the middle segment is empty (Fn + Bn == number of blocks)")
         self.n, self.name = n, name
@@ -223,6 +223,8 @@ class EagerCache:
             h, e = self._streams_in(lst, args, kwargs)
             if g == 0:
                 call.h_in = h
+                if self.last_fn < 0:  # no Fn (MagCache): decide before the first block
+                    self._decide(call, h, [h] + ([e] if e is not None and self._returns_e(lst) else []))
             if call.returned is not None and i == 0 and k > 0 and not self._fed_by_previous(call, g, h, e):
                 self._end_before(call, k)
                 return original(*args, **kwargs)
@@ -254,17 +256,28 @@ class EagerCache:
         call.chain = self._chain_for(call.fn_res, call.base)
         call.pre = pre_step(call.chain.layout, call.fn_res, call.timestep, call.latent, *call.chain.state.ordered())
 
+    @staticmethod
+    def _returns_e(lst: BlockList) -> bool:
+        """Whether the blocks return E (a stream of the middle) rather than only read it; needed before
+        the first block runs when Fn is empty."""
+        order = lst.order or lst.source_order
+        if order is None:
+            raise NoCacheableChain(f"{lst.path}: with Fn_compute_blocks=0 the eager cache needs the blocks' return "
+                                   "order before they run; pin it with BlockAdapter(forward_pattern=...)")
+        return "E" in order or "encoder_hidden_states" in order
+
     def _finish(self, call: _Call, outs: list, order: list[str]):
         """The middle's outputs for this call: computed (``outs``) or forecast, and the state updated."""
         chain = call.chain
         layout, pre = chain.layout, call.pre
         ref, *ladders = (chain.state.tensors[n] for n in layout.stored_names())
+        history = [chain.state.tensors[n] for n in layout.history_names()]
         if call.cached:
-            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, ref, ladders)
+            out = cached_step(layout, call.base, pre.branch, pre.ladder_len, pre.distance, ref, ladders, history)
         else:
             out = computed_step(layout, pre.use_cache, pre.step, pre.branch, pre.ladder_len, pre.distance,
-                                call.fn_res, outs, call.base, ref, ladders)
-        post_step(layout, pre, out.finite, out.rows, *chain.state.ordered())
+                                call.fn_res, outs, call.base, ref, ladders, history)
+        post_step(layout, pre, out.finite, out.rows, *chain.state.ordered(), logged=out.logged)
         mixed = out.outs
         return self._pack(mixed[0], mixed[1] if len(mixed) > 1 else None, order)
 

@@ -80,7 +80,8 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
                 raise NoCacheableChain(f"DBPrune runs in one process; this graph is sharded over {group}")
             chains = rewrite_pruned(work, picked, settings)
         else:
-            splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks) for info in picked]
+            splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks, cache.MIN_FN)
+                      for info in picked]
             chains = rewrite(work, splits, settings, group)
         moved = sink_into_branches(work)
         flattened = flatten_subclass_operands(work)  # after sink, which moves weight reads into branches

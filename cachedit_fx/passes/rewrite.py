@@ -48,27 +48,30 @@ def cond_branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
     return GraphModule(segment, graph)  # takes from ``segment`` only what the graph's get_attr nodes name
 
 
-# The operands after the middle's inputs, in this order, then the stored state (layout.stored_names());
-# both branches take the same operands.
+# The operands after the middle's inputs, in this order, then the stored state (layout.stored_names()),
+# then the history counters (layout.history_names()); both branches take the same operands.
 _STEP_OPERANDS = ("fn_res", "use_cache", "step", "branch", "ladder_len", "distance")
 
 
 def _n_outputs(layout: ChainLayout) -> int:
-    return len(layout.streams) + 1 + len(layout.stored_names())  # BranchOut flattened: outs, finite, rows
+    # BranchOut flattened: outs, finite, rows, logged
+    return len(layout.streams) + 1 + len(layout.stored_names()) + int(layout.records_ratios)
 
 
 def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body) -> GraphModule:
     """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
-    (a step.py function returning a :class:`BranchOut`), whose flattened outputs the branch returns."""
+    (a step.py function returning a :class:`BranchOut`) but the history counters, which follow them;
+    the branch returns the BranchOut flattened."""
     flat = named_function(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}")
-    n_step = len(_STEP_OPERANDS)
+    n_step, n_stored = len(_STEP_OPERANDS), len(layout.stored_names())
 
     def graph_body(g, ops):
-        mid, step_ops, stored = ops[:n_in], dict(zip(_STEP_OPERANDS, ops[n_in:n_in + n_step])), ops[n_in + n_step:]
-        out = g.call_function(flat, body(g, mid, step_ops, stored))
+        mid, step_ops = ops[:n_in], dict(zip(_STEP_OPERANDS, ops[n_in:n_in + n_step]))
+        stored, history = ops[n_in + n_step:n_in + n_step + n_stored], ops[n_in + n_step + n_stored:]
+        out = g.call_function(flat, (*body(g, mid, step_ops, stored), history))
         return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
 
-    return cond_branch(n_in + n_step + len(layout.stored_names()), graph_body, segment)
+    return cond_branch(n_in + n_step + n_stored + len(layout.history_names()), graph_body, segment)
 
 
 def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int) -> GraphModule:
@@ -208,7 +211,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
 
     pre_fn = named_function(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st),
                             f"cachedit_pre_step_{idx}")
-    post_fn = named_function(lambda *a: post_step(layout, *a), f"cachedit_post_step_{idx}")
+    post_fn = named_function(lambda *a, **kw: post_step(layout, *a, **kw), f"cachedit_post_step_{idx}")
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
     pre = add("call_function", pre_fn, (fn_res, timestep, latent, *state_nodes))
 
@@ -220,10 +223,12 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
     operands = (*[own_buffer(i, add) for i in split.middle_inputs], *step_operands,
-                *(by_name[n] for n in layout.stored_names()))
+                *(by_name[n] for n in (*layout.stored_names(), *layout.history_names())))
     cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
     final = [add("call_function", operator.getitem, (cond, i)) for i in range(_n_outputs(layout))]
-    add("call_function", post_fn, (pre, final[k], final[k + 1:], *state_nodes))
+    rows_end = k + 1 + len(layout.stored_names())
+    add("call_function", post_fn, (pre, final[k], final[k + 1:rows_end], *state_nodes),
+        {"logged": final[rows_end:]})
     final = final[:k]
     middle = set(split.middle_nodes)
     for old, new in zip(split.middle_outputs, final):

@@ -68,19 +68,21 @@ def _as_block_reads(h_in: Node, h_fn: Node, fn_nodes: list[Node]) -> Node:
     return h_in
 
 
-def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int) -> Split:
+def split_chain(gm: GraphModule, info: ChainInfo, fn: int, bn: int, min_fn: int = 1) -> Split:
+    """``fn`` may be 0 where the config allows it (``min_fn``: MagCache skips the first block too); Fn is
+    then empty and H leaves it as it entered."""
     n = info.n_blocks
-    if fn < 1 or bn < 0 or fn + bn > n:
+    if fn < min_fn or bn < 0 or fn + bn > n:
         raise ConfigError(f"Fn_compute_blocks={fn}, Bn_compute_blocks={bn} do not fit chain {info.name} of {n} "
-                         f"blocks: need 1 <= Fn, 0 <= Bn and Fn + Bn <= {n}")
+                         f"blocks: need {min_fn} <= Fn, 0 <= Bn and Fn + Bn <= {n}")
     blocks = info.blocks
     chain_nodes = _span(blocks[0].nodes[0], blocks[-1].nodes[-1])
     pos = {node: i for i, node in enumerate(chain_nodes)}
-    cut1 = pos[blocks[fn - 1].nodes[-1]] + 1
+    cut1 = pos[blocks[fn - 1].nodes[-1]] + 1 if fn else 0
     cut2 = pos[blocks[n - bn - 1].nodes[-1]] + 1
     fn_nodes, middle, bn_nodes = chain_nodes[:cut1], chain_nodes[cut1:cut2], chain_nodes[cut2:]
     h_in = next(i for i, r in info.streams[0].inputs.items() if r == "H")
-    h_fn = _role_output(info.streams[fn - 1], "H")
+    h_fn = _role_output(info.streams[fn - 1], "H") if fn else h_in
     h_in = _as_block_reads(h_in, h_fn, fn_nodes)
     inside = set(middle)
     # A get_attr (a higher-order op's subgraph: flex_attention's score_mod / mask_mod) is code, not data:

@@ -10,12 +10,13 @@ import math
 
 import torch
 
-from .layout import named_params
+from .layout import MAG_PARAM_NAMES, named_params
 
 # Which gate of docs/algorithm.md settled a step (gate_log values; 0 = no call at that step).
 GATE_NAMES = {
     1: "warmup", 2: "steps_mask", 3: "max_cached_steps", 4: "max_continuous_cached_steps",
     5: "max_accumulated_diff", 6: "threshold<=0", 7: "no_reference", 8: "threshold>=1", 9: "diff_test",
+    10: "retention", 11: "mag_error_test", 12: "calibrate",  # MagCache's
 }
 TAYLOR_START = 3  # the first step at which a computed step may add a derivative to its ladder
 
@@ -39,46 +40,87 @@ def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int, group: str | 
     return sums[0] / sums[1]
 
 
-def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask):
-    """docs/algorithm.md's gates 1–9, first that fires wins. Returns (use_cache, gate, recorded_diff), each (S,).
-
-    ``step`` is a 0-dim int tensor; ``diff`` the relative L1 of the Fn residual (S,), possibly NaN.
-    ``recorded_diff`` is the diff the step records (gates 8/9), NaN where an earlier gate fired.
-    """
-    p = named_params(params)
-    thr, warmup, interval, max_cached = p["threshold"], p["warmup"], p["interval"], p["max_cached"]
-    max_cont, max_acc, has_mask, static = p["max_continuous"], p["max_accumulated"], p["has_mask"], p["static_mask"]
+def _limit_gates(step, cached_count, run, acc_diff, p, mask):
+    """Gates 1-5 of docs/algorithm.md (warmup, mask, limits), every indicator's: (condition, use_cache
+    when it fires, gate id), first first."""
     stepf = step.to(torch.float64)
     in_mask = step < mask.shape[0]
     # index_select, not mask[step]: indexing with a 0-dim tensor calls __index__ (a host read)
     bit = mask.index_select(0, step.clamp(0, mask.shape[0] - 1).reshape(1)).reshape(())
     mask_bit = torch.where(in_mask, bit, torch.zeros_like(bit)) == 1
-    fired = [  # (condition, use_cache when it fires)
-        ((stepf < warmup) & (torch.remainder(stepf, interval) == 0), False),
-        ((has_mask > 0) & mask_bit, False),
-        ((has_mask > 0) & ~mask_bit & (static > 0), True),
-        ((max_cached >= 0) & (cached_count.double() >= max_cached), False),
-        ((max_cont >= 0) & (run.double() >= max_cont), False),
-        ((max_acc > 0) & (acc_diff >= max_acc), False),
-        (thr <= 0, False),
-        (~has_ref, False),
-        (thr >= 1, True),
+    return [
+        ((stepf < p["warmup"]) & (torch.remainder(stepf, p["interval"]) == 0), False, 1),
+        ((p["has_mask"] > 0) & mask_bit, False, 2),
+        ((p["has_mask"] > 0) & ~mask_bit & (p["static_mask"] > 0), True, 2),
+        ((p["max_cached"] >= 0) & (cached_count.double() >= p["max_cached"]), False, 3),
+        ((p["max_continuous"] >= 0) & (run.double() >= p["max_continuous"]), False, 4),
+        ((p["max_accumulated"] > 0) & (acc_diff >= p["max_accumulated"]), False, 5),
     ]
-    gate_ids = [1, 2, 2, 3, 4, 5, 6, 7, 8]
-    slots = diff.shape[0]
-    finite = torch.isfinite(diff)
-    use_cache = finite & (diff.double() < thr)
-    gate = torch.full((slots,), 9, dtype=torch.int8, device=diff.device)
-    recorded = torch.where(thr >= 1, torch.full_like(diff, -1.0), diff)
-    settled_early = torch.zeros(slots, dtype=torch.bool, device=diff.device)
-    for (cond, value), gid in reversed(list(zip(fired, gate_ids))):
-        cond = cond.expand(slots)
+
+
+def _settle(gates, use_cache, gate, early_below: int):
+    """Apply ``gates`` (first that fires wins) over a default decision; also returns which slots a gate
+    with an id below ``early_below`` settled."""
+    settled_early = torch.zeros_like(use_cache)
+    for cond, value, gid in reversed(gates):
+        cond = cond.expand(use_cache.shape[0])
         use_cache = torch.where(cond, torch.full_like(use_cache, value), use_cache)
         gate = torch.where(cond, torch.full_like(gate, gid), gate)
-        if gid < 8:
+        if gid < early_below:
             settled_early = settled_early | cond
+    return use_cache, gate, settled_early
+
+
+def decide(step, diff, has_ref, cached_count, run, acc_diff, params, mask, rule: str = "dbcache"):
+    """docs/algorithm.md's gates 1–9, first that fires wins. Returns (use_cache, gate, recorded_diff), each (S,).
+
+    ``step`` is a 0-dim int tensor; ``diff`` the relative L1 of the Fn residual (S,), possibly NaN.
+    ``recorded_diff`` is the diff the step records (gates 8/9), NaN where an earlier gate fired.
+    ``rule="first_block"`` is diffusers' FirstBlockCache: no threshold gates (6, 8), and gate 9 caches
+    iff ``diff <= threshold`` (NaN caches).
+    """
+    p = named_params(params)
+    thr = p["threshold"]
+    gates = _limit_gates(step, cached_count, run, acc_diff, p, mask)
+    if rule == "first_block":
+        gates += [(~has_ref, False, 7)]
+        use_cache = ~(diff.double() > thr)
+        recorded = diff
+    else:
+        gates += [(thr <= 0, False, 6), (~has_ref, False, 7), (thr >= 1, True, 8)]
+        use_cache = torch.isfinite(diff) & (diff.double() < thr)
+        recorded = torch.where(thr >= 1, torch.full_like(diff, -1.0), diff)
+    gate = torch.full((diff.shape[0],), 9, dtype=torch.int8, device=diff.device)
+    use_cache, gate, settled_early = _settle(gates, use_cache, gate, 8)
     recorded = torch.where(settled_early, torch.full_like(diff, math.nan), recorded)
     return use_cache, gate, recorded
+
+
+def decide_magcache(step, has_ref, cached_count, run, acc_diff, params, mask, mag_params, ratios, acc_ratio, acc_err,
+                    acc_steps, calibrate: bool):
+    """diffusers' MagCache after gates 1-5: from the retention step on, the step's calibrated ratio
+    multiplies the accumulated ratio and ``|1 - ratio|`` adds to the accumulated error (float32, as
+    diffusers' tensors); skip while a residual is held, the error is within the threshold and at most
+    ``max_skip`` steps ran skipped. A computed step from the retention step on resets the accumulators.
+
+    Returns (use_cache, gate, recorded error, (acc_ratio, acc_err, acc_steps) afterwards), per slot."""
+    p, m = named_params(params), dict(zip(MAG_PARAM_NAMES, mag_params.unbind(0)))
+    at = step.clamp(0, ratios.shape[0] - 1).reshape(1)
+    scale = torch.where(step < m["n_ratios"], ratios.index_select(0, at).reshape(()), torch.ones_like(ratios[0]))
+    active = step >= m["retention"]
+    ratio, n = acc_ratio * scale, acc_steps + 1
+    err = acc_err + (1.0 - ratio).abs()
+    skip = has_ref & (err <= p["threshold"].float()) & (n <= m["max_skip"])
+    gates = [(torch.full_like(active, calibrate), False, 12), *_limit_gates(step, cached_count, run, acc_diff, p, mask),
+             (~active, False, 10), (~has_ref, False, 7)]
+    gate = torch.full_like(acc_steps, 11, dtype=torch.int8)
+    use_cache, gate, _ = _settle(gates, skip, gate, 0)
+    grown, reset = active & use_cache, active & ~use_cache
+    after = (torch.where(reset, torch.ones_like(ratio), torch.where(grown, ratio, acc_ratio)),
+             torch.where(reset, torch.zeros_like(err), torch.where(grown, err, acc_err)),
+             torch.where(reset, torch.zeros_like(n), torch.where(grown, n, acc_steps)))
+    recorded = torch.where(active & ((gate == 11) | (gate == 7)), err, torch.full_like(err, math.nan))
+    return use_cache, gate, recorded, after
 
 
 def taylor_update(ladder, ladder_len, value, window, step):
@@ -119,19 +161,15 @@ def all_finite(xs, slots: int, group: str | None = None) -> torch.Tensor:
     return across_ranks(bad, group) == 0
 
 
-def commit(use_cache, finite, step, recorded_diff, longest, cached_count, run, ladder_len, last_computed, has_ref,
-           acc_diff):
+def commit(use_cache, finite, step, recorded_diff, cached_count, run, last_computed, has_ref, acc_diff):
     """Counter updates after a step (S,) each: cached steps count and extend the run, computed steps
-    reset it, grow the ladder and become the new reference point; positive recorded diffs (+inf too,
-    NaN not) accumulate. A computed step whose residuals are not ``finite`` leaves no reference and an
-    empty ladder: the next step computes afresh."""
+    reset it and become the new reference point; positive recorded diffs (+inf too, NaN not)
+    accumulate. A computed step whose residuals are not ``finite`` leaves no reference: the next step
+    computes afresh (its calibrator history empties: calibrators.commit_history)."""
     computed = ~use_cache
-    kept = computed & finite
     return dict(
         cached_count=cached_count + use_cache.long(),
         run=torch.where(use_cache, run + 1, torch.zeros_like(run)),
-        ladder_len=torch.where(kept, next_ladder_len(ladder_len, step, longest),
-                               torch.where(computed, torch.zeros_like(ladder_len), ladder_len)),
         last_computed=torch.where(computed, step.expand_as(last_computed), last_computed),
         has_ref=torch.where(computed, finite, has_ref),
         acc_diff=acc_diff + torch.where(recorded_diff > 0, recorded_diff.double(), torch.zeros_like(acc_diff)),

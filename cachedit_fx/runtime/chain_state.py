@@ -18,7 +18,7 @@ class ChainState:
         self.reset()
 
     def configure(self, cache_config: DBCacheConfig) -> None:
-        """Load the request-level numbers (threshold, warmup, mask ...) without touching the graph."""
+        """Load the request-level numbers (threshold, warmup, mask, MagCache's ratios ...) without touching the graph."""
         for name, values in self.layout.configured(cache_config).items():
             tensor = self.tensors[name]
             tensor.copy_(torch.tensor(values, dtype=tensor.dtype))

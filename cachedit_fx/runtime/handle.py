@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
-from ..config import DBCacheConfig, TaylorSeerCalibratorConfig, coerce, structural_changes, validated
+from ..config import CalibratorConfig, DBCacheConfig, coerce_cache, structural_changes, validated
 from ..errors import ConfigError
 from .chain_state import ChainState
 from .layout import ChainAbout, ChainLayout
@@ -74,7 +74,7 @@ class CacheHandle:
     """Everything the backend compiled for one model."""
 
     cache_config: DBCacheConfig
-    calibrator_config: TaylorSeerCalibratorConfig | None
+    calibrator_config: CalibratorConfig | None
     graphs: list[CompiledGraph] = field(default_factory=list)
     islands_checked: bool = False  # enable_cache looked for islands before compiling (islands.py)
     resets_per_call: bool = False  # a pipeline install: every pipeline call starts a new request
@@ -111,7 +111,7 @@ class CacheHandle:
         Raises:
             ConfigError: the config also changes fields compiled into the graphs (Fn / Bn ...).
         """
-        cache_config = validated(coerce(cache_config, DBCacheConfig, "cache_config"))
+        cache_config = validated(coerce_cache(cache_config))
         changed = structural_changes(self.cache_config, cache_config)
         if changed and self.graphs:
             raise ConfigError(f"configure: {', '.join(changed)} are compiled into the graphs; refresh_context "

@@ -16,13 +16,16 @@ from typing import Any
 
 import torch
 
-from ..config import DBCacheConfig, SeparateCFG, TaylorSeerCalibratorConfig
+from ..config import CalibratorConfig, DBCacheConfig, DMDCalibratorConfig, SeparateCFG, indicator_of
+from ..errors import ConfigError
 
 LOG_CAPACITY = 1024
 
 PARAM_NAMES = ("threshold", "warmup", "interval", "max_cached", "max_continuous", "max_accumulated",
                "has_mask", "static_mask", "n_steps", "refresh_hint", "refresh_repeat")
 PARAM_INDEX = {name: i for i, name in enumerate(PARAM_NAMES)}
+# MagCache's request-level numbers (its own small tensor, present in MagCache layouts only)
+MAG_PARAM_NAMES = ("retention", "max_skip", "n_ratios")
 
 
 def param(params: torch.Tensor, name: str) -> torch.Tensor:
@@ -45,12 +48,36 @@ class BranchBy(str, enum.Enum):
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """One value the middle segment produces (a carry into Bn): its shape, dtype and ladder length."""
+    """One value the middle segment produces (a carry into Bn): its shape, dtype, role ("H" / "E"), how
+    a cached step forecasts it and how many activation-sized entries its history (``ladder_k``) holds."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    ladder: int  # TaylorSeer order + 1; 1 = plain DBCache (reuse the last residual)
+    ladder: int  # history entries: TaylorSeer order + 1 (1 = plain DBCache, reuse), FoCa 4, DMD H + 2(n + 1)
     absolute: bool = False  # calibrator_cache_type="hidden_states": forecast the value, not its residual
+    calibrator: str = "taylorseer"  # "taylorseer" (ladder 1: reuse) | "foca" | "dmd"
+    role: str = "H"
+
+
+@dataclass(frozen=True)
+class CalibratorSpec:
+    """The chain's calibrator, as compiled in: its kind and DMD's numbers. ``order``: TaylorSeer's order,
+    or the order of DMD's Taylor fallback (0: no calibrator, every stream reuses)."""
+
+    kind: str = "taylorseer"  # "taylorseer" | "foca" | "dmd"
+    order: int = 0
+    history: int = 0  # DMD's snapshots
+    rank: int = 0  # DMD's truncation rank (0: from the spectrum)
+    ridge: float = 1e-8
+
+    def entries(self) -> int:
+        """A calibrated stream's history entries (see :class:`StreamSpec`)."""
+        return {"taylorseer": self.order + 1, "foca": 4, "dmd": self.history + 2 * (self.order + 1)}[self.kind]
+
+    def longest(self) -> int:
+        """The largest ``ladder_len``: TaylorSeer's valid derivatives, FoCa's computed values (2), DMD's
+        valid fallback derivatives."""
+        return 2 if self.kind == "foca" else self.order + 1
 
 
 class Clear(str, enum.Enum):
@@ -91,6 +118,9 @@ class ChainLayout:
     # The process group the sequence is sharded over (context parallelism), by name: diffs, latent
     # changes, finiteness and the decision are reduced over it so every rank decides alike. None: one process.
     group: str | None = None
+    calibrator: CalibratorSpec = CalibratorSpec()
+    indicator: str = "dbcache"  # when to cache: "dbcache" | "first_block" | "magcache" (config/indicators.py)
+    records_ratios: bool = False  # MagCache's calibration run: log the H residual's magnitude ratio per step
 
     def fields(self) -> list[StateField]:
         """The state table, in the order the graph takes the tensors. Reference and ladders keep their
@@ -111,16 +141,38 @@ class ChainLayout:
         ]
         table += [(f"ladder_{k}", (nb, st.ladder, *st.shape), st.dtype, 0.0, never)
                   for k, st in enumerate(self.streams)]
+        if self.calibrator.kind == "dmd":  # the fallback ladder before the last one, the snapshots' steps
+            table += [("prev_ladder_len", (nb, s), i64, 0, context),
+                      ("dmd_steps", (nb, s, self.calibrator.history), i64, -1, context)]
+        if self.indicator == "magcache":
+            f32 = torch.float32
+            table += [("mag_params", (len(MAG_PARAM_NAMES),), f64, None, never),
+                      ("mag_ratios", (cap,), f32, None, never),
+                      ("mag_acc_ratio", (nb, s), f32, 1.0, context),
+                      ("mag_acc_err", (nb, s), f32, 0.0, context),
+                      ("mag_acc_steps", (nb, s), i64, 0, context)]
+        if self.records_ratios:
+            table.append(("ratio_log", (nb, cap, s), torch.float32, math.nan, context))
         return [StateField(*row) for row in table]
 
     def configured(self, cache_config: DBCacheConfig) -> dict[str, list]:
-        """The values of the fields a config loads (``initial`` None): the request-level numbers."""
+        """The values of the fields a config loads (``initial`` None): the request-level numbers (and
+        MagCache's ratios)."""
         params, mask = params_from_config(cache_config)
-        return {"params": params, "mask": mask}
+        out = {"params": params, "mask": mask}
+        if self.indicator == "magcache":
+            steps = cache_config.num_inference_steps or 1
+            ratios = cache_config.resampled_ratios(steps)[:LOG_CAPACITY] if cache_config.mag_ratios is not None else []
+            retention = int(cache_config.retention_ratio * steps + 0.5)
+            out["mag_params"] = [float(retention), float(cache_config.max_skip_steps), float(len(ratios))]
+            out["mag_ratios"] = ratios + [1.0] * (LOG_CAPACITY - len(ratios))
+        return out
 
     @property
     def ladder(self) -> int:
-        """The longest ladder of the chain's streams (``ladder_len`` counts up to it)."""
+        """The largest ``ladder_len`` of the chain's calibrator (TaylorSeer: its longest ladder)."""
+        if self.calibrator.kind != "taylorseer":
+            return self.calibrator.longest()
         return max([1, *(st.ladder for st in self.streams)])
 
     def names(self) -> list[str]:
@@ -130,6 +182,11 @@ class ChainLayout:
         """The activation-sized state a computed step stores and a cached one reads: the reference,
         then one ladder per stream (the order of :class:`~cachedit_fx.step.BranchOut`'s rows)."""
         return ["ref", *(f"ladder_{k}" for k in range(len(self.streams)))]
+
+    def history_names(self) -> list[str]:
+        """The small history counters a forecast reads besides ``ladder_len`` (DMD's), in the order the
+        cond's branches take them."""
+        return ["prev_ladder_len", "dmd_steps"] if self.calibrator.kind == "dmd" else []
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {f.name: (f.shape, f.dtype) for f in self.fields()}
@@ -141,18 +198,19 @@ class ChainLayout:
         out["latent_shape"] = None if self.latent_shape is None else list(self.latent_shape)
         out["latent_dtype"] = _dtype_name(self.latent_dtype)
         out["streams"] = [{"shape": list(s.shape), "dtype": _dtype_name(s.dtype), "ladder": s.ladder,
-                           "absolute": s.absolute} for s in self.streams]
+                           "absolute": s.absolute, "calibrator": s.calibrator, "role": s.role} for s in self.streams]
         out["branch_by"] = self.branch_by.value
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ChainLayout":
-        streams = tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"], s["absolute"])
-                        for s in d["streams"])
+        streams = tuple(StreamSpec(tuple(s["shape"]), _dtype(s["dtype"]), s["ladder"], s["absolute"],
+                                   s.get("calibrator", "taylorseer"), s.get("role", "H")) for s in d["streams"])
         latent = None if d["latent_shape"] is None else tuple(d["latent_shape"])
+        calib = d.get("calibrator") or {"order": max(s.ladder for s in streams) - 1 if streams else 0}
         return cls(**{**d, "fn_shape": tuple(d["fn_shape"]), "fn_dtype": _dtype(d["fn_dtype"]), "streams": streams,
                       "branch_by": BranchBy(d["branch_by"]), "latent_shape": latent,
-                      "latent_dtype": _dtype(d["latent_dtype"])})
+                      "latent_dtype": _dtype(d["latent_dtype"]), "calibrator": CalibratorSpec(**calib)})
 
 
 def request_rows(layout) -> list[tuple]:
@@ -200,15 +258,28 @@ class ChainAbout:
     bn: int
 
 
-def stream_spec(shape: tuple[int, ...], dtype: torch.dtype, calib: TaylorSeerCalibratorConfig | None,
+def calibrator_spec(calib: CalibratorConfig | None) -> CalibratorSpec:
+    """What a calibrator config compiles in (no calibrator: TaylorSeer of order 0, plain reuse)."""
+    if calib is None or not (calib.enable_calibrator or calib.enable_encoder_calibrator):
+        return CalibratorSpec()
+    if isinstance(calib, DMDCalibratorConfig):
+        return CalibratorSpec("dmd", calib.fallback_order, calib.dmd_history, calib.dmd_rank, float(calib.dmd_ridge))
+    if calib.calibrator_type == "foca":
+        return CalibratorSpec("foca")
+    return CalibratorSpec("taylorseer", calib.taylorseer_order)
+
+
+def stream_spec(shape: tuple[int, ...], dtype: torch.dtype, calib: CalibratorConfig | None,
                 role: str) -> StreamSpec:
     """How a middle output of stream ``role`` ("H" / "E") is cached: H follows ``enable_calibrator``, E
-    ``enable_encoder_calibrator``; a calibrated stream keeps ``taylorseer_order + 1`` ladder entries of
-    its residual (or, with ``calibrator_cache_type="hidden_states"``, of the value itself)."""
+    ``enable_encoder_calibrator``; a calibrated stream keeps its calibrator's history of its residual (or,
+    with ``calibrator_cache_type="hidden_states"``, of the value itself), an uncalibrated one its last
+    residual."""
     on = calib is not None and (calib.enable_calibrator if role == "H" else calib.enable_encoder_calibrator)
     if not on:
-        return StreamSpec(shape, dtype, 1)
-    return StreamSpec(shape, dtype, calib.taylorseer_order + 1, calib.calibrator_cache_type == "hidden_states")
+        return StreamSpec(shape, dtype, 1, role=role)
+    spec = calibrator_spec(calib)
+    return StreamSpec(shape, dtype, spec.entries(), calib.calibrator_cache_type == "hidden_states", spec.kind, role)
 
 
 def diff_shared(cache: DBCacheConfig, n_branches: int) -> bool:
@@ -248,16 +319,23 @@ Shape = tuple[int, ...]
 
 
 def chain_layout(fn: tuple[Shape, torch.dtype], streams: list[tuple[Shape, torch.dtype, str]], cache: DBCacheConfig,
-                 calib: TaylorSeerCalibratorConfig | None, separate: SeparateCFG, sees_timestep: bool,
+                 calib: CalibratorConfig | None, separate: SeparateCFG, sees_timestep: bool,
                  latent: tuple[Shape, torch.dtype] | None = None, group: str | None = None) -> ChainLayout:
     """The layout of a chain whose Fn residual has shape and dtype ``fn`` and whose middle produces
     ``streams`` (shape, dtype and role "H" / "E" of each, in order); ``latent``: the call's latent input,
     when the chain tells requests apart by it. The graph path and the eager cache both build it here."""
     n_branches, branch_by = cfg_branches(separate, sees_timestep)
     fn_shape, fn_dtype = tuple(fn[0]), fn[1]
+    records_ratios = bool(getattr(cache, "calibrate", False))
+    if records_ratios and calib is not None and calib.enable_calibrator and \
+            calib.calibrator_cache_type == "hidden_states":
+        raise ConfigError("calibrator_cache_type must be 'residual' with MagCacheConfig(calibrate=True) (the "
+                          "calibration run records residual magnitudes), got 'hidden_states'")
     return ChainLayout(
         n_branches=n_branches, slots=fn_shape[0] if cache.per_sample else 1, fn_shape=fn_shape, fn_dtype=fn_dtype,
         streams=tuple(stream_spec(tuple(shape), dtype, calib, role) for shape, dtype, role in streams),
         diff_shared=diff_shared(cache, n_branches), branch_by=branch_by,
         latent_shape=tuple(latent[0]) if latent is not None else None,
-        latent_dtype=latent[1] if latent is not None else torch.float32, group=group)
+        latent_dtype=latent[1] if latent is not None else torch.float32, group=group,
+        calibrator=calibrator_spec(calib), indicator=indicator_of(cache),
+        records_ratios=records_ratios)

@@ -27,6 +27,7 @@ class ChainStats:
     cached: list[bool]
     diffs: list[float]
     gates: list[str]
+    ratios: list[float] = field(default_factory=list)  # MagCache calibration's, per step
 
     @property
     def n_cached(self) -> int:
@@ -66,6 +67,7 @@ def cache_stats(handle: CacheHandle, transformer: str, only=None) -> list[CacheS
         by_branch = {s.branch: s for s in _chain_stats(chain)}
         cached, diffs, gates = _branch_fields(by_branch.get(1 - cfg_branch))
         cfg_cached, cfg_diffs, cfg_gates = _branch_fields(by_branch.get(cfg_branch))
+        ratios, cfg_ratios = (by_branch[b].ratios if b in by_branch else [] for b in (1 - cfg_branch, cfg_branch))
         out.append(CacheStats(
             cache_options=options, cached_steps=cached, residual_diffs=diffs, cfg_cached_steps=cfg_cached,
             cfg_residual_diffs=cfg_diffs, accumulated_cached_steps=len(cached),
@@ -73,7 +75,7 @@ def cache_stats(handle: CacheHandle, transformer: str, only=None) -> list[CacheS
             accumulated_transformer_executed_steps=len(gates) + len(cfg_gates), transformer=transformer,
             chain=chain.about.name, pattern=chain.about.pattern, n_blocks=chain.about.n_blocks, Fn=chain.about.fn,
             Bn=chain.about.bn,
-            gates=gates, cfg_gates=cfg_gates))
+            gates=gates, cfg_gates=cfg_gates, mag_ratios=ratios, cfg_mag_ratios=cfg_ratios))
     return out
 
 
@@ -131,6 +133,9 @@ def render_stats(stats: list[CacheStats], details: bool = False) -> str:
             blocks = f"; pruned {sum(pruned)}/{s.n_blocks * steps} blocks" if s.pruned_steps or s.pruned_blocks else ""
             lines.append(f"{s.transformer} {s.chain} pattern {s.pattern} F{s.Fn}B{s.Bn}: {label}cached "
                          f"{len(cached)}/{steps} steps{blocks}; diff {p or '-'}")
+            ratios = s.cfg_mag_ratios if label else s.mag_ratios
+            if ratios:
+                lines.append(f"  {label}MagCache ratios (MagCacheConfig(mag_ratios=...)): {[round(r, 5) for r in ratios]}")
             if details:
                 lines.append(f"  {label}cached steps: {cached}")
                 lines.append(f"  {label}residual diffs: " + ", ".join(
@@ -149,7 +154,8 @@ def _chain_stats(chain) -> list[ChainStats]:
         return [ChainStats(about.name, about.pattern, about.n_blocks, about.fn, about.bn, b, log["steps"],
                            [n > 0 for n in log["pruned"]], [float(np.mean(d)) if d else math.nan for d in log["recorded"]],
                            log["gates"]) for b, log in enumerate(_prune_logs(chain)) if log["steps"] or b == 0]
-    t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log")}
+    t = {k: chain.state.tensors[k].detach().cpu() for k in ("calls", "gate_log", "cached_log", "diff_log", "ratio_log")
+         if k in chain.state.tensors}
     called = [min(int(t["calls"][b]), chain.layout.capacity) for b in range(chain.layout.n_branches)]
     out = []
     for b, steps in enumerate(called):
@@ -163,6 +169,7 @@ def _chain_stats(chain) -> list[ChainStats]:
             cached=[bool(x) for x in t["cached_log"][b, :steps].all(dim=1)],
             diffs=[float(x) for x in t["diff_log"][b, :steps].nanmean(dim=1)] if steps else [],
             gates=[GATE_NAMES.get(int(g), "-") for g in t["gate_log"][b, :steps, 0]],
+            ratios=[float(x) for x in t["ratio_log"][b, :steps].mean(dim=1)] if "ratio_log" in t else [],
         ))
     return out
 

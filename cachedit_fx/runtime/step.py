@@ -2,20 +2,25 @@
 
 The rewritten graph calls :func:`pre_step` before the cond, :func:`cached_step` or
 :func:`computed_step` inside its branches and :func:`post_step` after it. All are composed from the
-pure functions in :mod:`cachedit_fx.runtime.algorithm`. The branches only compute: what a computed step stores
-(reference, TaylorSeer ladders) leaves the cond as rows, one per store after a computed step and none
-after a cached one, and :func:`post_step` writes them (``index_copy_`` into caller-owned tensors,
-outside the cond, where AOTAutograd keeps them as input mutations and Inductor turns them into
-in-place kernels). A cached call so reads and writes no activation-sized state beyond the diff's
-reference and the ladder it forecasts from.
+pure functions in :mod:`cachedit_fx.runtime.algorithm` (when to cache: DBCache, FirstBlockCache,
+MagCache) and :mod:`cachedit_fx.runtime.calibrators` (how: TaylorSeer, FoCa, DMD). The branches only
+compute: what a step stores (reference, calibrator histories) leaves the cond as rows, one per store
+after a computed step, and after a cached one only those of a calibrator that stores on cached steps
+(FoCa), and :func:`post_step` writes them (``index_copy_`` into caller-owned tensors, outside the cond,
+where AOTAutograd keeps them as input mutations and Inductor turns them into in-place kernels). A
+cached call so reads and writes no activation-sized state beyond the diff's reference and the
+histories it forecasts from.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from .algorithm import across_ranks, all_finite, commit, decide, relative_l1, slot_view, taylor_approx, taylor_update
+from . import calibrators
+from .algorithm import across_ranks, all_finite, commit, decide, decide_magcache, relative_l1, slot_view
+from .calibrators import Counters
 from .layout import BranchBy, ChainLayout, Clear, param
 
 # Request boundaries from the latent's continuity (docs/algorithm.md, "Requests"). A denoising step changes
@@ -44,13 +49,15 @@ class BranchOut(NamedTuple):
 
     outs: tuple[torch.Tensor, ...]  # the middle's outputs: forecast, computed, or mixed per slot
     finite: torch.Tensor  # (S,) the slot's residuals are finite (True after a cached step)
-    # The branch's new reference and ladder rows, ``(1, ...)`` each after a computed step and ``(0, ...)``
-    # after a cached one: post_step writes the rows there are, so a cached step writes none.
+    # The branch's new reference and history rows, ``(1, ...)`` each after a computed step and ``(0, ...)``
+    # after a cached one (but FoCa's history, which a cached step updates): post_step writes the rows
+    # there are, so a cached step writes no reference.
     rows: tuple[torch.Tensor, ...]
+    logged: tuple[torch.Tensor, ...] = ()  # (S,) values post_step logs per step (MagCache calibration's ratio)
 
     def flat(self) -> tuple[torch.Tensor, ...]:
         """The tensors in the order a cond branch returns them."""
-        return (*self.outs, self.finite, *self.rows)
+        return (*self.outs, self.finite, *self.rows, *self.logged)
 
 
 def _select(layout: ChainLayout, tensor, branch):
@@ -181,6 +188,30 @@ def store_rows(tensors, branch, rows) -> None:
         tensor.index_copy_(0, branch.expand(n), row)
 
 
+def _decide(layout: ChainLayout, st: dict, step, branch, fn_res):
+    """The indicator's decision for this call: (use_cache, gate, recorded) per slot, and the branch's
+    selected counters."""
+    names = ["has_ref", "cached_count", "run", "acc_diff", "ladder_len", "last_computed"]
+    if layout.indicator == "magcache":
+        names += ["mag_acc_ratio", "mag_acc_err", "mag_acc_steps"]
+    sel = {n: _select(layout, st[n], branch) for n in names}
+    limits = (sel["cached_count"], sel["run"], sel["acc_diff"], st["params"], st["mask"])
+    if layout.indicator == "magcache":  # the decision reads no activations (the Fn residual is empty)
+        use_cache, gate, recorded, after = decide_magcache(
+            step, sel["has_ref"], *limits, st["mag_params"], st["mag_ratios"], sel["mag_acc_ratio"],
+            sel["mag_acc_err"], sel["mag_acc_steps"], layout.records_ratios)
+        for name, value in zip(("mag_acc_ratio", "mag_acc_err", "mag_acc_steps"), after):
+            _write(st[name], branch, value)
+        return use_cache, gate, recorded, sel
+    diff = relative_l1(_select(layout, st["ref"], branch), fn_res, layout.slots, layout.group)
+    if layout.diff_shared:
+        second = branch == 1
+        diff = torch.where(second, st["shared_diff"], diff)
+        st["shared_diff"].copy_(torch.where(second, st["shared_diff"], diff))
+    use_cache, gate, recorded = decide(step, diff, sel["has_ref"], *limits, rule=layout.indicator)
+    return use_cache, gate, recorded, sel
+
+
 def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     """Start a call: clear the state at a new request or context, advance the branch's step, decide.
     ``timestep`` and ``latent`` (the call's inputs, each may be None) tell requests apart.
@@ -189,75 +220,110 @@ def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
     """
     st = _state(layout, state)
     branch, step = begin_call(layout, st, timestep, latent)
-    slots = layout.slots
-    diff = relative_l1(_select(layout, st["ref"], branch), fn_res, slots, layout.group)
-    if layout.diff_shared:
-        second = branch == 1
-        diff = torch.where(second, st["shared_diff"], diff)
-        st["shared_diff"].copy_(torch.where(second, st["shared_diff"], diff))
-    sel = {n: _select(layout, st[n], branch) for n in ("has_ref", "cached_count", "run", "acc_diff",
-                                                       "ladder_len", "last_computed")}
-    use_cache, gate, recorded = decide(step, diff, sel["has_ref"], sel["cached_count"], sel["run"],
-                                       sel["acc_diff"], st["params"], st["mask"])
+    use_cache, gate, recorded, sel = _decide(layout, st, step, branch, fn_res)
     if layout.group is not None:  # a rank that computes makes all compute: the middle's collectives match
         use_cache = across_ranks(use_cache.to(torch.int32), layout.group, "min") > 0
     distance = (step - sel["last_computed"]).to(torch.float32)
     return PreStep(use_cache.all(), use_cache, gate, recorded, step, branch, sel["ladder_len"], distance)
 
 
-def forecast(layout: ChainLayout, passthrough, ladder_len, distance, ladders):
-    """What a cached step produces for each middle output: the (TaylorSeer-forecast) value itself for
-    an absolute stream, else the blocks-skipped value plus the forecast residual. ``ladders``: the
-    call's branch's ladder per stream."""
-    out = []
+def _counters(layout: ChainLayout, branch, ladder_len, distance, step, history_states) -> Counters:
+    """The branch's counters a forecast or update reads (DMD's from ``history_states``, the state's
+    ``layout.history_names()``)."""
+    extra = [_select(layout, t, branch) for t in history_states]
+    return Counters(ladder_len, distance, step, *extra)
+
+
+def forecast(layout: ChainLayout, passthrough, counters: Counters, ladders):
+    """What a cached step produces for each middle output: the forecast value itself for an absolute
+    stream, else the blocks-skipped value plus the forecast residual; and each stream's history after
+    it. ``ladders``: the call's branch's history per stream."""
+    out, hists = [], []
     for spec, base, ladder in zip(layout.streams, passthrough, ladders):
-        approx = taylor_approx(ladder, ladder_len, distance).to(base.dtype)
+        approx, hist = calibrators.forecast(layout.calibrator, spec, ladder, counters)
+        approx = approx.to(base.dtype)
         out.append(approx if spec.absolute else base + approx)
-    return out
+        hists.append(hist)
+    return out, hists
 
 
-def cached_step(layout: ChainLayout, passthrough, branch, ladder_len, distance, ref_state, ladder_states) -> BranchOut:
-    """The cond's cached branch: the forecast middle outputs, and no state rows to write.
-    ``ref_state`` / ``ladder_states``: the chain's ``ref`` and ``ladder_k`` state tensors (every
-    branch's rows; the empty rows take their sizes, symbolic ones in a dynamic-shape export)."""
+def _logged_ratio(layout: ChainLayout, values, ladders, ladder_len):
+    """MagCache's calibration: mean over tokens of |r_t| / (|r_{t-1}| + 1e-8) for the H residual, norms
+    over the last dim in float32 (1.0 with no previous one), per slot; () unless the layout records it."""
+    if not layout.records_ratios:
+        return ()
+    k = next(i for i, spec in enumerate(layout.streams) if spec.role == "H")
+    prev = calibrators.last_value(layout.calibrator, layout.streams[k], ladders[k])
+    cur = torch.linalg.vector_norm(values[k].float(), dim=-1)
+    ratio = (cur / (torch.linalg.vector_norm(prev.float(), dim=-1) + 1e-8)).reshape(layout.slots, -1).mean(1)
+    return (torch.where(ladder_len > 0, ratio, torch.ones_like(ratio)),)
+
+
+def _no_ratio(layout: ChainLayout, device) -> tuple:
+    return (torch.full((layout.slots,), math.nan, device=device),) if layout.records_ratios else ()
+
+
+def cached_step(layout: ChainLayout, passthrough, branch, ladder_len, distance, ref_state, ladder_states,
+                history_states=()) -> BranchOut:
+    """The cond's cached branch: the forecast middle outputs, and the rows of the histories a cached
+    step stores (FoCa's), none of the others. ``ref_state`` / ``ladder_states`` / ``history_states``:
+    the chain's ``ref``, ``ladder_k`` and ``layout.history_names()`` state tensors (every branch's rows;
+    the empty rows take their sizes, symbolic ones in a dynamic-shape export)."""
     ladders = [_select(layout, t, branch) for t in ladder_states]
-    outs = forecast(layout, passthrough, ladder_len, distance, ladders)
-    rows = tuple(t.new_empty((0, *t.shape[1:])) for t in (ref_state, *ladder_states))
-    return BranchOut(tuple(outs), torch.ones(layout.slots, dtype=torch.bool, device=ref_state.device), rows)
+    counters = _counters(layout, branch, ladder_len, distance, None, history_states)
+    outs, hists = forecast(layout, passthrough, counters, ladders)
+    rows = [ref_state.new_empty((0, *ref_state.shape[1:]))]
+    rows += [hist.unsqueeze(0) if calibrators.writes_on_cache(spec) else t.new_empty((0, *t.shape[1:]))
+             for spec, hist, t in zip(layout.streams, hists, ladder_states)]
+    finite = torch.ones(layout.slots, dtype=torch.bool, device=ref_state.device)
+    return BranchOut(tuple(outs), finite, tuple(rows), _no_ratio(layout, ref_state.device))
 
 
 def computed_step(layout: ChainLayout, use_cache, step, branch, ladder_len, distance, fn_res, outs, passthrough,
-                  ref_state, ladder_states) -> BranchOut:
-    """The cond's full branch after the middle ran: the new reference and ladder rows of the call's
-    branch (per-sample mode: a slot that is cached keeps its rows and takes the forecast)."""
+                  ref_state, ladder_states, history_states=()) -> BranchOut:
+    """The cond's full branch after the middle ran: the new reference and history rows of the call's
+    branch (per-sample mode: a slot that is cached keeps its rows, or takes its forecast's, and takes
+    the forecast)."""
     ladders = [_select(layout, t, branch) for t in ladder_states]
-    mixed = list(outs)
+    counters = _counters(layout, branch, ladder_len, distance, step, history_states)
+    mixed, after_forecast = list(outs), ladders
     if layout.slots > 1:
-        approx = forecast(layout, passthrough, ladder_len, distance, ladders)
+        approx, after_forecast = forecast(layout, passthrough, counters, ladders)
         mixed = [torch.where(slot_view(use_cache, o), a, o) for a, o in zip(approx, outs)]
-    # A non-finite residual (a NaN or inf step) enters neither the reference nor the ladders.
+    # A non-finite residual (a NaN or inf step) enters neither the reference nor the histories.
     values = [(out if spec.absolute else out - base) for spec, out, base in zip(layout.streams, outs, passthrough)]
     finite = all_finite([fn_res, *values], layout.slots, layout.group)
     kept = ~use_cache & finite
     ref = _select(layout, ref_state, branch)
-    rows = [torch.where(slot_view(kept, ref), fn_res.to(ref.dtype), ref).unsqueeze(0)]
-    for value, ladder in zip(values, ladders):
-        fresh = taylor_update(ladder, ladder_len, value.to(ladder.dtype), distance, step)
-        rows.append(torch.where(slot_view(kept, fresh[0]).unsqueeze(0), fresh, ladder).unsqueeze(0))
-    return BranchOut(tuple(mixed), finite, tuple(rows))
+    if layout.indicator == "magcache":  # no Fn: nothing to compare against
+        rows = [ref_state.new_empty((0, *ref_state.shape[1:]))]
+    else:
+        rows = [torch.where(slot_view(kept, ref), fn_res.to(ref.dtype), ref).unsqueeze(0)]
+    for spec, value, ladder, other in zip(layout.streams, values, ladders, after_forecast):
+        fresh = calibrators.update(layout.calibrator, spec, ladder, counters, value.to(ladder.dtype))
+        slot = slot_view(kept, fresh[0]).unsqueeze(0)
+        rows.append(torch.where(slot, fresh, other).unsqueeze(0))
+    return BranchOut(tuple(mixed), finite, tuple(rows), _logged_ratio(layout, values, ladders, ladder_len))
 
 
-def post_step(layout: ChainLayout, pre: PreStep, finite, rows, *state) -> None:
-    """Finish a call: write the rows a computed step made (reference, ladders), update the counters
-    and the logs."""
+def post_step(layout: ChainLayout, pre: PreStep, finite, rows, *state, logged=()) -> None:
+    """Finish a call: write the rows a step made (reference, histories), update the counters and the
+    logs (``logged``: MagCache calibration's ratio)."""
     st = _state(layout, state)
     branch = pre.branch
     # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
-    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "ladder_len", "last_computed",
-                                                       "has_ref", "acc_diff")}
+    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "last_computed", "has_ref", "acc_diff",
+                                                       *layout.history_names(), "ladder_len")}
     store_rows([st[name] for name in layout.stored_names()], branch, rows)
-    for name, value in commit(pre.use_cache, finite, pre.step, pre.recorded, layout.ladder, **sel).items():
+    counters = commit(pre.use_cache, finite, pre.step, pre.recorded,
+                      **{k: sel[k] for k in ("cached_count", "run", "last_computed", "has_ref", "acc_diff")})
+    computed = ~pre.use_cache
+    counters.update(calibrators.commit_history(layout.calibrator.kind, layout.ladder, computed & finite, computed,
+                                               pre.step, sel["ladder_len"], *(sel[n] for n in layout.history_names())))
+    for name, value in counters.items():
         _write(st[name], branch, value)
     at = pre.step.clamp(0, layout.capacity - 1).reshape(1)
-    for name, value in (("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", pre.use_cache)):
+    logs = [("diff_log", pre.recorded.float()), ("gate_log", pre.gate), ("cached_log", pre.use_cache)]
+    logs += list(zip(["ratio_log"], logged))
+    for name, value in logs:
         st[name].index_put_((branch, at), value.unsqueeze(0))  # one element per slot, not the whole row

@@ -1,6 +1,7 @@
 """Differential tests against cache-dit 1.5.3 itself, the judge of "same images": the same tiny model,
 config and inputs give the same cached steps, the same recorded diffs and the same outputs (within 1e-5
-relative), over two requests with a ``refresh_context`` between (the second with another threshold).
+relative), over two requests with a ``refresh_context`` between (the second with another threshold),
+for each of cache-dit's calibrators (TaylorSeer, FoCa, DMD).
 
 The tiny Flux (its 4 double + 4 single blocks are one chain of 8 for both: cache-dit's Flux adapter joins
 the lists), Wan with separate CFG, DiT (pattern 3), and one hand-written model per forward pattern 0-5
@@ -41,8 +42,15 @@ class Request:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
+CALIBRATORS = {"taylorseer": "TaylorSeerCalibratorConfig", "foca": "FoCaCalibratorConfig", "dmd": "DMDCalibratorConfig"}
+
+
 def _configs(lib, cache: dict, calib: dict | None):
-    return (lib.DBCacheConfig(**cache), lib.TaylorSeerCalibratorConfig(**calib) if calib is not None else None)
+    """The library's configs; ``calib["calibrator_type"]`` picks the calibrator class (TaylorSeer by default)."""
+    if calib is None:
+        return lib.DBCacheConfig(**cache), None
+    cls = getattr(lib, CALIBRATORS[calib.get("calibrator_type", "taylorseer")])
+    return lib.DBCacheConfig(**cache), cls(**calib)
 
 
 def run_requests(lib, model, loop, cache: dict, calib: dict | None, second_threshold: float, target=None):
@@ -90,6 +98,7 @@ def flux():
 
 
 BASE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.5)
+FOCA, DMD = dict(calibrator_type="foca"), dict(calibrator_type="dmd")
 FLUX_CASES = {
     **{f"dbcache_W{w}": (dict(BASE, max_warmup_steps=w), None) for w in (1, 2, 3, 4)},
     "dbcache_F2B1_W2": (dict(BASE, Fn_compute_blocks=2, Bn_compute_blocks=1, max_warmup_steps=2), None),
@@ -108,6 +117,22 @@ FLUX_CASES = {
                               max_continuous_cached_steps=1), None),
     "max_accumulated_1": (dict(BASE, residual_diff_threshold=0.6, max_warmup_steps=1,
                                max_accumulated_residual_diff_threshold=1.0), None),
+    # FoCa: a cached step writes its forecast into the state; damped beyond 3 steps (thr 1: 2..7 cached)
+    **{f"foca_W{w}": (dict(BASE, max_warmup_steps=w), FOCA) for w in (1, 2, 3, 4)},
+    "foca_thr1_W2": (dict(BASE, residual_diff_threshold=1.0, max_warmup_steps=2), FOCA),
+    "foca_static_mask_W2": (dict(BASE, max_warmup_steps=2, steps_computation_mask=[1, 1, 0, 0, 1, 0, 0, 0],
+                                 steps_computation_policy="static"), FOCA),
+    "foca_hidden_states_W3": (dict(BASE, max_warmup_steps=3), dict(FOCA, calibrator_cache_type="hidden_states")),
+    "foca_encoder_only_W3": (dict(BASE, max_warmup_steps=3), dict(FOCA, enable_calibrator=False)),
+    # DMD: W3 stays on the Taylor fallback (with cache-dit's lagged difference); W4 / W5 fit 4 / 5 snapshots;
+    # the static mask computes every other step: horizons of half a spacing (fractional powers)
+    **{f"dmd_W{w}": (dict(BASE, max_warmup_steps=w), DMD) for w in (3, 4, 5)},
+    "dmd_thr1_W4": (dict(BASE, residual_diff_threshold=1.0, max_warmup_steps=4), DMD),
+    "dmd_rank2_W5": (dict(BASE, max_warmup_steps=5), dict(DMD, dmd_rank=2)),
+    "dmd_spacing2": (dict(BASE, max_warmup_steps=1, steps_computation_mask=[1, 0] * 4,
+                          steps_computation_policy="static"), DMD),
+    "dmd_history4_hidden_states_W5": (dict(BASE, max_warmup_steps=5),
+                                      dict(DMD, dmd_history=4, calibrator_cache_type="hidden_states")),
 }
 CFG = dict(BASE, max_warmup_steps=2, enable_separate_cfg=True)
 FLUX_CFG_CASES = {
@@ -116,6 +141,8 @@ FLUX_CFG_CASES = {
     "cfg_shared_diff_cfg_first": (dict(CFG, cfg_diff_compute_separate=False, cfg_compute_first=True), None),
     "cfg_shared_diff_taylorseer_W4": (dict(CFG, max_warmup_steps=4, cfg_diff_compute_separate=False),
                                       dict(taylorseer_order=1)),
+    "cfg_foca_W2": (dict(CFG, residual_diff_threshold=0.6), FOCA),
+    "cfg_dmd_W4": (dict(CFG, max_warmup_steps=4, residual_diff_threshold=0.6), DMD),
 }
 
 

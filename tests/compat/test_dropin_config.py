@@ -50,6 +50,32 @@ def test_unsupported_or_bad_values_name_the_field(bad, field):
         cache_dit.DBCacheConfig(**bad)
 
 
+@pytest.mark.parametrize("name, fields", [
+    ("FoCaCalibratorConfig", dict(enable_encoder_calibrator=False, calibrator_cache_type="hidden_states")),
+    ("DMDCalibratorConfig", dict(dmd_history=4, dmd_rank=2, dmd_ridge=1e-6, dmd_svd_precision="low",
+                                 calibrator_kwargs={"n_derivatives": 2})),
+])
+def test_foca_and_dmd_configs_are_cache_dits(name, fields):
+    """cache-dit 1.5.3's FoCa / DMD configs: the same fields, defaults and tags (a script that builds them
+    runs unchanged)."""
+    theirs, ours = getattr(reference, name), getattr(cache_dit, name)
+    assert [f.name for f in dataclasses.fields(theirs)] == [f.name for f in dataclasses.fields(ours)]
+    for kw in ({}, fields):
+        t, o = theirs(**kw), ours(**kw)
+        assert {f.name: getattr(o, f.name) for f in dataclasses.fields(o)} == \
+            {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
+        assert o.strify() == t.strify()
+
+
+@pytest.mark.parametrize("bad, field", [(dict(dmd_history=0), "dmd_history"), (dict(dmd_rank=-1), "dmd_rank"),
+                                        (dict(dmd_ridge=float("nan")), "dmd_ridge"),
+                                        (dict(dmd_svd_precision="best"), "dmd_svd_precision"),
+                                        (dict(calibrator_type="foca"), "calibrator_type")])
+def test_bad_dmd_values_name_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        cache_dit.DMDCalibratorConfig(**bad)
+
+
 def test_calibrator_values_we_do_not_run_are_refused_by_name():
     with pytest.raises(ValueError, match="calibrator_type"):
         cache_dit.TaylorSeerCalibratorConfig(calibrator_type="foca")
