@@ -10,6 +10,7 @@ from .compat.masks import steps_mask
 from .compat.stats import CacheStats
 from .config import (BasicCacheConfig, CacheType, ChainPolicy, DBCacheConfig, SeparateCFG,
                      TaylorSeerCalibratorConfig)
+from .capture.regions import mark as mark_regions, unmark as unmark_regions
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
 from .export import export, load
@@ -24,7 +25,7 @@ __all__ = [
     "ConfigError", "DBCache", "DBCacheConfig", "ExportError", "ForwardPattern", "MissingDependency", "NONE",
     "NoCacheableChain", "ParamsModifier", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4",
     "Pattern_5", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "disable_cache", "enable_cache", "export",
-    "load", "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_matrix", "supported_pipelines",
-    "tune",
+    "load", "mark_regions", "refresh_context", "reset", "steps_mask", "strify", "summary", "supported_matrix",
+    "supported_pipelines", "tune", "unmark_regions",
 ]
 __version__ = "0.1.0"

@@ -11,20 +11,15 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
+from ..capture.fx_facts import node_value
+from ..errors import NoCacheableChain
 from ..passes import apply
 from ..runtime.handle import CompiledGraph, graph_weights
 from ..runtime.ranks import chains_group, check_same_config
 from .inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
 from .options import BackendOptions, parse_options
-
-
-def _is_static(example_inputs) -> bool:
-    for x in example_inputs:
-        if isinstance(x, torch.SymInt):
-            return False
-        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
-            return False
-    return True
+from .regions import check_calls, predecompose
+from .states import SizedStates, StaticStates, is_static
 
 
 def _uncached(gm, example_inputs, opts: BackendOptions, reason: str):
@@ -43,8 +38,6 @@ def _uncached(gm, example_inputs, opts: BackendOptions, reason: str):
 def _why_not_cached(gm, example_inputs) -> str | None:
     if torch.is_grad_enabled():
         return "grad mode is on; caching is inference-only (run under torch.no_grad() or torch.inference_mode())"
-    if not _is_static(example_inputs):
-        return "dynamic shapes; compile with dynamic=False so each shape gets its own graph and state"
     return None
 
 
@@ -62,6 +55,7 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     """Dynamo backend: ``gm`` with each picked chain's middle behind an on-device decision, compiled."""
     opts = parse_options(options)
     handle = opts.handle
+    check_calls(gm)
     reason = _why_not_cached(gm, example_inputs)
     if reason is not None:
         return _uncached(gm, example_inputs, opts, reason)
@@ -78,14 +72,21 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     group = chains_group(result.chains)
     if group is not None:
         check_same_config(group, handle.cache_config, handle.calibrator_config)
-    handle.add(CompiledGraph(result.chains), graph_weights(gm, example_inputs))
+    weights = graph_weights(gm, example_inputs)
+    try:
+        states = StaticStates(result.chains) if is_static(example_inputs) else \
+            SizedStates(handle, result.chains, [node_value(p) for p in gm.graph.find_nodes(op="placeholder")], weights)
+    except NoCacheableChain as e:  # a state size no call's inputs tell
+        return _uncached(gm, example_inputs, opts, str(e))
+    handle.add(CompiledGraph(result.chains), weights)
     _warn_if_requests_look_alike(handle, result.chains)
-    states = [t for c in result.chains for t in c.state.ordered()]
-    compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options,
-                             CACHED_GRAPH_INDUCTOR_OPTIONS)
+    if opts.inner == "inductor":
+        predecompose(result.graph_module)
+    compiled = inner_compile(result.graph_module, list(example_inputs) + states.examples(result.graph_module),
+                             opts.inner, opts.inner_options, CACHED_GRAPH_INDUCTOR_OPTIONS)
 
     def run(*args):
-        return compiled(*args, *states)
+        return compiled(*args, *states.for_call(args))
 
     run.cachedit_handle = handle  # the handle lives as long as the compiled graph
     return run

@@ -72,7 +72,7 @@ def _unsupported(**options) -> None:
 
 def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, params_modifiers=None,
                  parallelism_config=None, attention_backend=None, quantize_config=None, compile: bool = True,
-                 inner: str = "inductor", eager: bool = False, **fields):
+                 inner: str = "inductor", eager: bool = False, dynamic: bool | None = None, **fields):
     """Cache a diffusers pipeline, a transformer, or the transformer(s) of a ``BlockAdapter``, in place;
     returns what it was given.
 
@@ -86,7 +86,13 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         inner: the inner compiler (inductor | aot_eager | eager | tensorrt | a callable).
         eager: cache with hooks on one block list, deciding on the host, instead of the graph pass (what
             a model whose blocks cannot be captured gets on its own, with one warning).
+        dynamic: torch.compile's ``dynamic``. None (default): the first call compiles for its sizes, the
+            first call at other sizes (a new resolution, batch or text length) compiles once more for every
+            size; True: every size from the first compile; False: static shapes, a graph per size.
     """
+    if dynamic not in (None, True, False):
+        raise ConfigError(f"enable_cache: dynamic must be None (a second size compiles once for all sizes), True "
+                          f"(one compile for all sizes) or False (a graph per size), got {dynamic!r}")
     _unsupported(parallelism_config=parallelism_config, attention_backend=attention_backend,
                  quantize_config=quantize_config)
     flat_cache, flat_calib = configs_from_fields(fields, "enable_cache")
@@ -112,7 +118,7 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         if c.cache_type is CacheType.NONE:
             continue
         hook = CacheHook(c, k, inner, pinned, eager, on_pipeline=is_pipe,
-                         separate_hint=adapter is not None and adapter.has_separate_cfg)
+                         separate_hint=adapter is not None and adapter.has_separate_cfg, dynamic=dynamic)
         hooks.append(install(module, hook))
     if is_pipe and hooks:
         _wrap_pipeline_call(pipe, hooks)

@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 from ..capture.fx_facts import clone_graph_module
 from ..config import ChainPolicy, PassSettings
 from ..errors import NoCacheableChain
+from . import regions
 from .parallel import sequence_group
 from .patterns import ChainInfo, Unmatched, analyze
 from .pin import pin_chain
@@ -63,10 +64,13 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
             contradicts the graph.
     """
     work = clone_graph_module(gm)
+    cache = settings.cache_config
     found = analyze(work)
+    if not isinstance(found, Unmatched) and _inline_fn_regions(work, pick_chains(work, found, settings),
+                                                               cache.Fn_compute_blocks):
+        found = analyze(work)
     if isinstance(found, Unmatched):
         return PassResult(gm, unmatched=found.reason)
-    cache = settings.cache_config
     try:
         splits = [split_chain(work, info, cache.Fn_compute_blocks, cache.Bn_compute_blocks)
                   for info in pick_chains(work, found, settings)]
@@ -74,3 +78,11 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))
     return PassResult(work, chains, moved_into_branches=sink_into_branches(work))
+
+
+def _inline_fn_regions(gm: GraphModule, picked: list[ChainInfo], fn: int) -> int:
+    """The Fn blocks that are region calls, inlined: the rewrite takes the Fn residual from their
+    nodes, and sink.py moves the part of them only the middle reads (Flux's text-stream tail) into the
+    full branch, as it does on a graph without regions."""
+    calls = [n for info in picked for b in info.blocks[:fn] for n in b.nodes if regions.is_call(n)]
+    return regions.inline_calls(gm, calls)

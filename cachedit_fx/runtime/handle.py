@@ -111,6 +111,14 @@ class CacheHandle:
     def chains(self) -> list[RewrittenChain | CachedChain]:
         return [c for g in self.graphs for c in g.chains]
 
+    def install_chains(self) -> list:
+        """The chains of this handle and of the handles over the same weights with the same configs: a
+        bare torch.compile makes a handle per graph (a recompile for new sizes included), which together
+        are one install."""
+        same = [h for h in _WEIGHTS.sharing(self) if (h.cache_config, h.calibrator_config) ==
+                (self.cache_config, self.calibrator_config)]
+        return [c for h in [self, *same] for c in h.chains]
+
 
 class _WeightIndex:
     """Which handles compiled graphs over which weight tensors: by the tensor object's identity, held
