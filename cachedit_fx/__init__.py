@@ -15,9 +15,11 @@ from .compat.names import absent as _absent, cache_type
 from .compat.patch_functor import PatchFunctor
 from .compat.register import BlockAdapterRegister
 from .compat.stats import CacheStats
-from .config import (BasicCacheConfig, CacheType, CalibratorConfig, ChainPolicy, DBCacheConfig, DBPruneConfig, DMDCalibratorConfig,
-                     FirstBlockCacheConfig, FoCaCalibratorConfig, MagCacheConfig, ParallelismBackend,
-                     ParallelismConfig, QuantizeBackend, QuantizeConfig, SeparateCFG, TaylorSeerCalibratorConfig)
+from .capture.regions import mark as mark_regions, unmark as unmark_regions
+from .config import (BasicCacheConfig, CacheType, CalibratorConfig, ChainPolicy, DBCacheConfig, DBPruneConfig,
+                     DMDCalibratorConfig, FirstBlockCacheConfig, FoCaCalibratorConfig, MagCacheConfig,
+                     ParallelismBackend, ParallelismConfig, QuantizeBackend, QuantizeConfig, SeparateCFG,
+                     TaylorSeerCalibratorConfig)
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
 from .export import export, load
@@ -31,16 +33,17 @@ Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPatter
 get_adapter = BlockAdapterRegister.get_adapter
 
 __all__ = [
-    "BasicCacheConfig", "BlockAdapter", "BlockAdapterRegister", "CacheStats", "CacheType", "CalibratorConfig", "CacheditError",
-    "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "DBPrune", "DBPruneConfig",
-    "DMDCalibratorConfig", "ExportError", "FirstBlockCacheConfig", "FoCaCalibratorConfig", "ForwardPattern",
-    "MagCacheConfig", "MissingDependency", "NONE", "NoCacheableChain", "ParallelismBackend", "ParallelismConfig",
-    "ParamsModifier", "PatchFunctor", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3", "Pattern_4", "Pattern_5",
-    "QuantizeBackend", "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig", "TuneResult", "block_range",
-    "cache_type", "disable_cache", "enable_cache", "export", "get_adapter", "load", "load_attn_backend_config",
-    "load_cache_config", "load_configs", "load_options", "load_parallelism_config", "load_quantize_config",
-    "quantize", "refresh_context", "reset", "set_attn_backend", "set_compile_configs", "steps_mask", "strify",
-    "summary", "supported_matrix", "supported_pipelines", "tune",
+    "BasicCacheConfig", "BlockAdapter", "BlockAdapterRegister", "CacheStats", "CacheType", "CacheditError",
+    "CalibratorConfig", "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "DBPrune",
+    "DBPruneConfig", "DMDCalibratorConfig", "ExportError", "FirstBlockCacheConfig", "FoCaCalibratorConfig",
+    "ForwardPattern", "MagCacheConfig", "MissingDependency", "NONE", "NoCacheableChain", "ParallelismBackend",
+    "ParallelismConfig", "ParamsModifier", "PatchFunctor", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3",
+    "Pattern_4", "Pattern_5", "QuantizeBackend", "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig",
+    "TuneResult", "block_range", "cache_type", "disable_cache", "enable_cache", "export", "get_adapter", "load",
+    "load_attn_backend_config", "load_cache_config", "load_configs", "load_options", "load_parallelism_config",
+    "load_quantize_config", "mark_regions", "quantize", "refresh_context", "reset", "set_attn_backend",
+    "set_compile_configs", "steps_mask", "strify", "summary", "supported_matrix", "supported_pipelines", "tune",
+    "unmark_regions",
 ]
 __version__ = "0.1.0"
 

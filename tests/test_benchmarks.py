@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("step_cost", "guard_cost", "end_to_end", "compile_health", "memory", "parallel", "fidelity", "peers",
-           "scaling", "gpu", "prune_forms")
+           "scaling", "gpu", "prune_forms", "cold_start")
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

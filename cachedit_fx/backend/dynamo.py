@@ -12,20 +12,15 @@ import torch
 from torch.fx import GraphModule
 
 from ..capture.scalars import float_inputs, made_constant, specialised_floats, timestep_named, unspecialise
+from ..capture.fx_facts import node_value
+from ..errors import NoCacheableChain
 from ..passes import apply
 from ..runtime.handle import CompiledGraph, graph_weights
 from ..runtime.ranks import chains_group, check_same_config
 from .inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
 from .options import BackendOptions, parse_options
-
-
-def _is_static(example_inputs) -> bool:
-    for x in example_inputs:
-        if isinstance(x, torch.SymInt):
-            return False
-        if isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape):
-            return False
-    return True
+from .regions import check_calls, predecompose
+from .states import SizedStates, StaticStates, is_static
 
 
 def _uncached(gm, example_inputs, opts: BackendOptions, reason: str, cause: str | None = None):
@@ -73,8 +68,6 @@ def _specialised_timestep() -> str | None:
 def _why_not_cached(gm, example_inputs) -> str | None:
     if torch.is_grad_enabled():
         return "grad mode is on; caching is inference-only (run under torch.no_grad() or torch.inference_mode())"
-    if not _is_static(example_inputs):
-        return "dynamic shapes; compile with dynamic=False so each shape gets its own graph and state"
     return None
 
 
@@ -92,6 +85,7 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     """Dynamo backend: ``gm`` with each picked chain's middle behind an on-device decision, compiled."""
     opts = parse_options(options)
     handle = opts.handle
+    check_calls(gm)
     reason = _why_not_cached(gm, example_inputs)
     if reason is not None:
         return _uncached(gm, example_inputs, opts, reason)
@@ -112,20 +106,26 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
     if group is not None:
         check_same_config(group, handle.cache_config, handle.calibrator_config)
     floats = {name: sym for name, sym in float_inputs(gm).items() if timestep_named(name)}
-    states = [t for c in result.chains for t in c.state.ordered()]
-    compiled = inner_compile(result.graph_module, list(example_inputs) + states, opts.inner, opts.inner_options,
-                             CACHED_GRAPH_INDUCTOR_OPTIONS)
+    weights = graph_weights(gm, example_inputs)
+    try:
+        states = StaticStates(result.chains) if is_static(example_inputs) else \
+            SizedStates(handle, result.chains, [node_value(p) for p in gm.graph.find_nodes(op="placeholder")], weights)
+    except NoCacheableChain as e:  # a state size no call's inputs tell
+        return _uncached(gm, example_inputs, opts, str(e))
+    if opts.inner == "inductor":
+        predecompose(result.graph_module)
+    compiled = inner_compile(result.graph_module, list(example_inputs) + states.examples(result.graph_module),
+                             opts.inner, opts.inner_options, CACHED_GRAPH_INDUCTOR_OPTIONS)
     specialised = sorted(made_constant(floats))
     if specialised:  # this graph serves one value of the timestep: it cannot tell steps and requests apart
         return _uncached(gm, example_inputs, opts, _float_timestep_reason(specialised[0]), cause="float timestep")
     # Added once compiled: an inner compile Dynamo restarts (AOTAutograd's float tensorify) leaves no chain.
-    graph = CompiledGraph(result.chains)
-    handle.add(graph, graph_weights(gm, example_inputs))
+    states.graph = CompiledGraph(result.chains)
+    handle.add(states.graph, weights)
     _warn_if_requests_look_alike(handle, result.chains)
 
     def run(*args):
-        graph.ran()  # which graphs the last request ran: summary()
-        return compiled(*args, *states)
+        return compiled(*args, *states.for_call(args))  # marks the graph holding the call's state as run
 
     run.cachedit_handle = handle  # the handle lives as long as the compiled graph
     return run

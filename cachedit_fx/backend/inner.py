@@ -15,7 +15,13 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager", "tensorrt")
 # guards check each input's sizes and strides already, a branch's operands come from the graph
 # itself, and the state tensors are ours. At 0.3-1 us an assert, that is several percent of a small
 # model's step.
-CACHED_GRAPH_INDUCTOR_OPTIONS = {"size_asserts": False}
+#
+# torch.cond is not cacheable by default (torch 2.13): a graph holding one would bypass Inductor's FX graph
+# cache and AOTAutograd's cache, so a new process would compile it all again. Marked cacheable, the
+# branches' code is part of the cache key (their GraphModules are pickled into it; a different branch
+# body misses), which is what makes the cache safe for our conds.
+CACHED_GRAPH_INDUCTOR_OPTIONS = {"size_asserts": False,
+                                 "unsafe_marked_cacheable_functions": {"torch.ops.higher_order.cond": torch.__version__}}
 
 
 def check_inner(inner) -> None:

@@ -18,6 +18,7 @@ ATTENTION_OPS = ("scaled_dot_product_attention", "flex_attention", "softmax", "b
 def normalize_qualname(name: str) -> str:
     """``L['self'].__dict__['_modules']['transformer_blocks'].0`` -> ``transformer_blocks.0``."""
     name = _DICT_MODULES.sub(r".\1", name)
+    name = name.replace(".forward.__self__", "")  # a module reached through an instance forward (a region's)
     name = re.sub(r"^(L\['[^']+'\]|self|L__self__)", "", name)
     name = _KEY.sub(r".\1", name)
     name = _INDEX.sub(r".\1", name)

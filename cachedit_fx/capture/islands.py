@@ -214,7 +214,8 @@ def _classes_on_stack(frames, classes) -> set[type]:
 def _classes_of_data_dependent_nodes(gm, modules: dict) -> set[type]:
     """The innermost modules of the graph nodes whose output shapes or values depend on data."""
     found = set()
-    for node in gm.graph.nodes:
+    graphs = [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]  # region bodies too
+    for node in (n for g in graphs for n in g.nodes):
         value = node.meta.get("example_value")
         if value is None or not any(free_unbacked_symbols(v) for v in pytree.tree_leaves(value)
                                     if isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool))):

@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from ..runtime.chain_state import ChainState
 from ..runtime.handle import CacheHandle, CachedChain, CompiledGraph
 from ..runtime.layout import ChainAbout, ChainLayout
-from . import callspec, shapes
+from ..runtime.shapes import evaluate
+from . import callspec
 from .package import METADATA, archive_root
 
 
@@ -91,7 +92,7 @@ class CachedTransformer(torch.nn.Module):
         for c, templates in zip(self.handle.chains, self._state_shapes):
             changed = False
             for name, template in templates.items():
-                shape = shapes.evaluate(template, self._symbols, inputs)
+                shape = evaluate(template, self._symbols, inputs)
                 current = c.state.tensors[name]
                 if tuple(current.shape) != shape:
                     c.state.tensors[name] = torch.zeros(shape, dtype=current.dtype, device=current.device)

@@ -22,6 +22,7 @@ from ..config import is_prune, pass_settings
 from ..errors import ExportError
 from ..passes import apply
 from ..runtime.ranks import chains_group
+from ..runtime.shapes import symbols_of, template
 from . import callspec, shapes
 
 METADATA = "extra/cachedit_metadata.json"  # under the archive's root folder, as the pt2 reader requires
@@ -137,8 +138,8 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     user_values = [n.meta["example_value"] for n in user_nodes]
     meta = {
         "call": callspec.build(params, call, paths, out_model, out_program).to_dict(),
-        "user_shapes": [shapes.template(v.shape) if isinstance(v, torch.Tensor) else None for v in user_values],
-        "symbols": shapes.symbols_of(user_values),
+        "user_shapes": [template(v.shape) if isinstance(v, torch.Tensor) else None for v in user_values],
+        "symbols": symbols_of(user_values),
         "bounds": shapes.bounds_of(user_values),
         "cache_config": dict(vars(cache)),
         "cache_config_type": type(cache).__name__,

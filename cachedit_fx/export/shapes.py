@@ -7,7 +7,6 @@ they change, starts them afresh: the call after a shape change is always a compu
 """
 from __future__ import annotations
 
-import math
 import re
 
 import sympy
@@ -15,13 +14,8 @@ import torch
 from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
-from ..errors import ConfigError, ExportError
-
-# How a size expression of a shape template is evaluated: the sympy functions symbolic shapes use.
-_OPS = {"Add": lambda *a: sum(a), "Mul": math.prod, "FloorDiv": lambda a, b: a // b, "CeilToInt": math.ceil,
-        "Max": max, "Min": min, "PythonMod": lambda a, b: a % b, "Mod": lambda a, b: a % b, "Pow": pow,
-        "IntTrueDiv": lambda a, b: a / b, "FloatTrueDiv": lambda a, b: a / b, "floor": math.floor,
-        "ceiling": math.ceil, "FloorToInt": math.floor}
+from ..errors import ConfigError, ExportError, NoCacheableChain
+from ..runtime.shapes import is_dynamic, plain_symbols, template
 
 
 def _dims_of(name: str, spec, ndim: int) -> dict[int, object]:
@@ -100,80 +94,24 @@ def parse_cli(items: list[str]) -> dict:
     return spec
 
 
-def _expression(e: sympy.Expr):
-    """A size expression as JSON: an int, {"sym": name}, or {"op": sympy function, "args": [...]}."""
-    if e.is_Integer:
-        return int(e)
-    if e.is_Symbol:
-        return {"sym": str(e)}
-    op = type(e).__name__
-    if op not in _OPS:
-        raise ExportError(f"export: a dynamic size of the cache state is {e} ({op}), which a package cannot size; "
-                          "keep that dimension static")
-    return {"op": op, "args": [_expression(a) for a in e.args]}
-
-
-def _value(expr, env: dict[str, int]) -> int:
-    if isinstance(expr, int):
-        return expr
-    if "sym" in expr:
-        return env[expr["sym"]]
-    return _OPS[expr["op"]](*(_value(a, env) for a in expr["args"]))
-
-
-def template(shape) -> list:
-    """A shape as JSON: ints, and size expressions where the capture's shape is symbolic."""
-    return [d if isinstance(d, int) else _expression(d.node.expr) for d in shape]
-
-
-def is_dynamic(template: list) -> bool:
-    return any(not isinstance(d, int) for d in template)
-
-
 def state_templates(chain) -> dict[str, list]:
     """The symbolic shapes of one rewritten chain's shape-carrying state (reference, ladders); only
     entries with a dynamic size are listed."""
-    nb = chain.layout.n_branches
-    h = chain.split.h_fn.meta["example_value"]
-    out = {"ref": [nb, *template(h.shape)]}
-    if chain.latent is not None:
-        out["prev_latent"] = template(chain.latent.meta["example_value"].shape)
-    for k, (node, spec) in enumerate(zip(chain.split.middle_outputs, chain.layout.streams)):
-        out[f"ladder_{k}"] = [nb, spec.ladder, *template(node.meta["example_value"].shape)]
+    try:
+        out = {name: template(shape) for name, shape in chain.state_shapes().items()}
+    except NoCacheableChain as e:
+        raise ExportError(f"export: {e}") from e
     return {name: dims for name, dims in out.items() if is_dynamic(dims)}
-
-
-def _plain_symbols(user_values: list):
-    """(input index, dim, size) for every input size that is a plain symbol."""
-    for i, v in enumerate(user_values):
-        if isinstance(v, torch.Tensor):
-            for d, size in enumerate(v.shape):
-                if not isinstance(size, int) and size.node.expr.is_Symbol:
-                    yield i, d, size
-
-
-def symbols_of(user_values: list) -> dict[str, list[int]]:
-    """symbol -> [user input index, dim] where it first appears."""
-    out: dict[str, list[int]] = {}
-    for i, d, size in _plain_symbols(user_values):
-        out.setdefault(str(size.node.expr), [i, d])
-    return out
 
 
 def bounds_of(user_values: list) -> dict[str, list]:
     """symbol -> [min, max] (max None when unbounded) as the capture's shape environment knows them."""
     out = {}
-    for _, _, size in _plain_symbols(user_values):
+    for _, _, size in plain_symbols(user_values):
         vr = size.node.shape_env.var_to_range[size.node.expr]
         bounded = vr.upper not in (int_oo, sympy.oo)  # int_oo: an open range
         out[str(size.node.expr)] = [int(vr.lower), int(vr.upper) if bounded else None]
     return out
-
-
-def evaluate(template: list, symbols: dict[str, list[int]], inputs: list) -> tuple[int, ...]:
-    """The template's concrete shape for a call whose inputs are ``inputs``."""
-    env = {s: inputs[i].shape[d] for s, (i, d) in symbols.items()}
-    return tuple(int(_value(d, env)) for d in template)
 
 
 def export_spec(user_specs: list, state_templates: list) -> tuple:

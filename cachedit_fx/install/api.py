@@ -77,7 +77,8 @@ def _adapter(pipe_or_adapter) -> BlockAdapter | None:
 
 def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, params_modifiers=None,
                  parallelism_config=None, attention_backend=None, quantize_config=None, compile: bool = True,
-                 inner: str = "inductor", eager: bool = False, **fields):
+                 inner: str = "inductor", eager: bool = False, dynamic: bool | None = None,
+                 **fields):
     """Cache a diffusers pipeline, a transformer, or the transformer(s) of a ``BlockAdapter``, in place,
     then apply cache-dit's deployment options in its order (attention backend, parallelism, quantization);
     returns what it was given.
@@ -96,7 +97,13 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         inner: the inner compiler (inductor | aot_eager | eager | tensorrt | a callable).
         eager: cache with hooks on one block list, deciding on the host, instead of the graph pass (what
             a model whose blocks cannot be captured gets on its own, with one warning).
+        dynamic: torch.compile's ``dynamic``. None (default): the first call compiles for its sizes, the
+            first call at other sizes (a new resolution, batch or text length) compiles once more for every
+            size; True: every size from the first compile; False: static shapes, a graph per size.
     """
+    if dynamic not in (None, True, False):
+        raise ConfigError(f"enable_cache: dynamic must be None (a second size compiles once for all sizes), True "
+                          f"(one compile for all sizes) or False (a graph per size), got {dynamic!r}")
     flat_cache, flat_calib = configs_from_fields(fields, "enable_cache")
     deployment = dict(parallelism_config=parallelism_config, attention_backend=attention_backend,
                       quantize_config=quantize_config)
@@ -109,7 +116,7 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         calib = merged(coerce_calibrator(calibrator_config), flat_calib)
         disable_cache(pipe_or_adapter)
         hooks = _install_hooks(targets, adapter, params_modifiers, cache, calib, "eager" if not compile else inner,
-                               eager, is_pipe)
+                               eager, is_pipe, dynamic)
         if is_pipe and hooks:
             _wrap_pipeline_call(pipe, hooks)
     deploy([module for _, module in targets], pipe if is_pipe else None, **deployment)
@@ -124,7 +131,7 @@ def set_attn_backend(pipe_or_adapter, attention_backend: str | None = None) -> N
 
 
 def _install_hooks(targets, adapter: BlockAdapter | None, params_modifiers, cache, calib, inner, eager: bool,
-                   is_pipe: bool) -> list[CacheHook]:
+                   is_pipe: bool, dynamic: bool | None) -> list[CacheHook]:
     pins = adapter.pins() if adapter else [()] * len(targets)
     if adapter is not None and params_modifiers is None:
         params_modifiers = adapter.params_modifiers
@@ -138,7 +145,7 @@ def _install_hooks(targets, adapter: BlockAdapter | None, params_modifiers, cach
         if c.cache_type is CacheType.NONE:
             continue
         hook = CacheHook(c, k, inner, pinned, eager, on_pipeline=is_pipe,
-                         separate_hint=adapter is not None and adapter.has_separate_cfg)
+                         separate_hint=adapter is not None and adapter.has_separate_cfg, dynamic=dynamic)
         hooks.append(install(module, hook))
     return hooks
 

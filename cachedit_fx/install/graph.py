@@ -11,7 +11,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from ..backend import cachedit_backend
-from ..capture import islands
+from ..capture import islands, regions
 from ..capture.dynamo import breaks_graph, describe_break, logging_ignored, our_error, private_code, raised_by_model
 from ..errors import ConfigError, IslandsNeeded
 from ..runtime.handle import chain_lists
@@ -35,6 +35,8 @@ class GraphInstall:
     def __init__(self, state: InstallState, eager: EagerSwitch):
         self.state, self.eager = state, eager
         self.islands: list[torch.nn.Module] = []  # submodules made opaque to Dynamo
+        self.regions: list[torch.nn.Module] = []  # blocks marked as compiled regions (capture/regions.py)
+        self.regions_off: str | None = None  # why the blocks compile inline, where they do
         self.compiled = None  # the inference forward
         self.grad_forward = None
         self.failed: ConfigError | None = None  # a config that does not fit the model, found at the first call
@@ -82,8 +84,10 @@ class GraphInstall:
             out = self._fit_one_graph(original, args, kwargs)
         finally:
             self._first_compile = False
-        logger.info("cachedit: %s compiled in %.1f s (%s%s)", self.state.class_name, time.perf_counter() - started,
-                    self.state.mode.value, f", {len(self.islands)} islands" if self.islands else "")
+        kinds = len({type(b) for b in self.regions})
+        logger.info("cachedit: %s compiled in %.1f s (%s%s%s)", self.state.class_name, time.perf_counter() - started,
+                    self.state.mode.value, f", {len(self.islands)} islands" if self.islands else "",
+                    f", {len(self.regions)} blocks as {kinds} compiled regions" if self.regions else "")
         return out
 
     def clear(self) -> None:
@@ -94,9 +98,30 @@ class GraphInstall:
 
     def uninstall(self) -> None:
         self.clear()
+        self._inline_blocks(None)
         for m in self.islands:
             islands.uninstall(m)
         self.islands.clear()
+
+    # ------------------------------------------------------------------ regions
+
+    def _mark_blocks(self) -> None:
+        """Each block of the model's block lists as a compiled region (compiled once per block class, called
+        from every block: Fn, the cond's branch, Bn), unless the blocks compile inline for a reason."""
+        if self.regions_off is None and not self.islands and not self.regions:
+            self.regions = regions.mark(self.state.module)
+
+    def _inline_blocks(self, reason: str | None) -> None:
+        """Undo the regions: the blocks trace inline (the graph as without regions). ``reason``: why, for the
+        log (None: teardown)."""
+        if not self.regions:
+            return
+        regions.unmark(self.state.module)
+        self.regions = []
+        if reason is not None:
+            self.regions_off = reason
+            logger.info("cachedit: %s compiles its blocks inline, not as compiled regions: %s", self.state.class_name,
+                        reason)
 
     # ------------------------------------------------------------------ compiling
 
@@ -123,17 +148,26 @@ class GraphInstall:
         # only the one-graph compile's single frame is the module's forward, its ``self`` the module
         light = self.owned.filter_for(self.state.handle) if fullgraph else None
         options = {"guard_filter_fn": light} if light is not None else None
-        return logging_ignored(torch.compile(private_code(original), backend=backend, dynamic=False,
+        # Islands need static shapes (their fake kernel learns output shapes per input shape).
+        dynamic = False if self.islands else self.state.dynamic
+        return logging_ignored(torch.compile(private_code(original), backend=backend, dynamic=dynamic,
                                              fullgraph=fullgraph, recompile_limit=MAX_GRAPHS, options=options))
 
     def _fit_one_graph(self, original, args, kwargs):
         module, state = self.state.module, self.state
         ran_eagerly, outside = False, None  # outside: a break outside the blocks, which islands cannot help
+        self._mark_blocks()
         for _ in range(_ISLAND_ROUNDS):
             fn = self._compile(original, self._one_graph_backend, fullgraph=True)
             try:
                 out = fn(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
+                if self.regions and not isinstance(our_error(e), ConfigError):
+                    # Whatever failed (a break inside a block, a region Dynamo cannot reuse), the graph
+                    # without regions decides: traced again with the blocks inline.
+                    state.handle.graphs.clear()
+                    self._inline_blocks(str(our_error(e) or describe_break(e)))
+                    continue
                 if not breaks_graph(e):
                     ours = our_error(e)  # e.g. Fn + Bn longer than the chain: the ConfigError itself
                     if isinstance(ours, ConfigError):
@@ -174,6 +208,7 @@ class GraphInstall:
         gets the eager cache instead, with one warning naming the break: a side list caching (a text
         refiner in the graph before the break) is not the model caching."""
         state = self.state
+        self._inline_blocks("the forward compiles with graph breaks")
         self.compiled, state.mode = self._compile(original, self._backend, fullgraph=False), Mode.GRAPH_BREAKS
         out = self.compiled(*args, **kwargs)
         main = largest_block_list(state.module)

@@ -52,14 +52,15 @@ class CacheHook(ModelHook):
 
     def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None,
                  inner="inductor", pinned: tuple[PinnedList, ...] = (), eager: bool = False, on_pipeline: bool = False,
-                 separate_hint: bool = False):
+                 separate_hint: bool = False, dynamic: bool | None = None):
         """``on_pipeline``: the transformer of a pipeline (diffusers' ``cache_context`` names CFG branches);
-        ``separate_hint``: a BlockAdapter says the pipeline runs separate CFG (where the config says None)."""
+        ``separate_hint``: a BlockAdapter says the pipeline runs separate CFG (where the config says None);
+        ``dynamic``: torch.compile's (see ``enable_cache``)."""
         super().__init__()
         self.handle = CacheHandle(cache_config, calibrator_config, islands_checked=True)
         self._inner, self._pinned = inner, pinned
         self._on_pipeline, self._separate_hint = on_pipeline, separate_hint
-        self.state = InstallState(self.handle, self._backend_options())  # fails now, not at the first call
+        self.state = InstallState(self.handle, self._backend_options(), dynamic=dynamic)  # fails now, not later
         self.context = _CallContext()
         self.eager = EagerSwitch(self.state, pinned)
         self.graph = GraphInstall(self.state, self.eager)

@@ -49,6 +49,7 @@ class InstallState:
     module_ref: weakref.ref | None = None
     mode: Mode = Mode.NOT_COMPILED
     branch: int | None = None
+    dynamic: bool | None = None  # torch.compile's: None compiles a second size once for all sizes
 
     @property
     def module(self) -> torch.nn.Module:

@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 from ..capture.fx_facts import clone_graph_module
 from ..config import ChainPolicy, PassSettings, is_prune
 from ..errors import NoCacheableChain
+from . import regions
 from .parallel import sequence_group
 from .patterns import ChainInfo, Unmatched, analyze
 from .pin import pin_chain
@@ -68,11 +69,14 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
             contradicts the graph.
     """
     work = clone_graph_module(gm)
-    found = analyze(work)
-    if isinstance(found, Unmatched):
-        return PassResult(gm, unmatched=found.reason)
     cache = settings.cache_config
+    found = analyze(work)
     try:
+        inline = None if is_prune(cache) else cache.Fn_compute_blocks
+        if not isinstance(found, Unmatched) and _inline_regions(work, pick_chains(work, found, settings), inline):
+            found = analyze(work)
+        if isinstance(found, Unmatched):
+            return PassResult(gm, unmatched=found.reason)
         picked = pick_chains(work, found, settings)
         group = settings.group or sequence_group(work)
         if is_prune(cache):
@@ -88,3 +92,12 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
     except NoCacheableChain as e:
         return PassResult(gm, unmatched=str(e))
     return PassResult(work, chains, moved_into_branches=moved, flattened_subclasses=flattened)
+
+
+def _inline_regions(gm: GraphModule, picked: list[ChainInfo], n_blocks: int | None) -> int:
+    """The first ``n_blocks`` blocks of each chain (None: all) that are region calls, inlined. DBCache
+    inlines Fn: the rewrite takes the Fn residual from their nodes, and sink.py moves the part of them
+    only the middle reads (Flux's text-stream tail) into the full branch, as on a graph without regions.
+    DBPrune inlines every block: each prunable block is a cond of its own."""
+    calls = [n for info in picked for b in info.blocks[:n_blocks] for n in b.nodes if regions.is_call(n)]
+    return regions.inline_calls(gm, calls)

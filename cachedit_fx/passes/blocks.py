@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..capture.fx_facts import ATTENTION_OPS, concrete_shape, module_path, node_value
+from . import regions
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -33,7 +34,7 @@ class Block:
 
     @property
     def has_attention(self) -> bool:
-        return any(any(a in str(n.target) for a in ATTENTION_OPS) for n in self.nodes)
+        return any(regions.has_attention(n) for n in self.nodes)  # a region call: its body's ops
 
 
 @dataclass(eq=False)

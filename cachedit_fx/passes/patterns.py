@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from torch.fx import GraphModule, Node
 
 from ..capture.fx_facts import node_shape
+from ..capture.regions import model_class
 from ..compat.forward_pattern import ForwardPattern
 from ..errors import NoCacheableChain
+from . import regions
 from .blocks import ATTENTION_OPS, Block, Chain, derived_from, find_chains, latent_input, user_inputs
 
 _CHEAP = {
@@ -124,28 +126,39 @@ def _continues(block: Block, out: Node, streams: dict[Node, frozenset]) -> Node 
 
     Walks back along cheap ops, following slices into the part of a ``cat`` they select, so that a
     block which joins [E, H], transforms the joint sequence and splits it again maps each half back
-    to its own stream even when both halves have the same shape.
+    to its own stream even when both halves have the same shape. A region call's output is followed
+    into its body, and a body placeholder back out to the call's operand (``calls``: the region calls
+    the walk is inside, innermost last).
     """
     inside = set(block.nodes)
-    found, seen, todo = [], set(), [(out, None)]
+    found, seen, todo = [], set(), [(out, None, ())]
     while todo:
-        n, region = todo.pop()
-        if (n, region) in seen:
+        n, region, calls = todo.pop()
+        if (n, region, calls) in seen:
             continue
-        seen.add((n, region))
-        if n in streams:
+        seen.add((n, region, calls))
+        if not calls and n in streams:
             found.append(n)
             continue
-        if n not in inside or _op_name(n) not in _CHEAP:
+        if calls and n.op == "placeholder":  # a body input: the operand the call passed
+            call = calls[-1]
+            todo.append((regions.operands(call)[regions.placeholders(regions.body(call)).index(n)], region,
+                         calls[:-1]))
+            continue
+        if not calls and n not in inside or _op_name(n) not in _CHEAP:
+            continue
+        j = regions.output_index(n)
+        if j is not None:
+            todo.append((regions.body_outputs(n.args[0])[j], region, (*calls, n.args[0])))
             continue
         name = _op_name(n)
         if name == "getitem" and n.args and isinstance(n.args[0], Node) and node_shape(n.args[0]) is not None:
-            todo.append((n.args[0], _slice_region(n, region)))
+            todo.append((n.args[0], _slice_region(n, region), calls))
         elif name == "cat":
-            todo.extend(_cat_inputs(n, region))
+            todo.extend((a, r, calls) for a, r in _cat_inputs(n, region))
         else:
             same = region is not None and all(node_shape(a) == node_shape(n) for a in n.all_input_nodes)
-            todo.extend((a, region if same else None) for a in n.all_input_nodes)
+            todo.extend((a, region if same else None, calls) for a in n.all_input_nodes)
     found = list(dict.fromkeys(found))
     if len(found) > 1:
         found = [f for f in found if node_shape(f) == node_shape(out)] or found
@@ -159,14 +172,27 @@ def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node
     """Does ``inp`` reach an attention op through a projection (an op with a weight input) without
     mixing with H first? That is cross-attention to a read-only context (K/V from ``inp``); masks
     reach attention without a projection, modulation vectors mix with H before any attention."""
-    inside = set(block.nodes)
-    todo = [(u, False) for u in inp.users if u in inside]
+    return _projected_into_attention(inp, set(block.nodes), h_side, weights, False)
+
+
+def _projected_into_attention(start: Node, inside: set[Node], h_side: set[Node], weights: set[Node],
+                              projected: bool) -> bool:
+    todo = [(u, start, projected) for u in start.users if u in inside]
     seen = set()
     while todo:
-        n, projected = todo.pop()
-        if (n, projected) in seen:
+        n, came_from, projected = todo.pop()
+        if (n, came_from, projected) in seen:
             continue
-        seen.add((n, projected))
+        seen.add((n, came_from, projected))
+        if regions.is_call(n):  # into the body, from the placeholders the value enters as
+            sub, ops = regions.body(n), regions.operands(n)
+            ph = regions.placeholders(sub)
+            body_h, body_weights = regions.derived_in_body(n, h_side), {p for p, o in zip(ph, ops) if o in weights}
+            body_nodes = set(sub.graph.nodes)
+            if any(_projected_into_attention(p, body_nodes, body_h, body_weights, projected)
+                   for p, o in zip(ph, ops) if o is came_from):
+                return True
+            continue
         projected = projected or any(a in weights for a in n.all_input_nodes)
         if any(op in str(n.target) for op in ATTENTION_OPS):
             if projected:
@@ -174,14 +200,14 @@ def _reads_context(block: Block, inp: Node, h_side: set[Node], weights: set[Node
             continue
         if n in h_side:
             continue
-        todo.extend((u, projected) for u in n.users if u in inside)
+        todo.extend((u, n, projected) for u in n.users if u in inside)
     return False
 
 
 def return_order(cls: type | None) -> list[str] | None:
     """Names the block's forward returns, as 'H'/'E', from its source (None when unreadable)."""
     try:
-        src = textwrap.dedent(inspect.getsource(cls.forward))
+        src = textwrap.dedent(inspect.getsource(model_class(cls).forward))
         fn = ast.parse(src).body[0]
         first = [a.arg for a in fn.args.args][1]
     except Exception:

@@ -13,8 +13,11 @@ in-place writes as input mutations; the same layout survives torch.export / AOTI
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import operator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.fx import GraphModule, Node
@@ -62,13 +65,13 @@ def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, 
     """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
     (a step.py function returning a :class:`BranchOut`) but the history counters, which follow them;
     the branch returns the BranchOut flattened."""
-    flat = named_function(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}")
+    flat = named_function(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}", layout)
     n_step, n_stored = len(_STEP_OPERANDS), len(layout.stored_names())
 
     def graph_body(g, ops):
         mid, step_ops = ops[:n_in], dict(zip(_STEP_OPERANDS, ops[n_in:n_in + n_step]))
         stored, history = ops[n_in + n_step:n_in + n_step + n_stored], ops[n_in + n_step + n_stored:]
-        out = g.call_function(flat, (*body(g, mid, step_ops, stored), history))
+        out = _call(g, "call_function", flat, (*body(g, mid, step_ops, stored), history))
         return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
 
     return cond_branch(n_in + n_step + n_stored + len(layout.history_names()), graph_body, segment)
@@ -108,6 +111,17 @@ class RewrittenChain:
     @property
     def about(self) -> ChainAbout:
         return ChainAbout(self.info.name, self.info.pattern, self.info.n_blocks, self.split.fn, self.split.bn)
+
+    def state_shapes(self) -> dict[str, tuple]:
+        """The shapes of the activation-sized state (reference, remembered latent, ladders) in the
+        graph's own sizes: symbolic where the capture has dynamic dims."""
+        nb = self.layout.n_branches
+        out = {"ref": (nb, *node_value(self.split.h_fn).shape)}
+        if self.latent is not None:
+            out["prev_latent"] = tuple(node_value(self.latent).shape)
+        for k, (node, spec) in enumerate(zip(self.split.middle_outputs, self.layout.streams)):
+            out[f"ladder_{k}"] = (nb, spec.ladder, *node_value(node).shape)
+        return out
 
 
 def make_layout(split: Split, settings: PassSettings, sees_timestep: bool, latent: Node | None = None,
@@ -158,8 +172,29 @@ def own_buffer(node: Node, add) -> Node:
     return node
 
 
-def named_function(fn, name):
+def _code_digest() -> str:
+    """A digest of the code the step functions run (runtime/step.py and what it calls)."""
+    from ..runtime import algorithm, calibrators, layout, step
+
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (algorithm, calibrators, layout, step))
+    return hashlib.sha256(sources).hexdigest()
+
+
+_CODE_DIGEST = _code_digest()
+
+
+def named_function(fn, name: str, layout: ChainLayout | None = None):
+    """``fn`` (a closure over ``layout`` calling a step.py function) named ``name``; given a ChainLayout,
+    with a ``cache_tag``: a digest of what it computes, the layout's structure (not its sizes, which reach the graph as its
+    inputs' shapes) and the step code. Inductor's and AOTAutograd's on-disk caches key a graph on its
+    code; the nodes calling these functions carry the tag in their names (:func:`_call`), so two rewrites
+    that compute differently never share an entry, and a new process finds the entry of an equal one."""
     fn.__name__ = fn.__qualname__ = name
+    if not isinstance(layout, ChainLayout):  # untagged: the on-disk caches bypass the graph (DBPrune's)
+        return fn
+    sizeless = dataclasses.replace(layout, fn_shape=(), latent_shape=() if layout.latent_shape else None,
+                                   streams=tuple(dataclasses.replace(st, shape=()) for st in layout.streams))
+    fn.cache_tag = hashlib.sha256(f"{sizeless!r}{_CODE_DIGEST}".encode()).hexdigest()[:16]
     return fn
 
 
@@ -174,6 +209,16 @@ def state_placeholders(gm: GraphModule, idx: int, names: list[str], tensors: lis
         node.meta["example_value"] = tensor
         node._dynamo_source = None  # caller-owned state, not a user input Dynamo guards on
     return nodes
+
+
+def _call(graph: torch.fx.Graph, op: str, target, args, kwargs=None) -> Node:
+    """A node of ``graph``; one calling a tagged step function (:func:`named_function`) is named after its tag and
+    carries it as the cache hash AOTAutogradCache asks of a Python call target it cannot inspect."""
+    tag = getattr(target, "cache_tag", None)
+    node = graph.create_node(op, target, args, kwargs or {}, name=f"{target.__name__}_{tag}" if tag else None)
+    if tag is not None:
+        node.meta.update(is_wrapped=True, user_cache_hash=tag)
+    return node
 
 
 def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSettings,
@@ -205,13 +250,13 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
 
     def add(op, target, args, kwargs=None):
         with graph.inserting_before(after_middle):
-            node = graph.create_node(op, target, args, kwargs or {})
+            node = _call(graph, op, target, args, kwargs)
         inserted.append(node)
         return node
 
     pre_fn = named_function(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st),
-                            f"cachedit_pre_step_{idx}")
-    post_fn = named_function(lambda *a, **kw: post_step(layout, *a, **kw), f"cachedit_post_step_{idx}")
+                            f"cachedit_pre_step_{idx}", layout)
+    post_fn = named_function(lambda *a, **kw: post_step(layout, *a, **kw), f"cachedit_post_step_{idx}", layout)
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
     pre = add("call_function", pre_fn, (fn_res, timestep, latent, *state_nodes))
 

@@ -136,6 +136,18 @@ class CacheHandle:
     def chains(self) -> list[RewrittenChain | CachedChain]:
         return [c for g in self.graphs for c in g.chains]
 
+    def install_graphs(self) -> list[CompiledGraph]:
+        """The graphs of this handle and of the handles over the same weights with the same configs: a
+        bare torch.compile makes a handle per graph (a recompile for new sizes included), which together
+        are one install."""
+        same = [h for h in _WEIGHTS.sharing(self) if (h.cache_config, h.calibrator_config) ==
+                (self.cache_config, self.calibrator_config)]
+        return [g for h in [self, *same] for g in h.graphs]
+
+    def install_chains(self) -> list:
+        """The chains of :meth:`install_graphs`."""
+        return [c for g in self.install_graphs() for c in g.chains]
+
 
 class _WeightIndex:
     """Which handles compiled graphs over which weight tensors: by the tensor object's identity, held

@@ -3,6 +3,7 @@ cached graph checks no sizes again, and inner options override the cached graph'
 from __future__ import annotations
 
 import pytest
+import torch
 from torch._inductor.utils import run_and_get_code
 
 from cachedit_fx import zoo
@@ -53,4 +54,8 @@ def test_inner_options_override_the_cached_graph_defaults(monkeypatch):
     inner_compile(None, [], "inductor", None, CACHED_GRAPH_INDUCTOR_OPTIONS)
     inner_compile(None, [], "inductor", {"size_asserts": True, "max_autotune": True}, CACHED_GRAPH_INDUCTOR_OPTIONS)
     inner_compile(None, [], "inductor", None)  # an uncached graph keeps Inductor's own defaults
-    assert seen == [{"size_asserts": False}, {"size_asserts": True, "max_autotune": True}, None]
+    cond_cacheable = CACHED_GRAPH_INDUCTOR_OPTIONS["unsafe_marked_cacheable_functions"]
+    assert seen == [{"size_asserts": False, "unsafe_marked_cacheable_functions": cond_cacheable},
+                    {"size_asserts": True, "max_autotune": True, "unsafe_marked_cacheable_functions": cond_cacheable},
+                    None]
+    assert cond_cacheable == {"torch.ops.higher_order.cond": torch.__version__}

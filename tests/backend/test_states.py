@@ -1,0 +1,102 @@
+"""One compile serves every resolution: the second token count compiles once more with dynamic sizes (torch's
+automatic-dynamic recompile) and every further size compiles nothing, each size with state of its own, so
+its decisions and outputs equal a static compile at that size; ``dynamic=False`` keeps a graph per size; the
+bare backend's recompile runs cached too (no uncached warning)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import cachedit_fx as cf
+
+from tests.helpers.dynamo import compile_own
+from tests.helpers.tinydit import euler, latent, tiny
+
+CACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.25, max_warmup_steps=1,
+             enable_separate_cfg=False)
+SIZES = (8, 12, 16)
+
+
+def recording():
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))  # compiled for dynamic sizes?
+        return gm.forward
+    return graphs, inner
+
+
+def requests(model, sizes=SIZES):
+    """One 6-step request per token count: (outputs, cached steps of the state set that served it)."""
+    out = []
+    for tokens in sizes:
+        outs = euler(model, latent(tokens), 6)
+        rows = {tuple(s.cached_steps) for s in cf.summary(model, logging=False)}
+        out.append((outs, rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dynamic_run():
+    model = tiny()
+    graphs, inner = recording()
+    cf.enable_cache(model, inner=inner, **CACHE)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        results = requests(model)
+    return graphs, results, [str(w.message) for w in warned if "cachedit" in str(w.message)]
+
+
+def static_at(tokens: int):
+    model = tiny()
+    cf.enable_cache(model, inner="eager", dynamic=False, **CACHE)
+    outs = euler(model, latent(tokens), 6)
+    (stats,) = cf.summary(model, logging=False)
+    return outs, stats.cached_steps
+
+
+def test_a_new_size_compiles_once_for_all_sizes_and_runs_cached(dynamic_run):
+    graphs, _, warned = dynamic_run
+    # the first size static, the second for every size, the third none (Dynamo remembers per source function
+    # which sizes changed: after other tests of the class the first compile may already be the dynamic one)
+    assert graphs in ([False, True], [True]), graphs
+    assert warned == []
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_each_size_decides_as_a_static_compile_at_that_size(dynamic_run, k):
+    _, results, _ = dynamic_run
+    outs, rows = results[k]
+    static_outs, static_cached = static_at(SIZES[k])
+    assert static_cached and tuple(static_cached) in rows, (static_cached, rows)
+    for a, b in zip(outs, static_outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_false_compiles_a_graph_per_size():
+    model = tiny()
+    graphs, inner = recording()
+    cf.enable_cache(model, inner=inner, dynamic=False, **CACHE)
+    requests(model)
+    assert graphs == [False, False, False]
+
+
+def test_the_bare_backend_recompile_for_a_new_size_runs_cached():
+    model = tiny()
+    graphs, inner = recording()
+    compiled = compile_own(model, backend="cachedit", fullgraph=True, options=dict(cache_config=CACHE, inner=inner))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for tokens in SIZES:
+            euler(compiled, latent(tokens), 4)
+    # Dynamo remembers per source function which sizes changed, so after the tests above the first compile
+    # may already be the dynamic one
+    assert graphs in ([False, True], [True]), graphs
+    assert not [w for w in warned if "uncached" in str(w.message)], [str(w.message) for w in warned]
+
+
+def test_dynamic_must_be_none_true_or_false():
+    with pytest.raises(cf.ConfigError, match="dynamic"):
+        cf.enable_cache(tiny(), dynamic="yes", **CACHE)
