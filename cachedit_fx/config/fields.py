@@ -76,10 +76,13 @@ def _check_names(cls: type, fields: dict, where: str) -> None:
 
 
 def merged(base, override):
-    """``base`` with ``override``'s changes applied (neither is modified); ``base`` when no override."""
+    """``base`` with ``override``'s changes applied (neither is modified); ``base`` when no override,
+    ``override`` when it is another kind of config than ``base``."""
     if override is None:
         return base
-    if base is None:
+    if base is None or not isinstance(base, type(override)):
+        # another kind of config (FoCa after TaylorSeer, FirstBlockCache after DBCache) replaces the old
+        # one whole; a plain DBCacheConfig's fields still merge into a FirstBlockCache / MagCache config
         return dataclasses.replace(override)
     out = dataclasses.replace(base)
     for name, value in override.changes().items():
