@@ -78,22 +78,23 @@ def _check_names(cls: type, fields: dict, where: str) -> None:
 def merged(base, override):
     """``base`` with ``override``'s changes applied (neither is modified); ``base`` when no override.
 
-    A full override may be of another config class (a ``DBPruneConfig`` over a ``DBCacheConfig``): the
-    result is of its class, with the base's values for the fields both have. A partial override keeps the
-    base's class; a field that class does not have is a ``ConfigError``."""
+    A full override of another config class replaces the base whole (FoCa after TaylorSeer, a
+    ``DBPruneConfig`` or ``FirstBlockCacheConfig`` after a ``DBCacheConfig``, and back). A partial override
+    (``reset(...)``, flat keyword fields) keeps the base's class; a field that class does not have is a
+    ``ConfigError``."""
     if override is None:
         return base
-    if base is None:
-        return dataclasses.replace(override)
     partial = getattr(override, "_given", None) is not None
-    cls = type(base) if partial else type(override)
+    if base is None or (not partial and type(override) is not type(base)):
+        return dataclasses.replace(override)
+    cls = type(base)
     names = {f.name for f in dataclasses.fields(cls)}
     changes = override.changes()
     foreign = sorted(set(changes) - names)
     if foreign:
         raise ConfigError(f"{', '.join(foreign)}: not field(s) of {cls.__name__}, the config in force; give a full "
                           f"{type(override).__name__} to change the config class")
-    values = {name: getattr(base, name) for name in names if hasattr(base, name)}
+    values = {name: getattr(base, name) for name in names}
     values.update(changes)
     return cls(**values)
 

@@ -12,8 +12,6 @@ independent check of our own spec; these tests are the check against cache-dit.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -23,23 +21,12 @@ from torch import nn
 import cachedit_fx
 from cachedit_fx import zoo
 
-from tests.helpers.differential import assert_outputs_within, flux_with_uncond, import_cache_dit
+from tests.helpers.differential import Request, assert_same, flux_with_uncond, import_cache_dit
 from tests.helpers.tinydit import D, attend, euler, latent
 
 reference = import_cache_dit()
 
 STEPS = 8
-
-
-@dataclass
-class Request:
-    """One request's decisions (non-CFG and CFG branch, cache-dit's naming) and outputs."""
-
-    cached: list[int]
-    diffs: dict[str, float]
-    cfg_cached: list[int] = field(default_factory=list)
-    cfg_diffs: dict[str, float] = field(default_factory=dict)
-    outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 CALIBRATORS = {"taylorseer": "TaylorSeerCalibratorConfig", "foca": "FoCaCalibratorConfig", "dmd": "DMDCalibratorConfig"}
@@ -73,20 +60,6 @@ def run_requests(lib, model, loop, cache: dict, calib: dict | None, second_thres
         cached, diffs, cfg_cached, cfg_diffs = (list(stats[0]), dict(stats[1]), list(stats[2]), dict(stats[3]))
         requests.append(Request(cached, diffs, cfg_cached, cfg_diffs, outputs))
     return requests
-
-
-def assert_same(theirs: list[Request], ours: list[Request]):
-    for r, (t, o) in enumerate(zip(theirs, ours)):
-        where = f"request {r}"
-        assert o.cached == t.cached, f"{where}: cached steps, cache-dit {t.cached}, ours {o.cached}"
-        assert o.cfg_cached == t.cfg_cached, f"{where}: CFG cached steps, cache-dit {t.cfg_cached}, ours {o.cfg_cached}"
-        for mine, their, what in ((o.diffs, t.diffs, "diffs"), (o.cfg_diffs, t.cfg_diffs, "CFG diffs")):
-            assert set(mine) == set(their), f"{where}: {what} recorded at steps {sorted(their)} by cache-dit, {sorted(mine)} by us"
-            for k in their:
-                a, b = mine[k], their[k]
-                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (where, what, k, a, b)
-        assert_outputs_within(o.outputs, t.outputs, where)
-    assert any(r.cached or r.cfg_cached for r in theirs), "no step cached: the case tests nothing"
 
 
 # ----------------------------------------------------------------------------- Flux

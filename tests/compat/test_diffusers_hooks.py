@@ -12,12 +12,13 @@ import copy
 import io
 
 import pytest
-import torch
 
 import cachedit_fx
 from cachedit_fx import zoo
 
-from tests.compat.test_cache_dit import STEPS, assert_same, Request
+from tests.helpers.differential import Request, assert_same
+
+STEPS = 8
 
 hooks = pytest.importorskip("diffusers.hooks")
 

@@ -63,6 +63,37 @@ def test_a_cache_dit_script_runs_unchanged():
     assert cache_hook(model) is None and same(denoise(model, 8), ref)
 
 
+def test_a_cache_dit_script_with_foca_then_dmd_runs_unchanged():
+    """cache-dit 1.5.3's new calibrators in a script: FoCa, then refresh_context to DMD (the calibrator is
+    structure: a recompile), each with the same cached steps as cache-dit runs for the same script."""
+    torch.manual_seed(0)
+    model = tiny()
+    theirs_model = tiny()
+    theirs_model.load_state_dict(model.state_dict())
+    cache = dict(Fn_compute_blocks=1, residual_diff_threshold=0.9, max_warmup_steps=4)
+    steps = []
+    for lib, m, extra in ((reference, theirs_model, {}), (cache_dit, model, dict(compile=False))):
+        adapter = lib.BlockAdapter(transformer=m, blocks=m.transformer_blocks,
+                                   forward_pattern=lib.ForwardPattern.Pattern_3)
+        lib.enable_cache(adapter, cache_config=lib.DBCacheConfig(**cache),
+                         calibrator_config=lib.FoCaCalibratorConfig(), **extra)
+        runs = []
+        for calibrator in (None, lib.DMDCalibratorConfig(dmd_history=4)):
+            if calibrator is not None:
+                lib.refresh_context(m, cache_config=lib.DBCacheConfig(**cache), calibrator_config=calibrator)
+            out = denoise(m, 8)
+            ctx = (m._context_manager.get_context(m._context_names[-1]) if lib is reference
+                   else lib.summary(m, logging=False)[0])
+            runs.append((list(ctx.cached_steps), out))
+        steps.append(runs)
+    (theirs_foca, theirs_dmd), (ours_foca, ours_dmd) = steps
+    assert ours_foca[0] == theirs_foca[0] and ours_dmd[0] == theirs_dmd[0] and ours_foca[0], steps
+    for (_, mine), (_, their) in ((ours_foca, theirs_foca), (ours_dmd, theirs_dmd)):
+        for a, b in zip(mine, their):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    assert cache_dit.strify(model).startswith("DBCache_F1B0_W4") and "DMDH4" in cache_dit.strify(model)
+
+
 def test_a_pin_that_contradicts_the_graph_is_a_clear_error():
     model = tiny()
     wrong = cache_dit.BlockAdapter(transformer=model, blocks=model.transformer_blocks,
