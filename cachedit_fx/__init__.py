@@ -27,6 +27,7 @@ from .install.api import (ParamsModifier, disable_cache, enable_cache, refresh_c
                           strify, summary)
 from .install.quantize import quantize
 from .tools.tune import TuneResult, tune
+from .tools.tune_methods import MethodsResult, tune_methods
 
 NONE, DBCache, DBPrune = CacheType.NONE, CacheType.DBCache, CacheType.DBPrune
 Pattern_0, Pattern_1, Pattern_2, Pattern_3, Pattern_4, Pattern_5 = ForwardPattern
@@ -36,14 +37,14 @@ __all__ = [
     "BasicCacheConfig", "BlockAdapter", "BlockAdapterRegister", "CacheStats", "CacheType", "CacheditError",
     "CalibratorConfig", "CaptureError", "ChainPolicy", "ConfigError", "DBCache", "DBCacheConfig", "DBPrune",
     "DBPruneConfig", "DMDCalibratorConfig", "ExportError", "FirstBlockCacheConfig", "FoCaCalibratorConfig",
-    "ForwardPattern", "MagCacheConfig", "MissingDependency", "NONE", "NoCacheableChain", "ParallelismBackend",
-    "ParallelismConfig", "ParamsModifier", "PatchFunctor", "Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3",
-    "Pattern_4", "Pattern_5", "QuantizeBackend", "QuantizeConfig", "SeparateCFG", "TaylorSeerCalibratorConfig",
-    "TuneResult", "block_range", "cache_type", "disable_cache", "enable_cache", "export", "get_adapter", "load",
-    "load_attn_backend_config", "load_cache_config", "load_configs", "load_options", "load_parallelism_config",
-    "load_quantize_config", "mark_regions", "quantize", "refresh_context", "reset", "set_attn_backend",
-    "set_compile_configs", "steps_mask", "strify", "summary", "supported_matrix", "supported_pipelines", "tune",
-    "unmark_regions",
+    "ForwardPattern", "MagCacheConfig", "MethodsResult", "MissingDependency", "NONE", "NoCacheableChain",
+    "ParallelismBackend", "ParallelismConfig", "ParamsModifier", "PatchFunctor", "Pattern_0", "Pattern_1",
+    "Pattern_2", "Pattern_3", "Pattern_4", "Pattern_5", "QuantizeBackend", "QuantizeConfig", "SeparateCFG",
+    "TaylorSeerCalibratorConfig", "TuneResult", "block_range", "cache_type", "disable_cache", "enable_cache",
+    "export", "get_adapter", "load", "load_attn_backend_config", "load_cache_config", "load_configs",
+    "load_options", "load_parallelism_config", "load_quantize_config", "mark_regions", "quantize",
+    "refresh_context", "reset", "set_attn_backend", "set_compile_configs", "steps_mask", "strify", "summary",
+    "supported_matrix", "supported_pipelines", "tune", "tune_methods", "unmark_regions",
 ]
 __version__ = "0.1.0"
 
