@@ -127,8 +127,9 @@ def method_cells(methods="all", dbcache: DBCacheConfig | None = None, mag_ratios
         indicator, _, calibrator = name.partition("+")
         calibrator_config = CALIBRATORS[calibrator or "none"]()
         if indicator == "magcache" and (mag_ratios is None or num_inference_steps is None):
-            cells.append(Cell(name, None, None, "skipped: MagCache needs calibrated mag_ratios and "
-                                                 "num_inference_steps (none given, none calibrated)"))
+            cells.append(Cell(name, None, None, "skipped: MagCache needs calibrated mag_ratios and their "
+                                                 "num_inference_steps (give mag_ratios=, or num_inference_steps "
+                                                 "in call_kwargs to calibrate them)"))
             continue
         cache = {"dbcache": lambda: copy.deepcopy(dbcache),
                  "first_block": FirstBlockCacheConfig,
@@ -191,8 +192,12 @@ def tune_methods(pipe, call_kwargs: dict, methods="all", target_speedup: float |
     """
     if target_speedup is None and min_psnr is None:
         raise ConfigError("tune_methods: give target_speedup and / or min_psnr (a method is chosen by them)")
-    stream = sys.stderr if stream is None else stream
     names = parse_methods(methods)
+    refused = sorted(set(tune_options) & {"apply", "plot"})
+    if refused:
+        raise ConfigError(f"tune_methods: {', '.join(refused)} are tune's for one method (the winner is applied; "
+                          "MethodsResult.cells[i].result.plot(path) draws a cell's frontier)")
+    stream = sys.stderr if stream is None else stream
     before = [(h.cache_config, h.calibrator_config) for _, h in cached_handles(pipe)][:1]
     steps = call_kwargs.get("num_inference_steps")
     if mag_ratios is None and steps is not None and any(n.startswith("magcache") for n in names):

@@ -27,6 +27,8 @@ def test_unknown_method_is_a_config_error_naming_the_field_and_the_allowed_value
         tune_methods(object(), {}, methods=["taylorseer"], target_speedup=2.0)
     with pytest.raises(ConfigError, match="target_speedup and / or min_psnr"):
         tune_methods(object(), {}, methods="all")
+    with pytest.raises(ConfigError, match="apply, plot are tune's for one method"):
+        tune_methods(object(), {}, methods="all", min_psnr=30, plot="x.png", apply=False)
 
 
 def test_all_is_every_indicator_by_calibrator_and_magcache_without_ratios_says_why():
@@ -86,6 +88,8 @@ def test_each_cell_compiles_once_and_never_between_thresholds(searched):
     _, _, result, compiles = searched
     assert [c.cell.name for c in result.cells] == TRIED and not any(c.cell.skipped for c in result.cells)
     assert all(c.result.graphs_compiled == 0 and len(c.result.trials) >= 3 for c in result.cells)
+    # every cell's threshold 0 caches nothing: its PSNRs are against the uncached images, comparable across cells
+    assert all(c.result.trials[0].threshold == 0 and c.result.trials[0].cached == 0 for c in result.cells)
     assert len(compiles) == 1 + len(TRIED)  # MagCache's calibration run, then one per cell
     assert "| graphs compiled between thresholds |" in result.table()
 
