@@ -19,11 +19,13 @@ as without regions.
 """
 from __future__ import annotations
 
+import itertools
 import types
 import weakref
 
 import torch
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _MARK = "_cachedit_region_of"  # set on a marked block: the class it had before
 _REGION_CLASSES: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
@@ -91,11 +93,19 @@ def mark(module: torch.nn.Module) -> list[torch.nn.Module]:
         for block in blocks:
             if "forward" in block.__dict__ or is_marked(block):
                 continue  # another hook's: it runs inline
+            if holds_tensor_subclass(block):
+                continue  # torch 2.13's invoke_subgraph has no rule for subclass operands (torchao weights)
             original = type(block)
             block.__class__ = _region_class(original)
             block.__dict__[_MARK] = original
             marked.append(block)
     return marked
+
+
+def holds_tensor_subclass(module: torch.nn.Module) -> bool:
+    """Whether a parameter or buffer of ``module`` is a wrapper tensor subclass (torchao's quantized
+    weights): those blocks run inline, not as regions."""
+    return any(is_traceable_wrapper_subclass(t) for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def unmark(module: torch.nn.Module) -> int:

@@ -94,8 +94,16 @@ def _slice_region(node: Node, region):
     dim, ix = cut[0]
     if ix.step not in (None, 1):
         return None
+    if not all(b is None or isinstance(b, int) for b in (ix.start, ix.stop)):
+        return None  # a bound from a symbolic size (a dynamic-shape capture): the region is not known
     src = node_shape(node.args[0])
-    start, stop, _ = ix.indices(src[dim]) if src else (ix.start or 0, ix.stop, 1)
+    size = src[dim] if src else None
+    if isinstance(size, int):
+        start, stop, _ = ix.indices(size)
+    elif ix.stop is None or ix.stop < 0 or (ix.start or 0) < 0:
+        return None  # counted from a size that is not a number
+    else:
+        start, stop = ix.start or 0, ix.stop
     if region is not None:
         if region[0] != dim:
             return None

@@ -98,7 +98,7 @@ def _request_boundary(layout: ChainLayout, st: dict, timestep, latent):
 
     The timestep turns back against the direction it has been moving; or it moves on while the latent
     changes by over ``RATE_JUMP`` times what the last moving call's change per timestep unit predicts (for
-    a step as long as this one or the last, whichever is longer), or after a gap of over twice the last
+    a step as long as this one or the last, whichever is longer) and by over ``LATENT_JUMP``, or after a gap of over twice the last
     step with a change over ``LATENT_JUMP``; or it repeats while the latent changes by over
     ``LATENT_JUMP`` (a warm-up call, a request abandoned after one call; a Heun corrector at the same
     timestep changes it less). A call the caller names the second of a CFG pair (``branch_hint == 1``)
@@ -113,7 +113,10 @@ def _request_boundary(layout: ChainLayout, st: dict, timestep, latent):
     if latent is not None and layout.latent_shape:
         change, x = _latent_change(layout, st, latent)
         moving = (direction != 0) & (delta * direction > 0)
-        out_of_rate = (rate > 0) & (change > RATE_JUMP * rate * torch.maximum(step, last_dt))
+        # and a jump a step cannot make: a forecast step (TaylorSeer order 2) may change the latent more
+        # than twice the last step did, but not by LATENT_JUMP
+        out_of_rate = ((rate > 0) & (change > RATE_JUMP * rate * torch.maximum(step, last_dt))
+                       & (change > LATENT_JUMP))
         gap = (last_dt > 0) & (step > 2 * last_dt) & (change > LATENT_JUMP)
         fresh = same_timestep & (change > LATENT_JUMP)
         request = counts & (turned | (moving & (out_of_rate | gap)) | fresh)

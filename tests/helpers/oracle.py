@@ -188,7 +188,7 @@ class Oracle:
         new = self.direction != 0 and delta * self.direction < 0  # the timestep turned back
         if change is not None:
             expected = self.rate * max(abs(delta), self.last_dt)  # the change the last moving call predicts
-            if moving and self.rate > 0 and change > 2 * expected:
+            if moving and self.rate > 0 and change > 2 * expected and change > 0.5:
                 new = True
             if moving and self.last_dt > 0 and abs(delta) > 2 * self.last_dt and change > 0.5:
                 new = True  # a gap in the timestep and a jump of the latent

@@ -302,8 +302,9 @@ def test_summary_of_a_model_without_cachedit_graphs_says_why(capsys):
 
 @pytest.mark.slow
 def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch):
-    """Each input shape compiles its own graph and state; past MAX_GRAPHS, calls with new shapes run the
-    plain forward (one warning) instead of failing, and known shapes keep using their cached graphs."""
+    """With static shapes (dynamic=False) each input shape compiles its own graph and state; past
+    MAX_GRAPHS, calls with new shapes run the plain forward (one warning) instead of failing, and known
+    shapes keep using their cached graphs."""
     from cachedit_fx.install import graph as install_graph
     from cachedit_fx.install.hook import cache_hook
     from cachedit_fx.zoo.components import latent_image_ids
@@ -317,7 +318,7 @@ def test_shapes_beyond_the_graph_limit_run_uncached_with_one_warning(monkeypatch
 
     with torch.no_grad():
         expected = {side: transformer(**at(side))[0] for side in (4, 5, 6)}
-        cf.enable_cache(transformer, cache_config=config("flux"), compile=False)
+        cf.enable_cache(transformer, cache_config=config("flux"), compile=False, dynamic=False)
         try:
             transformer(**at(4))
             transformer(**at(5))
