@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch._guards import TracingContext
 
+from ..errors import NoCacheableChain
 from ..runtime.chain_state import ChainState
 from ..runtime.handle import CacheHandle, CachedChain, CompiledGraph
 from ..runtime.shapes import evaluate, is_dynamic, symbol_values, symbols_of, template
@@ -64,6 +65,9 @@ class SizedStates:
 
     def __init__(self, handle: CacheHandle, chains, graph_inputs: list, weights):
         """``graph_inputs``: the example values of the captured graph's inputs (symbolic sizes)."""
+        bare = [type(c).__name__ for c in chains if not hasattr(c, "state_shapes")]
+        if bare:  # DBPrune's per-block states have no size templates
+            raise NoCacheableChain(f"{bare[0]} (DBPrune) compiles for static shapes; compile with dynamic=False")
         self.handle, self.chains, self.weights = handle, chains, weights
         self.symbols = symbols_of(graph_inputs)
         self.shapes = [c.state_shapes() for c in chains]  # symbolic

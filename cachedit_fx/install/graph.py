@@ -13,6 +13,7 @@ from diffusers.utils import logging as diffusers_logging
 from ..backend import cachedit_backend
 from ..capture import islands, regions
 from ..capture.dynamo import breaks_graph, describe_break, logging_ignored, our_error, private_code, raised_by_model
+from ..config import is_prune
 from ..errors import ConfigError, IslandsNeeded
 from ..runtime.handle import chain_lists
 from .eager_switch import EagerSwitch, largest_block_list
@@ -37,6 +38,7 @@ class GraphInstall:
         self.islands: list[torch.nn.Module] = []  # submodules made opaque to Dynamo
         self.regions: list[torch.nn.Module] = []  # blocks marked as compiled regions (capture/regions.py)
         self.regions_off: str | None = None  # why the blocks compile inline, where they do
+        self.static_reason: str | None = None  # why this install compiles static shapes only, where it does
         self.compiled = None  # the inference forward
         self.grad_forward = None
         self.failed: ConfigError | None = None  # a config that does not fit the model, found at the first call
@@ -56,6 +58,11 @@ class GraphInstall:
         except torch._dynamo.exc.Unsupported:
             # A later recompile (new shape, grad mode) of a one-graph compile met a graph break.
             return self._run_with_breaks(original, args, kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            if not self._go_static(e):  # a recompile for new sizes failed in the inner compiler
+                raise
+            self.clear()
+            return self.compile_and_run(original, args, kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             if self.state.mode is not Mode.OVER_SHAPE_LIMIT:
                 self.state.mode = Mode.OVER_SHAPE_LIMIT
@@ -148,10 +155,25 @@ class GraphInstall:
         # only the one-graph compile's single frame is the module's forward, its ``self`` the module
         light = self.owned.filter_for(self.state.handle) if fullgraph else None
         options = {"guard_filter_fn": light} if light is not None else None
-        # Islands need static shapes (their fake kernel learns output shapes per input shape).
-        dynamic = False if self.islands else self.state.dynamic
+        # Islands need static shapes (their fake kernel learns output shapes per input shape); so do DBPrune's
+        # per-block states, and an install whose compile with dynamic sizes failed.
+        static = self.islands or self.static_reason or is_prune(self.state.handle.cache_config)
+        dynamic = False if static else self.state.dynamic
         return logging_ignored(torch.compile(private_code(original), backend=backend, dynamic=dynamic,
                                              fullgraph=fullgraph, recompile_limit=MAX_GRAPHS, options=options))
+
+    def _go_static(self, e: Exception) -> bool:
+        """Whether a failed compile is retried with static shapes: the inner compiler failed on a graph
+        with dynamic sizes (Inductor's codegen of a cond's symbolic operand sizes, in torch 2.13), where
+        a graph per size compiles. From then on this install compiles static shapes (logged once)."""
+        if (self.static_reason is not None or self.state.dynamic is False
+                or not isinstance(e, torch._dynamo.exc.BackendCompilerFailed) or isinstance(our_error(e), ConfigError)):
+            return False
+        self.static_reason = describe_break(e)
+        self.state.handle.graphs.clear()
+        logger.info("cachedit: %s compiles a graph per input size: compiling with dynamic sizes failed (%s)",
+                    self.state.class_name, self.static_reason)
+        return True
 
     def _fit_one_graph(self, original, args, kwargs):
         module, state = self.state.module, self.state
@@ -162,6 +184,8 @@ class GraphInstall:
             try:
                 out = fn(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
+                if self._go_static(e):
+                    continue
                 if self.regions and not isinstance(our_error(e), ConfigError):
                     # Whatever failed (a break inside a block, a region Dynamo cannot reuse), the graph
                     # without regions decides: traced again with the blocks inline.

@@ -100,3 +100,31 @@ def test_the_bare_backend_recompile_for_a_new_size_runs_cached():
 def test_dynamic_must_be_none_true_or_false():
     with pytest.raises(cf.ConfigError, match="dynamic"):
         cf.enable_cache(tiny(), dynamic="yes", **CACHE)
+
+
+def test_an_inner_compiler_failing_on_dynamic_sizes_leaves_a_graph_per_size():
+    """An inner compile that fails on symbolic sizes (torch 2.13's Inductor on a cond operand of a
+    concatenated length) is not a crash: the install compiles static shapes from then on, and each size
+    decides and outputs as a static compile at that size."""
+    attempts = []  # per inner compile: was it for dynamic sizes?
+
+    def static_only(gm, example_inputs):
+        dynamic = any(isinstance(x, torch.SymInt) or isinstance(x, torch.Tensor) and
+                      any(isinstance(d, torch.SymInt) for d in x.shape) for x in example_inputs)
+        attempts.append(dynamic)
+        if dynamic:
+            raise AssertionError("no code for symbolic sizes")
+        return gm.forward
+
+    model = tiny()
+    cf.enable_cache(model, inner=static_only, **CACHE)
+    runs = []
+    for tokens in SIZES[:2]:
+        runs.append((euler(model, latent(tokens), 6), [s.cached_steps for s in cf.summary(model, logging=False)]))
+    # one compile for dynamic sizes failed (the first when Dynamo already saw this code at other sizes, else the
+    # automatic-dynamic recompile), then each size compiled static
+    assert attempts.count(True) == 1 and attempts.count(False) == 2 and attempts[-1] is False
+    for tokens, (outs, cached) in zip(SIZES[:2], runs):
+        want_outs, want_cached = static_at(tokens)
+        assert max(float((a - b).abs().max()) for a, b in zip(outs, want_outs)) <= 1e-5
+        assert want_cached in cached
