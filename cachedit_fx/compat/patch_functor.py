@@ -4,6 +4,7 @@ graph the cache then analyses is the patched forward's. cache-dit's own functors
 ...) follow the same ``apply`` contract and work here too."""
 from __future__ import annotations
 
+import abc
 import os
 import warnings
 
@@ -13,7 +14,7 @@ import torch
 DISABLE_DIFFUSERS_CHECK = "CACHE_DIT_PATCH_FUNCTOR_DISABLE_DIFFUSERS_CHECK"
 
 
-class PatchFunctor:
+class PatchFunctor(abc.ABC):
     """Subclasses implement ``_apply(transformer, *args, **kwargs) -> transformer`` and set
     ``transformer._is_patched = True``."""
 
@@ -29,8 +30,9 @@ class PatchFunctor:
             return transformer
         return self._apply(transformer, *args, **kwargs)
 
+    @abc.abstractmethod
     def _apply(self, transformer: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must implement _apply(transformer, ...)")
+        """The patch itself: the patched ``transformer``."""
 
     @classmethod
     def is_from_diffusers(cls, transformer: torch.nn.Module) -> bool:
