@@ -31,6 +31,7 @@ from ..runtime.step import PreStep, cached_step, computed_step, post_step, pre_s
 from .blocks import latent_input, timestep_input
 from .patterns import ChainInfo
 from .split import Split, passthrough_module, segment_module
+from .steps import TaggedStep
 
 
 def inline(graph: torch.fx.Graph, sub: GraphModule, args) -> list[Node]:
@@ -185,17 +186,17 @@ _CODE_DIGEST = _code_digest()
 
 def named_function(fn, name: str, layout: ChainLayout | None = None):
     """``fn`` (a closure over ``layout`` calling a step.py function) named ``name``; given a ChainLayout,
-    with a ``cache_tag``: a digest of what it computes, the layout's structure (not its sizes, which reach the graph as its
-    inputs' shapes) and the step code. Inductor's and AOTAutograd's on-disk caches key a graph on its
-    code; the nodes calling these functions carry the tag in their names (:func:`_call`), so two rewrites
-    that compute differently never share an entry, and a new process finds the entry of an equal one."""
+    a :class:`~cachedit_fx.passes.steps.TaggedStep` with a ``cache_tag``: a digest of what it computes, the layout's structure (not
+    its sizes, which reach the graph as its inputs' shapes) and the step code. Inductor's and AOTAutograd's
+    on-disk caches key a graph on its code; the nodes calling these functions carry the tag in their names
+    (:func:`_call`), so two rewrites that compute differently never share an entry, and a new process finds
+    the entry of an equal one."""
     fn.__name__ = fn.__qualname__ = name
     if not isinstance(layout, ChainLayout):  # untagged: the on-disk caches bypass the graph (DBPrune's)
         return fn
     sizeless = dataclasses.replace(layout, fn_shape=(), latent_shape=() if layout.latent_shape else None,
                                    streams=tuple(dataclasses.replace(st, shape=()) for st in layout.streams))
-    fn.cache_tag = hashlib.sha256(f"{sizeless!r}{_CODE_DIGEST}".encode()).hexdigest()[:16]
-    return fn
+    return TaggedStep(fn, name, hashlib.sha256(f"{sizeless!r}{_CODE_DIGEST}".encode()).hexdigest()[:16])
 
 
 def state_placeholders(gm: GraphModule, idx: int, names: list[str], tensors: list[torch.Tensor]) -> list[Node]:
@@ -215,7 +216,7 @@ def _call(graph: torch.fx.Graph, op: str, target, args, kwargs=None) -> Node:
     """A node of ``graph``; one calling a tagged step function (:func:`named_function`) is named after its tag and
     carries it as the cache hash AOTAutogradCache asks of a Python call target it cannot inspect."""
     tag = getattr(target, "cache_tag", None)
-    node = graph.create_node(op, target, args, kwargs or {}, name=f"{target.__name__}_{tag}" if tag else None)
+    node = graph.create_node(op, target, args, kwargs or {}, name=target.__name__ if tag else None)
     if tag is not None:
         node.meta.update(is_wrapped=True, user_cache_hash=tag)
     return node

@@ -40,12 +40,14 @@ def processes(tmp_path_factory):
 def test_the_cold_process_compiles_the_graph_with_its_blocks_as_regions(processes):
     cold, _, _ = processes
     assert cold["fx_miss"] == 1 and cold["fx_hit"] == 0 and cold["fx_bypass"] == 0, cold
+    assert cold["aot_miss"] == 1 and cold["aot_bypass"] == 0, cold  # AOTAutograd keys the graph (steps.py)
     assert cold["regions"] > 0 and cold["cached_steps"], cold
 
 
 @pytest.mark.parametrize("which", ["same_dir", "loaded"])
-def test_a_restart_hits_the_fx_graph_cache_and_decides_the_same(processes, which):
+def test_a_restart_hits_the_on_disk_caches_and_decides_the_same(processes, which):
     cold, same_dir, loaded = processes
     warm = same_dir if which == "same_dir" else loaded
     assert warm["fx_hit"] == 1 and warm["fx_miss"] == 0, warm
+    assert warm["aot_hit"] == 1 and warm["aot_miss"] == 0, warm  # no AOTAutograd trace on a restart
     assert warm["cached_steps"] == cold["cached_steps"] and warm["output"] == cold["output"], (cold, warm)

@@ -52,3 +52,22 @@ def test_chains_all_through_the_backend_caches_both_chains():
     rows = rows_of(model)
     assert [r.chain for r in rows] == ["blocks[4]", "late_blocks[3]"]
     assert all(r.steps == 6 and r.cached_steps for r in rows), rows
+
+
+def test_the_step_functions_a_rewritten_graph_calls_are_found_by_name_for_the_on_disk_caches():
+    """AOTAutogradCache pickles the graph to key it; a GraphModule pickles its call targets by import path."""
+    import importlib
+    import pickle
+
+    from torch.package import sys_importer
+
+    gm, _ = capture(tiny(("blocks", 4)), (latent(), torch.tensor([1.0])))
+    result = apply(gm, PassSettings(DBCacheConfig(**CACHE)))
+    modules = [result.graph_module, *(m for m in result.graph_module.modules() if isinstance(m, torch.fx.GraphModule))]
+    steps = {n.target for m in modules for n in m.graph.nodes
+             if n.op == "call_function" and getattr(n.target, "cache_tag", None)}
+    assert len(steps) >= 4  # pre_step, cached_step, computed_step, post_step
+    for step in steps:
+        module, name = sys_importer.get_name(step)
+        assert getattr(importlib.import_module(module), name) is step and step.cache_tag in name
+    assert pickle.dumps(result.graph_module)
