@@ -11,6 +11,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from ..backend import cachedit_backend
+from ..backend.states import is_static
 from ..capture import islands, regions
 from ..capture.dynamo import breaks_graph, describe_break, logging_ignored, our_error, private_code, raised_by_model
 from ..config import is_prune
@@ -43,6 +44,7 @@ class GraphInstall:
         self.grad_forward = None
         self.failed: ConfigError | None = None  # a config that does not fit the model, found at the first call
         self._first_compile = False  # inside the first inference call's compile, which logs on its own
+        self._dynamic_compile = False  # the graph compiling (or that failed to) has dynamic sizes
         self.owned = OwnedGuards()  # the one-graph compile's guards on the module, checked per request
 
     def run(self, original, args, kwargs):
@@ -138,6 +140,7 @@ class GraphInstall:
         handle = self.state.handle
         before = len(handle.chains)
         started = time.perf_counter()
+        self._dynamic_compile = not is_static(example_inputs)
         fn = cachedit_backend(gm, example_inputs, self.state.options)
         self.state.set_hints(handle.chains[before:])
         if self.compiled is not None and not self._first_compile:
@@ -166,7 +169,7 @@ class GraphInstall:
         """Whether a failed compile is retried with static shapes: the inner compiler failed on a graph
         with dynamic sizes (Inductor's codegen of a cond's symbolic operand sizes, in torch 2.13), where
         a graph per size compiles. From then on this install compiles static shapes (logged once)."""
-        if (self.static_reason is not None or self.state.dynamic is False
+        if (self.static_reason is not None or self.state.dynamic is False or not self._dynamic_compile
                 or not isinstance(e, torch._dynamo.exc.BackendCompilerFailed) or isinstance(our_error(e), ConfigError)):
             return False
         self.static_reason = describe_break(e)

@@ -72,8 +72,8 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
     cache = settings.cache_config
     found = analyze(work)
     try:
-        inline = None if is_prune(cache) else cache.Fn_compute_blocks
-        if not isinstance(found, Unmatched) and _inline_regions(work, pick_chains(work, found, settings), inline):
+        outside = None if is_prune(cache) else (cache.Fn_compute_blocks, cache.Bn_compute_blocks)
+        if not isinstance(found, Unmatched) and _inline_regions(work, pick_chains(work, found, settings), outside):
             found = analyze(work)
         if isinstance(found, Unmatched):
             return PassResult(gm, unmatched=found.reason)
@@ -94,10 +94,19 @@ def apply(gm: GraphModule, settings: PassSettings) -> PassResult:
     return PassResult(work, chains, moved_into_branches=moved, flattened_subclasses=flattened)
 
 
-def _inline_regions(gm: GraphModule, picked: list[ChainInfo], n_blocks: int | None) -> int:
-    """The first ``n_blocks`` blocks of each chain (None: all) that are region calls, inlined. DBCache
-    inlines Fn: the rewrite takes the Fn residual from their nodes, and sink.py moves the part of them
-    only the middle reads (Flux's text-stream tail) into the full branch, as on a graph without regions.
-    DBPrune inlines every block: each prunable block is a cond of its own."""
-    calls = [n for info in picked for b in info.blocks[:n_blocks] for n in b.nodes if regions.is_call(n)]
+def _inline_regions(gm: GraphModule, picked: list[ChainInfo], outside: tuple[int, int] | None) -> int:
+    """The region calls among each chain's first Fn and last Bn blocks (``outside``; None: every block),
+    inlined. DBCache inlines Fn: the rewrite takes the Fn residual from their nodes, and sink.py moves the
+    part of them only the middle reads (Flux's text-stream tail) into the full branch, as on a graph
+    without regions. It inlines Bn as well: torch 2.13's Inductor cannot lower a region body called both
+    inside a cond branch and outside it (the body is named inside the branch: "'Module' object has no
+    attribute 'false_graph_0.repeated_subgraph0'"). DBPrune inlines every block: each prunable block is a
+    cond of its own."""
+    def kept_outside(blocks):
+        if outside is None:
+            return blocks
+        fn, bn = outside
+        return blocks[:fn] + (blocks[len(blocks) - bn:] if bn else [])
+
+    calls = [n for info in picked for b in kept_outside(list(info.blocks)) for n in b.nodes if regions.is_call(n)]
     return regions.inline_calls(gm, calls)

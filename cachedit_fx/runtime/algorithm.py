@@ -29,14 +29,21 @@ def across_ranks(x: torch.Tensor, group: str | None, op: str = "sum") -> torch.T
     return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, op, group))
 
 
+def _abs_sums(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """sum|x| per slot in float32, as two reductions: over the last dim, then over the rest. One reduction
+    over everything would have a size that grows with the token count, and Inductor's C++ code picks its
+    accumulation by that size (chunked above 4096 elements), guarding the token count to a range: a new
+    resolution outside the range compiled again. The last dim (channels) has a fixed size."""
+    return x.reshape(slots, -1, x.shape[-1]).abs().sum(-1, dtype=torch.float32).sum(-1)
+
+
 def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int, group: str | None = None) -> torch.Tensor:
-    """mean|prev - cur| / mean|prev| in the residuals' own dtype, over everything (slots=1) or per batch
-    element; returned as float32, shape (slots,). With a ``group`` the tensors are shards of the
-    sequence: the sums of every rank's shard make the ratio (the one of the whole sequence)."""
-    p, c = prev.reshape(slots, -1), cur.reshape(slots, -1)
-    if group is None:
-        return ((p - c).abs().mean(dim=1) / p.abs().mean(dim=1)).float()
-    sums = across_ranks(torch.stack([(p - c).abs().float().sum(dim=1), p.abs().float().sum(dim=1)]), group)
+    """mean|prev - cur| / mean|prev|, over everything (slots=1) or per batch element, accumulated in
+    float32; shape (slots,). With a ``group`` the tensors are shards of the sequence: the sums of every
+    rank's shard make the ratio (the one of the whole sequence)."""
+    sums = torch.stack([_abs_sums(prev - cur, slots), _abs_sums(prev, slots)])
+    if group is not None:
+        sums = across_ranks(sums, group)
     return sums[0] / sums[1]
 
 

@@ -12,7 +12,7 @@ import torch
 import cachedit_fx as cf
 
 from tests.helpers.dynamo import compile_own
-from tests.helpers.tinydit import euler, latent, tiny
+from tests.helpers.tinydit import TinyDiT, euler, latent, tiny
 
 CACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.25, max_warmup_steps=1,
              enable_separate_cfg=False)
@@ -128,3 +128,54 @@ def test_an_inner_compiler_failing_on_dynamic_sizes_leaves_a_graph_per_size():
         want_outs, want_cached = static_at(tokens)
         assert max(float((a - b).abs().max()) for a, b in zip(outs, want_outs)) <= 1e-5
         assert want_cached in cached
+
+
+def test_an_inner_compiler_failing_on_regions_inlines_them_and_keeps_one_compile_for_all_sizes():
+    """A static compile that fails for another cause (the blocks as regions, say) is not taken for a failure
+    on dynamic sizes: the blocks compile inline and the next sizes still share one dynamic graph."""
+    from cachedit_fx.passes.regions import INVOKE
+
+    attempts = []  # per inner compile: (regions in the graph, dynamic sizes)
+
+    def no_regions(gm, example_inputs):
+        calls = any(n.target is INVOKE for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+                    for n in m.graph.nodes)
+        attempts.append((calls, not all(isinstance(d, int) for x in example_inputs if isinstance(x, torch.Tensor)
+                                        for d in x.shape)))
+        if calls:
+            raise AssertionError("no code for regions")
+        return gm.forward
+
+    class OwnCodeLocation(TinyDiT):  # Dynamo's automatic-dynamic state is per code location: other tests'
+        def forward(self, *args, **kwargs):  # sizes would make the first compile dynamic
+            return super().forward(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = OwnCodeLocation((("transformer_blocks", 4),)).eval()
+    cf.enable_cache(model, inner=no_regions, **CACHE)
+    for tokens in SIZES:
+        euler(model, latent(tokens), 2)
+    assert attempts[0] == (True, False) and all(not calls for calls, _ in attempts[1:]), attempts
+    assert [dynamic for _, dynamic in attempts[1:]] == [False, True], attempts  # 3rd size: nothing compiled
+
+
+@pytest.mark.slow
+@pytest.mark.inductor
+def test_under_inductor_a_size_past_the_cpu_reduction_chunk_compiles_nothing():
+    """Inductor's C++ code chunks a float sum over more than 4096 elements and guards the size to its side of
+    that line: the glue's relative L1 reduces over the channels first (runtime/algorithm._abs_sums), so the
+    token count it guards is the rows' (> 4096 tokens), not tokens x channels (here 3200 / 3840 / 4800)."""
+    from torch._dynamo.utils import counters
+
+    class OwnCodeLocation(TinyDiT):  # a first compile for static sizes, whatever other tests compiled
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = OwnCodeLocation((("transformer_blocks", 4),)).eval()
+    cf.enable_cache(model, inner="inductor", **CACHE)
+    graphs = []
+    for tokens in (200, 240, 300):
+        euler(model, latent(tokens), 2)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[1] == graphs[0] + 1, graphs  # a static graph, then one dynamic graph for all
