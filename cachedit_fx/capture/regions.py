@@ -28,6 +28,10 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _MARK = "_cachedit_region_of"  # set on a marked block: the class it had before
+# Below this many repeated blocks the blocks compile inline: compiling each costs little more than compiling
+# one, and a region call costs the host ~20 us a block per call and keeps Inductor from fusing across block
+# boundaries (measured on a 6-block Flux: a computed step 5 % slower than the inline graph's).
+MIN_BLOCKS = 8
 _REGION_CLASSES: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
 
 
@@ -76,6 +80,11 @@ def block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
             continue
         found[name] = m
     return found
+
+
+def repeated_blocks(module: torch.nn.Module) -> int:
+    """How many blocks ``module``'s repeated block lists hold together."""
+    return sum(len(blocks) for blocks in block_lists(module).values())
 
 
 def mark(module: torch.nn.Module) -> list[torch.nn.Module]:

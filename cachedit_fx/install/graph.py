@@ -117,8 +117,13 @@ class GraphInstall:
     def _mark_blocks(self) -> None:
         """Each block of the model's block lists as a compiled region (compiled once per block class, called
         from every block: Fn, the cond's branch, Bn), unless the blocks compile inline for a reason."""
-        if self.regions_off is None and not self.islands and not self.regions:
-            self.regions = regions.mark(self.state.module)
+        if self.regions_off is not None or self.islands or self.regions:
+            return
+        count = regions.repeated_blocks(self.state.module)
+        if count < regions.MIN_BLOCKS:
+            self.regions_off = f"{count} repeated blocks, fewer than {regions.MIN_BLOCKS}"  # a choice: not logged
+            return
+        self.regions = regions.mark(self.state.module)
 
     def _inline_blocks(self, reason: str | None) -> None:
         """Undo the regions: the blocks trace inline (the graph as without regions). ``reason``: why, for the

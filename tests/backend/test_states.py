@@ -151,7 +151,7 @@ def test_an_inner_compiler_failing_on_regions_inlines_them_and_keeps_one_compile
             return super().forward(*args, **kwargs)
 
     torch.manual_seed(0)
-    model = OwnCodeLocation((("transformer_blocks", 4),)).eval()
+    model = OwnCodeLocation((("transformer_blocks", 8),)).eval()  # enough blocks for regions
     cf.enable_cache(model, inner=no_regions, **CACHE)
     for tokens in SIZES:
         euler(model, latent(tokens), 2)

@@ -28,7 +28,7 @@ def region_calls(gm: torch.fx.GraphModule) -> tuple[int, int]:
     return calls, len(bodies)
 
 
-def run(flat: bool, blocks: int = 6):
+def run(flat: bool, blocks: int = 8):
     """One request of a tiny DiT under enable_cache with a recording inner compiler: (outputs, cached
     steps, the rewritten graphs the inner compiler got, the model)."""
     model = tiny(("transformer_blocks", blocks))
@@ -54,12 +54,12 @@ def both():
 def test_every_block_is_a_call_of_one_compiled_body(both):
     (_, _, graphs, model), (_, _, flat_graphs, _) = both
     assert len(graphs) == 1
-    # 6 blocks: the Fn and Bn blocks are inlined (the rewrite reads Fn's nodes; Inductor cannot lower a body
-    # called both inside a cond branch and outside it), the 4 middle ones in the cond's full branch call the
+    # 8 blocks: the Fn and Bn blocks are inlined (the rewrite reads Fn's nodes; Inductor cannot lower a body
+    # called both inside a cond branch and outside it), the 6 middle ones in the cond's full branch call the
     # one body of the one block class
-    assert region_calls(graphs[0]) == (4, 1)
+    assert region_calls(graphs[0]) == (6, 1)
     assert region_calls(flat_graphs[0]) == (0, 0)
-    assert len(cache_hook(model).graph.regions) == 6
+    assert len(cache_hook(model).graph.regions) == 8
 
 
 def test_decisions_and_outputs_equal_the_flat_graph(both):
@@ -81,9 +81,18 @@ def test_marking_swaps_the_instance_class_only_and_unmark_restores_it():
 
 
 def test_disable_cache_unmarks_the_blocks():
-    model = tiny()
+    model = tiny(("transformer_blocks", 8))
     cf.enable_cache(model, inner="eager", **CACHE)
     euler(model, latent(), 2)
     assert all(marking.is_marked(b) for b in model.transformer_blocks)
     cf.disable_cache(model)
     assert all(type(b) is Block for b in model.transformer_blocks)
+
+
+def test_a_model_with_few_blocks_compiles_them_inline():
+    """Below MIN_BLOCKS repeated blocks a region saves little compile time and costs every call (host time per
+    region call, no fusion across blocks): the graph is the flat one, with the reason in the log."""
+    _, _, graphs, model = run(flat=False, blocks=marking.MIN_BLOCKS - 1)
+    assert region_calls(graphs[0]) == (0, 0) and not cache_hook(model).graph.regions
+    assert "fewer than" in cache_hook(model).graph.regions_off
+    assert not any(marking.is_marked(b) for b in model.transformer_blocks)
