@@ -1,6 +1,9 @@
 """One variant of benchmarks/cold_start.py in this (fresh) process: prints one JSON line.
 
-usage: python benchmarks/_cold_child.py MODEL VARIANT REPEATS [--quick]   (cold_start.py sets the cache dir)
+usage: python benchmarks/_cold_child.py MODEL VARIANT REPEATS [--quick] [--profile]   (cold_start.py sets the cache dir)
+
+``--profile``: the first call under cProfile, then Dynamo's compile phases (``compile_times``) and the top
+functions by cumulative time on stderr (Python phases read ~1.6x slower than without the profiler).
 """
 from __future__ import annotations
 
@@ -127,11 +130,25 @@ def steady(call, model: str, side: int, switch, repeats: int, calls: int) -> dic
     return {k: round(statistics.median(v), 3) for k, v in samples.items()}
 
 
-def first_call(call, x) -> tuple[float, float]:
+def first_call(call, x, profile: bool = False) -> tuple[float, float]:
+    import cProfile
+
+    profiler = cProfile.Profile() if profile else None
     wall, cpu = time.perf_counter(), cpu_seconds()
     with torch.no_grad():
+        if profiler:
+            profiler.enable()
         call(**x)
-    return round(time.perf_counter() - wall, 2), round(cpu_seconds() - cpu, 2)
+        if profiler:
+            profiler.disable()
+    took = round(time.perf_counter() - wall, 2), round(cpu_seconds() - cpu, 2)
+    if profiler:
+        import pstats
+        from torch._dynamo.utils import compile_times
+
+        print(compile_times(repr="str", aggregate=True), file=sys.stderr)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+    return took
 
 
 def region_calls(t) -> int | None:
@@ -151,7 +168,8 @@ def main():
     t = build(model, depth)
     call, switch = prepare(t, variant, quick)
     out = {"model": model, "variant": variant, "depth": depth, "sizes": sizes}
-    out["first_call_s"], out["first_call_cpu_s"] = first_call(call, inputs(model, sizes[0], 1.0))
+    out["first_call_s"], out["first_call_cpu_s"] = first_call(call, inputs(model, sizes[0], 1.0),
+                                                              "--profile" in sys.argv)
     out.update(steady(call, model, sizes[0], switch, repeats, 3 if quick else 6))
     for key, side in (("second_size_s", sizes[1]), ("third_size_s", sizes[2])):
         if switch:  # a new resolution is a new request (cache-dit keeps its state's shapes within one)

@@ -22,7 +22,7 @@ import torch
 from .algorithm import decide, relative_l1
 from .layout import PARAM_INDEX, param
 from .prune_layout import PRUNE_PARAM_NAMES, PruneLayout
-from .step import begin_call, store_rows
+from .step import begin_call, branch_entry, store_rows
 
 MAX_THRESHOLD_DIFFS = 5  # cache-dit averages the first five diffs recorded in the step
 
@@ -69,11 +69,6 @@ def block_decision(step, diff, has_ref, cached_count, run, pruned_now, threshold
                   here, mask)
 
 
-def _of(layout: PruneLayout, tensor, branch):
-    # The call's branch's entry, gathered on device (no host read); a view with one branch.
-    return tensor[0] if layout.n_branches == 1 else tensor.index_select(0, branch)[0]
-
-
 def _state(layout: PruneLayout, state) -> dict:
     return dict(zip(layout.names(), state))
 
@@ -107,7 +102,7 @@ def block_pre(layout: PruneLayout, k: int, x_h, call, *state) -> torch.Tensor:
     """
     st = _state(layout, state)
     branch, step = call[:1], call[1]
-    diff = relative_l1(_of(layout, st[f"block_ref_{k}"], branch), x_h, 1)
+    diff = relative_l1(branch_entry(layout, st[f"block_ref_{k}"], branch), x_h, 1)
     source = layout.threshold_source
     current = st["calls"][source] - 1 == step  # the source branch has run this step (always: its own)
     threshold = dynamic_threshold(param(st["params"], "threshold")[0], st["prune_params"], st["step_diffs"][source],
@@ -137,7 +132,7 @@ def pruned_block(layout: PruneLayout, bases, branch, stored) -> tuple[torch.Tens
     """The cond's branch for a pruned block: each value it hands on is the value it took plus its
     residual at its last computed step; no rows to store. ``stored``: the block's reference and
     residual state tensors (``PruneLayout.stored_names``)."""
-    outs = [base + _of(layout, res, branch) for base, res in zip(bases, stored[1:])]
+    outs = [base + branch_entry(layout, res, branch) for base, res in zip(bases, stored[1:])]
     rows = [t.new_empty((0, *t.shape[1:])) for t in stored]
     return (*outs, *rows)
 
@@ -155,7 +150,7 @@ def masked_block(layout: PruneLayout, prune, x_h, outs, bases, branch, stored) -
     skipped = pruned_block(layout, bases, branch, stored)[:len(outs)]
     fresh = computed_block(x_h, outs, bases)[len(outs):]
     kept = [torch.where(prune, old.unsqueeze(0).to(new.dtype), new) for old, new in
-            zip((_of(layout, t, branch) for t in stored), fresh)]
+            zip((branch_entry(layout, t, branch) for t in stored), fresh)]
     return (*(torch.where(prune, s, o) for s, o in zip(skipped, outs)), *kept)
 
 

@@ -60,8 +60,9 @@ class BranchOut(NamedTuple):
         return (*self.outs, self.finite, *self.rows, *self.logged)
 
 
-def _select(layout: ChainLayout, tensor, branch):
-    # With one branch a view is enough; with two, gather the branch on device (no host read).
+def branch_entry(layout, tensor, branch):
+    """The call's CFG branch's entry of a per-branch state tensor, for any layout with ``n_branches`` (a
+    chain's or a pruned chain's): a view with one branch; with two, gathered on device (no host read)."""
     return tensor[0] if layout.n_branches == 1 else tensor.index_select(0, branch)[0]
 
 
@@ -197,7 +198,7 @@ def _decide(layout: ChainLayout, st: dict, step, branch, fn_res):
     names = ["has_ref", "cached_count", "run", "acc_diff", "ladder_len", "last_computed"]
     if layout.indicator == "magcache":
         names += ["mag_acc_ratio", "mag_acc_err", "mag_acc_steps"]
-    sel = {n: _select(layout, st[n], branch) for n in names}
+    sel = {n: branch_entry(layout, st[n], branch) for n in names}
     limits = (sel["cached_count"], sel["run"], sel["acc_diff"], st["params"], st["mask"])
     if layout.indicator == "magcache":  # the decision reads no activations (the Fn residual is empty)
         use_cache, gate, recorded, after = decide_magcache(
@@ -206,7 +207,7 @@ def _decide(layout: ChainLayout, st: dict, step, branch, fn_res):
         for name, value in zip(("mag_acc_ratio", "mag_acc_err", "mag_acc_steps"), after):
             _write(st[name], branch, value)
         return use_cache, gate, recorded, sel
-    diff = relative_l1(_select(layout, st["ref"], branch), fn_res, layout.slots, layout.group)
+    diff = relative_l1(branch_entry(layout, st["ref"], branch), fn_res, layout.slots, layout.group)
     if layout.diff_shared:
         second = branch == 1
         diff = torch.where(second, st["shared_diff"], diff)
@@ -233,7 +234,7 @@ def pre_step(layout: ChainLayout, fn_res, timestep, latent, *state):
 def _counters(layout: ChainLayout, branch, ladder_len, distance, step, history_states) -> Counters:
     """The branch's counters a forecast or update reads (DMD's from ``history_states``, the state's
     ``layout.history_names()``)."""
-    extra = [_select(layout, t, branch) for t in history_states]
+    extra = [branch_entry(layout, t, branch) for t in history_states]
     return Counters(ladder_len, distance, step, *extra)
 
 
@@ -272,7 +273,7 @@ def cached_step(layout: ChainLayout, passthrough, branch, ladder_len, distance, 
     step stores (FoCa's), none of the others. ``ref_state`` / ``ladder_states`` / ``history_states``:
     the chain's ``ref``, ``ladder_k`` and ``layout.history_names()`` state tensors (every branch's rows;
     the empty rows take their sizes, symbolic ones in a dynamic-shape export)."""
-    ladders = [_select(layout, t, branch) for t in ladder_states]
+    ladders = [branch_entry(layout, t, branch) for t in ladder_states]
     counters = _counters(layout, branch, ladder_len, distance, None, history_states)
     outs, hists = forecast(layout, passthrough, counters, ladders)
     rows = [ref_state.new_empty((0, *ref_state.shape[1:]))]
@@ -287,7 +288,7 @@ def computed_step(layout: ChainLayout, use_cache, step, branch, ladder_len, dist
     """The cond's full branch after the middle ran: the new reference and history rows of the call's
     branch (per-sample mode: a slot that is cached keeps its rows, or takes its forecast's, and takes
     the forecast)."""
-    ladders = [_select(layout, t, branch) for t in ladder_states]
+    ladders = [branch_entry(layout, t, branch) for t in ladder_states]
     counters = _counters(layout, branch, ladder_len, distance, step, history_states)
     mixed, after_forecast = list(outs), ladders
     if layout.slots > 1:
@@ -297,7 +298,7 @@ def computed_step(layout: ChainLayout, use_cache, step, branch, ladder_len, dist
     values = [(out if spec.absolute else out - base) for spec, out, base in zip(layout.streams, outs, passthrough)]
     finite = all_finite([fn_res, *values], layout.slots, layout.group)
     kept = ~use_cache & finite
-    ref = _select(layout, ref_state, branch)
+    ref = branch_entry(layout, ref_state, branch)
     if layout.indicator == "magcache":  # no Fn: nothing to compare against
         rows = [ref_state.new_empty((0, *ref_state.shape[1:]))]
     else:
@@ -315,7 +316,7 @@ def post_step(layout: ChainLayout, pre: PreStep, finite, rows, *state, logged=()
     st = _state(layout, state)
     branch = pre.branch
     # The state is untouched between pre_step and here (the cond only reads it): pre's selections hold.
-    sel = {n: _select(layout, st[n], branch) for n in ("cached_count", "run", "last_computed", "has_ref", "acc_diff",
+    sel = {n: branch_entry(layout, st[n], branch) for n in ("cached_count", "run", "last_computed", "has_ref", "acc_diff",
                                                        *layout.history_names(), "ladder_len")}
     store_rows([st[name] for name in layout.stored_names()], branch, rows)
     counters = commit(pre.use_cache, finite, pre.step, pre.recorded,
