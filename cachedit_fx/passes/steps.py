@@ -13,10 +13,11 @@ import sys
 
 
 class TaggedStep:
-    """A step function with its ``cache_tag``, named ``<name>_<tag>`` and found under that name here."""
+    """A step function with its ``cache_tag``, named ``<name>_<tag>`` and found under that name here;
+    ``step_name`` is the name without the tag (what reports show)."""
 
     def __init__(self, fn, name: str, tag: str):
-        self.fn, self.cache_tag = fn, tag
+        self.fn, self.cache_tag, self.step_name = fn, tag, name
         self.__name__ = self.__qualname__ = f"{name}_{tag}"
         self.__module__ = __name__
         setattr(sys.modules[__name__], self.__name__, self)

@@ -200,9 +200,14 @@ def _chain_report(rc) -> ChainReport:
                              if isinstance(node_value(i), torch.Tensor) and "_parameters_" not in i.name
                              and i.op != "placeholder"],
         carries_out_of_middle=[_carry(o, s.output_roles[o]) for o in s.middle_outputs],
-        inserted=[InsertedNode(n.name, n.op, getattr(n.target, "__name__", str(n.target))) for n in rc.inserted
+        inserted=[InsertedNode(n.name, n.op, _target_name(n.target)) for n in rc.inserted
                   if n.target.__class__.__name__ != "builtin_function_or_method" or n.target.__name__ != "getitem"],
         state={f.name: StateTensor(list(f.shape), str(f.dtype).replace("torch.", ""),
                                    int(torch.Size(f.shape).numel() * torch.empty((), dtype=f.dtype).element_size()))
                for f in rc.layout.fields()},
     )
+
+
+def _target_name(target) -> str:
+    """An inserted node's target as a report names it: a step function by its name without the cache tag."""
+    return getattr(target, "step_name", None) or getattr(target, "__name__", str(target))
