@@ -41,10 +41,10 @@ def relative_l1(prev: torch.Tensor, cur: torch.Tensor, slots: int, group: str | 
     """mean|prev - cur| / mean|prev|, over everything (slots=1) or per batch element, accumulated in
     float32; shape (slots,). With a ``group`` the tensors are shards of the sequence: the sums of every
     rank's shard make the ratio (the one of the whole sequence)."""
-    sums = torch.stack([_abs_sums(prev - cur, slots), _abs_sums(prev, slots)])
-    if group is not None:
-        sums = across_ranks(sums, group)
-    return sums[0] / sums[1]
+    diff, norm = _abs_sums(prev - cur, slots), _abs_sums(prev, slots)
+    if group is not None:  # one collective for both sums
+        diff, norm = across_ranks(torch.stack([diff, norm]), group)
+    return diff / norm
 
 
 def _limit_gates(step, cached_count, run, acc_diff, p, mask):
