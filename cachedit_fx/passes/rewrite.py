@@ -278,6 +278,8 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     final = final[:k]
     middle = set(split.middle_nodes)
     for old, new in zip(split.middle_outputs, final):
+        if "example_value" in old.meta:  # read by later passes and by AOTAutogradCache (a method's self)
+            new.meta["example_value"] = old.meta["example_value"]
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in middle and u not in inserted)
     for node in reversed(split.middle_nodes):
         graph.erase_node(node)

@@ -2,10 +2,12 @@
 where nothing matches, and ``chains="all"`` through the backend (tiny hand-written DiT, eager inner)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import cachedit_fx as cf
+from cachedit_fx import zoo
 from cachedit_fx.capture.dynamo import capture
 from cachedit_fx.config import ChainPolicy, DBCacheConfig, PassSettings
 from cachedit_fx.passes import apply
@@ -71,3 +73,20 @@ def test_the_step_functions_a_rewritten_graph_calls_are_found_by_name_for_the_on
         module, name = sys_importer.get_name(step)
         assert getattr(importlib.import_module(module), name) is step and step.cache_tag in name
     assert pickle.dumps(result.graph_module)
+
+
+@pytest.mark.parametrize("name", ["wan", "flux", "cogvideox", "pixart"])
+def test_a_rewritten_zoo_graph_passes_the_aot_autograd_cache_check(name):
+    """AOTAutogradCache bypasses a graph with a node it cannot key: e.g. a method called on a node without an
+    example value (Wan's ``.float()`` of the cond's output), and then a restart compiles everything again."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    from cachedit_fx.backend.inner import CACHED_GRAPH_INDUCTOR_OPTIONS
+
+    torch.manual_seed(0)
+    transformer, kwargs = zoo.build_transformer(name)
+    gm, _ = capture(transformer, kwargs=kwargs)
+    result = apply(gm, PassSettings(DBCacheConfig(**CACHE)))
+    assert result.chains, result.unmatched
+    with torch._inductor.config.patch(CACHED_GRAPH_INDUCTOR_OPTIONS):  # what the backend compiles under
+        check_cacheable(result.graph_module)  # raises BypassAOTAutogradCache naming the node
