@@ -47,6 +47,10 @@ class PassSettings:
     # DBPrune's graph form: "cond" (a torch.cond per prunable block) or "masked" (every block runs, the
     # result is selected); benchmarks/prune_forms.py measures the two, docs/architecture.md says why "cond".
     prune_form: str = "cond"
+    # Pass the graph's size symbols to each cond (passes/rewrite.size_symbols): Inductor compiles a branch as
+    # a function and binds symbols from its operands. AOTInductor inlines the branches, and torch.export's
+    # trace may make two of them one (a duplicate branch argument), so export leaves them out.
+    size_operands: bool = True
 
 
 def separate_cfg_mode(value: Any, field: str = "separate_cfg", on_pipeline: bool = False) -> SeparateCFG:

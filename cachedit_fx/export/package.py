@@ -87,8 +87,9 @@ def export_program(transformer: torch.nn.Module, example_args=(), example_kwargs
     torch.export.Dim | Dim.AUTO | Dim.DYNAMIC}} for the dimensions (batch, tokens) that may vary between
     calls; the others stay fixed. ``chains``: cache the longest block chain or ``"all"``.
     """
-    settings = pass_settings(cache_config, calibrator_config,
-                             dataclasses.MISSING if separate_cfg is None else separate_cfg, chains)
+    settings = dataclasses.replace(pass_settings(cache_config, calibrator_config,
+                                                 dataclasses.MISSING if separate_cfg is None else separate_cfg,
+                                                 chains), size_operands=False)
     cache, calib = settings.cache_config, settings.calibrator_config
     if is_prune(cache):
         raise ExportError("export: cache_config is a DBPruneConfig; export packages DBCache (cache_type=DBCache) "

@@ -19,6 +19,7 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 
+import sympy
 import torch
 from torch.fx import GraphModule, Node
 
@@ -41,14 +42,32 @@ def inline(graph: torch.fx.Graph, sub: GraphModule, args) -> list[Node]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def cond_branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
+def fresh_dense(x: torch.Tensor) -> torch.Tensor:
+    """A dense copy of ``x`` (a cond branch's output): torch.cond merges its branches' output strides only
+    where each is a product of sizes, and a contiguous clone's strides are products of ``max(size, 1)``.
+    With a symbolic size sympy cannot prove >= 1 (Wan's patchified tokens, ``2*(h//2)*(w//2)``), the
+    merge fails; the copy is then viewed with the plain products."""
+    copy = x.clone(memory_format=torch.contiguous_format)
+    if all(isinstance(size, int) for size in x.shape):
+        return copy
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step = step * size
+    return copy.as_strided(x.shape, tuple(reversed(strides)))
+
+
+def cond_branch(n_operands: int, body, segment: GraphModule, n_sizes: int = 0) -> GraphModule:
     """A flat cond branch returning fresh tensors: branch outputs must not alias operands or each other
     (Flux single blocks return slices). It holds no submodules, so torch.export can trace it, except the
-    subgraphs a higher-order op in ``segment`` reads (flex_attention's score_mod), copied from it."""
+    subgraphs a higher-order op in ``segment`` reads (flex_attention's score_mod), copied from it.
+    ``n_sizes`` size symbols follow the operands, unread (see :func:`size_symbols`)."""
     graph = torch.fx.Graph()
     operands = [graph.placeholder(f"operand_{i}") for i in range(n_operands)]
+    for i in range(n_sizes):
+        graph.placeholder(f"size_{i}")
     outs = body(graph, operands)
-    graph.output(tuple(graph.call_method("clone", (o,), {"memory_format": torch.contiguous_format}) for o in outs))
+    graph.output(tuple(graph.call_function(fresh_dense, (o,)) for o in outs))
     return GraphModule(segment, graph)  # takes from ``segment`` only what the graph's get_attr nodes name
 
 
@@ -62,7 +81,17 @@ def _n_outputs(layout: ChainLayout) -> int:
     return len(layout.streams) + 1 + len(layout.stored_names()) + int(layout.records_ratios)
 
 
-def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body) -> GraphModule:
+def size_symbols(gm: GraphModule) -> list[Node]:
+    """The graph's size symbols (the ``SymInt`` placeholders of a capture with dynamic sizes), passed to
+    the cond as operands its branches do not read. Inductor compiles a branch as a function of its operands
+    and must find every symbol of their sizes among them: Wan's tokens are ``2*(h//2)*(w//2)``, and ``h``
+    and ``w`` are no operand's size. (Dynamo lifts them the same way for a cond it traces.)"""
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(node_value(n), torch.SymInt)
+            and isinstance(node_value(n).node.expr, sympy.Symbol)]
+
+
+def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body,
+                 n_sizes: int) -> GraphModule:
     """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
     (a step.py function returning a :class:`BranchOut`) but the history counters, which follow them;
     the branch returns the BranchOut flattened."""
@@ -75,10 +104,11 @@ def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, 
         out = _call(g, "call_function", flat, (*body(g, mid, step_ops, stored), history))
         return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
 
-    return cond_branch(n_in + n_step + n_stored + len(layout.history_names()), graph_body, segment)
+    return cond_branch(n_in + n_step + n_stored + len(layout.history_names()), graph_body, segment, n_sizes)
 
 
-def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int) -> GraphModule:
+def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int,
+                n_sizes: int = 0) -> GraphModule:
     """The middle's blocks run, then what a computed step stores."""
 
     def body(g, mid, s, stored):
@@ -86,17 +116,17 @@ def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModu
         return (s["use_cache"], s["step"], s["branch"], s["ladder_len"], s["distance"], s["fn_res"], outs, base,
                 stored[0], stored[1:])
 
-    return _step_branch(layout, n_in, middle, computed_step, body)
+    return _step_branch(layout, n_in, middle, computed_step, body, n_sizes)
 
 
-def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_in: int) -> GraphModule:
+def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_in: int, n_sizes: int = 0) -> GraphModule:
     """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
     passthrough from the operands rather than taking it as operands, which would alias them."""
 
     def body(g, mid, s, stored):
         return (inline(g, passthrough, mid), s["branch"], s["ladder_len"], s["distance"], stored[0], stored[1:])
 
-    return _step_branch(layout, n_in, passthrough, cached_step, body)
+    return _step_branch(layout, n_in, passthrough, cached_step, body, n_sizes)
 
 
 @dataclass(eq=False)
@@ -239,8 +269,9 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     full = segment_module(gm, split.middle_nodes, split.middle_inputs, split.middle_outputs)
     passthrough = passthrough_module(gm, split)
     n_in = len(split.middle_inputs)
-    gm.add_submodule(f"cachedit_full_{idx}", full_branch(layout, full, passthrough, n_in))
-    gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_in))
+    sizes = size_symbols(gm) if settings.size_operands else []
+    gm.add_submodule(f"cachedit_full_{idx}", full_branch(layout, full, passthrough, n_in, len(sizes)))
+    gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_in, len(sizes)))
 
     graph = gm.graph
     state_nodes = state_placeholders(gm, idx, layout.names(), state.ordered())
@@ -269,7 +300,7 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     t_attr = add("get_attr", f"cachedit_cached_{idx}", ())
     f_attr = add("get_attr", f"cachedit_full_{idx}", ())
     operands = (*[own_buffer(i, add) for i in split.middle_inputs], *step_operands,
-                *(by_name[n] for n in (*layout.stored_names(), *layout.history_names())))
+                *(by_name[n] for n in (*layout.stored_names(), *layout.history_names())), *sizes)
     cond = add("call_function", torch.ops.higher_order.cond, (field("pred"), t_attr, f_attr, operands))
     final = [add("call_function", operator.getitem, (cond, i)) for i in range(_n_outputs(layout))]
     rows_end = k + 1 + len(layout.stored_names())

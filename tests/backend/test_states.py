@@ -179,3 +179,85 @@ def test_under_inductor_a_size_past_the_cpu_reduction_chunk_compiles_nothing():
         euler(model, latent(tokens), 2)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2] == graphs[1] == graphs[0] + 1, graphs  # a static graph, then one dynamic graph for all
+
+
+def wan_requests(model, sides=(4, 6, 8), steps=4):
+    """One request per latent side of the zoo Wan (tokens ``2 * (side // 2) ** 2``, a size Dynamo writes with
+    floor divisions): (outputs, cached steps) per side."""
+    from cachedit_fx.zoo.recipes.wan import transformer_inputs
+
+    out = []
+    for side in sides:
+        kwargs = transformer_inputs(model)
+        kwargs["hidden_states"] = torch.randn(1, 16, 2, side, side, generator=torch.Generator().manual_seed(side))
+        outs = []
+        with torch.no_grad():
+            for i in range(steps):
+                outs.append(model(**{**kwargs, "timestep": torch.tensor([1000.0 * (1 - i / steps)])})[0])
+        rows = {tuple(s.cached_steps) for s in cf.summary(model, logging=False)}
+        out.append((outs, rows))
+    return out
+
+
+def zoo_wan():
+    from cachedit_fx.zoo import build_transformer
+
+    class OwnCodeLocation(type(build_transformer("wan")[0])):  # a first compile for static sizes, as a user's
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    transformer, _ = build_transformer("wan")
+    transformer.__class__ = OwnCodeLocation
+    return transformer
+
+
+WAN_CACHE = dict(CACHE, residual_diff_threshold=0.5)
+
+
+@pytest.mark.slow
+def test_wan_tokens_from_floor_divisions_compile_once_for_all_sizes():
+    """torch.cond merges its branches' output strides only as products of sizes (a contiguous clone's are
+    products of max(size, 1)): the branches return copies strided by the plain products
+    (passes/rewrite.fresh_dense), so Wan's dynamic compile succeeds instead of going static per size."""
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def inner(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return aot_eager(gm, example_inputs)
+
+    model = zoo_wan()
+    cf.enable_cache(model, inner=inner, **WAN_CACHE)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        results = wan_requests(model)
+    assert graphs in ([False, True], [True]), graphs  # [True]: Dynamo remembers the sizes that changed
+    assert not [w for w in warned if "cachedit" in str(w.message)], [str(w.message) for w in warned]
+    static = zoo_wan()
+    cf.enable_cache(static, inner="eager", dynamic=False, **WAN_CACHE)
+    (static_outs, static_rows), = wan_requests(static, sides=(8,))
+    outs, rows = results[2]
+    assert static_rows == rows and any(static_rows), (static_rows, rows)
+    for a, b in zip(outs, static_outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.inductor
+def test_under_inductor_wan_sizes_from_floor_divisions_compile_once_for_all_sizes():
+    """Inductor compiles a cond branch as a function of its operands and must find the symbols of their
+    sizes among them: the graph's size symbols are passed to the cond (passes/rewrite.size_symbols)."""
+    from torch._dynamo.utils import counters
+
+    model = zoo_wan()
+    cf.enable_cache(model, inner="inductor", **WAN_CACHE)
+    graphs = [counters["stats"]["unique_graphs"]]
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for side in (4, 6, 8):
+            wan_requests(model, sides=(side,), steps=2)
+            graphs.append(counters["stats"]["unique_graphs"])
+    # a static graph and one dynamic graph for all sizes, or (Dynamo remembering the sizes that changed in
+    # the test above) the dynamic one first; either way the third size compiles nothing
+    assert graphs[3] == graphs[2] and graphs[2] - graphs[0] in (1, 2) and graphs[1] > graphs[0], graphs
+    assert not [w for w in warned if "cachedit" in str(w.message)], [str(w.message) for w in warned]

@@ -170,7 +170,17 @@ def test_a_registered_adapter_is_found_by_class_name_prefix(monkeypatch):
     assert cachedit_fx.BlockAdapterRegister.has_separate_cfg(zoo.build_pipeline("wan"))
 
 
-def test_set_attn_backend_uses_diffusers_and_refuses_by_name():
+@pytest.fixture
+def restores_the_active_attention_backend():
+    """diffusers' ``set_attention_backend`` also sets the process-wide active backend: put it back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+def test_set_attn_backend_uses_diffusers_and_refuses_by_name(restores_the_active_attention_backend):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     transformer, _ = zoo.build_transformer("flux")
