@@ -59,6 +59,21 @@ def test_log_calls_and_a_first_call_only_lookup_still_fit_one_graph():
     cf.disable_cache(model)
 
 
+def test_log_calls_fit_one_graph_after_dynamo_dropped_every_compile_callback():
+    """``torch._dynamo.reset()`` clears Dynamo's compile callbacks, which is where the logger methods are
+    added to the functions Dynamo ignores (capture/dynamo._LoggingIgnored): the next call adds them back."""
+    model = _with_blocks(LoggingBlock)
+    LoggingBlock.positions = {"x": 0, "ctx": 1}
+    torch._dynamo.callback_handler.clear()
+    cf.enable_cache(model, cache_config=CACHE, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        request(model, uniform(8))
+    assert cache_hook(model).mode is Mode.ONE_GRAPH and cached_steps(model) > 0
+    assert logging.Logger.warning not in torch._dynamo.config.ignore_logging_functions  # only while compiling
+    cf.disable_cache(model)
+
+
 def test_an_error_the_model_raises_in_a_block_propagates_as_it_is():
     model = _with_blocks(RaisingBlock)
     cf.enable_cache(model, cache_config=CACHE, compile=False)
