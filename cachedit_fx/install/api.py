@@ -268,9 +268,9 @@ def strify(obj) -> str:
 def summary(obj, details: bool = False, logging: bool = True, plot: str | None = None) -> list[CacheStats]:
     """Per cached transformer and chain, the last request's statistics as cache-dit's ``CacheStats``
     (``cached_steps``, ``residual_diffs``, their ``cfg_`` twins, ``accumulated_*``, ``cache_options``) plus
-    the chain, its pattern, Fn/Bn and the gate of every step: of the graphs the last request ran (a new
-    resolution compiles a graph of its own), and with ``details`` of every graph and their steps in the
-    printed table (``logging``); ``plot`` writes the per-step diff plot."""
+    the chain, its pattern, Fn/Bn and the gate of every step: of the states the last request ran (each input
+    shape keeps one, whether a graph was compiled for it or for dynamic sizes), and with ``details`` of every
+    state and their steps in the printed table (``logging``); ``plot`` writes the per-step diff plot."""
     handles = cached_handles(obj)
     only = None if details else last_request([h for _, h in handles])
     stats = [s for name, h in handles for s in cache_stats(h, name, only)]
