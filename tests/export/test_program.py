@@ -69,3 +69,22 @@ def test_dynamic_dim_without_bounds_records_an_open_range(flux_pipe):
     assert lo >= 2 and hi is None
     # structured, not a string; two state sets: enable_separate_cfg=None detects CFG pairs on every path
     assert meta["chains"][0]["state_shapes"]["ref"] == [2, 1, {"sym": symbol}, 32]
+
+
+def test_wan_exports_with_dynamic_height_and_width_and_sizes_its_state_for_any_of_them():
+    """Wan's tokens are ``frames * (h // 2) * (w // 2)``: the cond's branch outputs are strided by plain size
+    products (passes/rewrite.fresh_dense), and the state's templates multiply the three factors."""
+    from torch.export import Dim
+
+    from cachedit_fx.runtime.shapes import evaluate
+
+    transformer, kwargs = zoo.build_transformer("wan")
+    kwargs["hidden_states"] = torch.randn(1, 16, 2, 8, 8)
+    ep, meta = export_program(transformer, example_kwargs=kwargs, cache_config=CACHE,
+                              dynamic_shapes={"hidden_states": {3: Dim.AUTO, 4: Dim.AUTO}})
+    assert any(n.target is torch.ops.higher_order.cond for n in ep.graph.nodes)
+    ref = meta["chains"][0]["state_shapes"]["ref"]
+    user = [torch.empty(1, 16, 2, 10, 6) if shape is not None and len(shape) == 5 else None
+            for shape in meta["user_shapes"]]
+    tokens = 2 * (10 // 2) * (6 // 2)
+    assert evaluate(ref, meta["symbols"], user)[-2] == tokens, ref
