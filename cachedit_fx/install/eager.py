@@ -55,32 +55,6 @@ class _Call:
         return self.pre is not None and bool(self.pre.pred)
 
 
-class BlockHooks:
-    """Each block of ``self.blocks`` with its forward wrapped by the subclass's ``_wrap(i, block)``, and the
-    transformer call in flight (``self.call``, a ``call_type`` the transformer's hook starts and ends)."""
-
-    call_type: type = _Call
-    broken: str | None = None  # why the chain cannot cache, found on a call (EagerCache's joined lists)
-
-    def hook_blocks(self) -> None:
-        """Start with no call in flight and no state; wrap every block's forward."""
-        self.call = self.call_type()
-        self._chains: dict[tuple, CachedChain] = {}
-        for i, block in enumerate(self.blocks):
-            block.forward = self._wrap(i, block)
-
-    def uninstall(self) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)
-        self._chains.clear()
-
-    def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
-        self.call = self.call_type(timestep=timestep, latent=latent, active=True)
-
-    def end(self) -> None:
-        self.call = self.call_type()
-
-
 @dataclass
 class BlockList:
     """One ``ModuleList`` of the chain: its path, blocks and how its blocks take and return H and E."""

@@ -24,7 +24,6 @@ from ..runtime.handle import CacheHandle, CachedChain, CompiledGraph
 from ..runtime.layout import ChainAbout
 from ..runtime.prune import begin, block_post, block_pre, computed_block, pruned_block
 from ..runtime.prune_layout import PrunedBlock, prune_layout
-from .eager import BlockHooks
 
 _E = "encoder_hidden_states"
 
@@ -39,10 +38,11 @@ class _Call:
     active: bool = False
 
 
-class EagerPrune(BlockHooks):
-    """Hooks on one block list that prune its blocks (DBPrune); states per input shape, in ``handle``."""
+class EagerPrune:
+    """Hooks on one block list that prune its blocks (DBPrune); states per input shape, in ``handle``. The
+    transformer's hook starts and ends each call (``begin`` / ``end``); ``self.call`` is the one in flight."""
 
-    call_type = _Call
+    broken: str | None = None  # EagerCache's reason its joined lists cannot cache; one list always can
 
     def __init__(self, blocks: torch.nn.ModuleList, path: str, handle: CacheHandle, separate_cfg: SeparateCFG,
                  pattern: ForwardPattern | None = None, group: str | None = None):
@@ -64,7 +64,21 @@ class EagerPrune(BlockHooks):
                                    "skip a block whose output continues none of its inputs")
         self.blocks, self.path, self.handle, self.separate_cfg, self.pattern = blocks, path, handle, separate_cfg, \
             pattern
-        self.hook_blocks()
+        self.call = _Call()
+        self._chains: dict[tuple, CachedChain] = {}
+        for i, block in enumerate(self.blocks):
+            block.forward = self._wrap(i, block)
+
+    def uninstall(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self._chains.clear()
+
+    def begin(self, timestep: torch.Tensor | None, latent: torch.Tensor | None) -> None:
+        self.call = _Call(timestep=timestep, latent=latent, active=True)
+
+    def end(self) -> None:
+        self.call = _Call()
 
     def _wrap(self, i: int, block: torch.nn.Module):
         original = block.forward
