@@ -57,15 +57,12 @@ def fresh_dense(x: torch.Tensor) -> torch.Tensor:
     return copy.as_strided(x.shape, tuple(reversed(strides)))
 
 
-def cond_branch(n_operands: int, body, segment: GraphModule, n_sizes: int = 0) -> GraphModule:
+def cond_branch(n_operands: int, body, segment: GraphModule) -> GraphModule:
     """A flat cond branch returning fresh tensors: branch outputs must not alias operands or each other
     (Flux single blocks return slices). It holds no submodules, so torch.export can trace it, except the
-    subgraphs a higher-order op in ``segment`` reads (flex_attention's score_mod), copied from it.
-    ``n_sizes`` size symbols follow the operands, unread (see :func:`size_symbols`)."""
+    subgraphs a higher-order op in ``segment`` reads (flex_attention's score_mod), copied from it."""
     graph = torch.fx.Graph()
     operands = [graph.placeholder(f"operand_{i}") for i in range(n_operands)]
-    for i in range(n_sizes):
-        graph.placeholder(f"size_{i}")
     outs = body(graph, operands)
     graph.output(tuple(graph.call_function(fresh_dense, (o,)) for o in outs))
     return GraphModule(segment, graph)  # takes from ``segment`` only what the graph's get_attr nodes name
@@ -90,8 +87,19 @@ def size_symbols(gm: GraphModule) -> list[Node]:
             and isinstance(node_value(n).node.expr, sympy.Symbol)]
 
 
-def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body,
-                 n_sizes: int) -> GraphModule:
+def taking_sizes(branch: GraphModule, n_sizes: int) -> GraphModule:
+    """``branch`` with ``n_sizes`` more operands after its own, unread: the size symbols."""
+    if not n_sizes:
+        return branch
+    last = [n for n in branch.graph.nodes if n.op == "placeholder"][-1]
+    for i in reversed(range(n_sizes)):  # each inserted right after the last operand: in order
+        with branch.graph.inserting_after(last):
+            branch.graph.placeholder(f"size_{i}")
+    branch.recompile()
+    return branch
+
+
+def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, body) -> GraphModule:
     """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
     (a step.py function returning a :class:`BranchOut`) but the history counters, which follow them;
     the branch returns the BranchOut flattened."""
@@ -104,11 +112,10 @@ def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, 
         out = _call(g, "call_function", flat, (*body(g, mid, step_ops, stored), history))
         return [g.call_function(operator.getitem, (out, i)) for i in range(_n_outputs(layout))]
 
-    return cond_branch(n_in + n_step + n_stored + len(layout.history_names()), graph_body, segment, n_sizes)
+    return cond_branch(n_in + n_step + n_stored + len(layout.history_names()), graph_body, segment)
 
 
-def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int,
-                n_sizes: int = 0) -> GraphModule:
+def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModule, n_in: int) -> GraphModule:
     """The middle's blocks run, then what a computed step stores."""
 
     def body(g, mid, s, stored):
@@ -116,17 +123,17 @@ def full_branch(layout: ChainLayout, middle: GraphModule, passthrough: GraphModu
         return (s["use_cache"], s["step"], s["branch"], s["ladder_len"], s["distance"], s["fn_res"], outs, base,
                 stored[0], stored[1:])
 
-    return _step_branch(layout, n_in, middle, computed_step, body, n_sizes)
+    return _step_branch(layout, n_in, middle, computed_step, body)
 
 
-def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_in: int, n_sizes: int = 0) -> GraphModule:
+def cached_branch(layout: ChainLayout, passthrough: GraphModule, n_in: int) -> GraphModule:
     """Blocks skipped: the passthrough (glue only) plus the forecast residuals. It recomputes the
     passthrough from the operands rather than taking it as operands, which would alias them."""
 
     def body(g, mid, s, stored):
         return (inline(g, passthrough, mid), s["branch"], s["ladder_len"], s["distance"], stored[0], stored[1:])
 
-    return _step_branch(layout, n_in, passthrough, cached_step, body, n_sizes)
+    return _step_branch(layout, n_in, passthrough, cached_step, body)
 
 
 @dataclass(eq=False)
@@ -216,11 +223,11 @@ _CODE_DIGEST = _code_digest()
 
 def named_function(fn, name: str, layout: ChainLayout | None = None):
     """``fn`` (a closure over ``layout`` calling a step.py function) named ``name``; given a ChainLayout,
-    a :class:`~cachedit_fx.passes.steps.TaggedStep` with a ``cache_tag``: a digest of what it computes, the layout's structure (not
-    its sizes, which reach the graph as its inputs' shapes) and the step code. Inductor's and AOTAutograd's
-    on-disk caches key a graph on its code; the nodes calling these functions carry the tag in their names
-    (:func:`_call`), so two rewrites that compute differently never share an entry, and a new process finds
-    the entry of an equal one."""
+    a :class:`~cachedit_fx.passes.steps.TaggedStep` with a ``cache_tag``: a digest of what it computes, the
+    layout's structure (not its sizes, which reach the graph as its inputs' shapes) and the step code.
+    Inductor's and AOTAutograd's on-disk caches key a graph on its code; the nodes calling these functions
+    carry the tag in their names (:func:`_call`), so two rewrites that compute differently never share an
+    entry, and a new process finds the entry of an equal one."""
     fn.__name__ = fn.__qualname__ = name
     if not isinstance(layout, ChainLayout):  # untagged: the on-disk caches bypass the graph (DBPrune's)
         return fn
@@ -270,8 +277,8 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
     passthrough = passthrough_module(gm, split)
     n_in = len(split.middle_inputs)
     sizes = size_symbols(gm) if settings.size_operands else []
-    gm.add_submodule(f"cachedit_full_{idx}", full_branch(layout, full, passthrough, n_in, len(sizes)))
-    gm.add_submodule(f"cachedit_cached_{idx}", cached_branch(layout, passthrough, n_in, len(sizes)))
+    gm.add_submodule(f"cachedit_full_{idx}", taking_sizes(full_branch(layout, full, passthrough, n_in), len(sizes)))
+    gm.add_submodule(f"cachedit_cached_{idx}", taking_sizes(cached_branch(layout, passthrough, n_in), len(sizes)))
 
     graph = gm.graph
     state_nodes = state_placeholders(gm, idx, layout.names(), state.ordered())

@@ -15,10 +15,10 @@ import torch
 from ..errors import NoCacheableChain
 
 # How a size expression of a shape template is evaluated: the sympy functions symbolic shapes use.
-_OPS = {"Add": lambda *a: sum(a), "Mul": lambda *a: math.prod(a), "FloorDiv": lambda a, b: a // b, "CeilToInt": math.ceil,
-        "Max": max, "Min": min, "PythonMod": lambda a, b: a % b, "Mod": lambda a, b: a % b, "Pow": pow,
-        "IntTrueDiv": lambda a, b: a / b, "FloatTrueDiv": lambda a, b: a / b, "floor": math.floor,
-        "ceiling": math.ceil, "FloorToInt": math.floor}
+_OPS = {"Add": lambda *a: sum(a), "Mul": lambda *a: math.prod(a), "FloorDiv": lambda a, b: a // b,
+        "CeilToInt": math.ceil, "Max": max, "Min": min, "PythonMod": lambda a, b: a % b,
+        "Mod": lambda a, b: a % b, "Pow": pow, "IntTrueDiv": lambda a, b: a / b,
+        "FloatTrueDiv": lambda a, b: a / b, "floor": math.floor, "ceiling": math.ceil, "FloorToInt": math.floor}
 
 
 def _expression(e: sympy.Expr):

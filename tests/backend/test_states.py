@@ -202,11 +202,12 @@ def wan_requests(model, sides=(4, 6, 8), steps=4):
 def zoo_wan():
     from cachedit_fx.zoo import build_transformer
 
-    class OwnCodeLocation(type(build_transformer("wan")[0])):  # a first compile for static sizes, as a user's
+    transformer, _ = build_transformer("wan")
+
+    class OwnCodeLocation(type(transformer)):  # a first compile for static sizes, as a user's
         def forward(self, *args, **kwargs):
             return super().forward(*args, **kwargs)
 
-    transformer, _ = build_transformer("wan")
     transformer.__class__ = OwnCodeLocation
     return transformer
 
