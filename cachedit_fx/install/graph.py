@@ -17,6 +17,7 @@ from ..capture.dynamo import breaks_graph, describe_break, logging_ignored, our_
 from ..config import is_prune
 from ..errors import ConfigError, IslandsNeeded
 from ..runtime.handle import chain_lists
+from .direct import DirectCalls, call_key
 from .eager_switch import EagerSwitch, largest_block_list
 from .modes import InstallState, Mode
 from .owned import OwnedGuards
@@ -46,6 +47,7 @@ class GraphInstall:
         self._first_compile = False  # inside the first inference call's compile, which logs on its own
         self._dynamic_compile = False  # the graph compiling (or that failed to) has dynamic sizes
         self.owned = OwnedGuards()  # the one-graph compile's guards on the module, checked per request
+        self.direct = DirectCalls()  # a request's later calls with the graph called directly (guard-light only)
 
     def run(self, original, args, kwargs):
         """A call after the first inference call compiled; the first of a request whose module changed
@@ -56,7 +58,7 @@ class GraphInstall:
             self.clear()
             return self.compile_and_run(original, args, kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            return self._call(original, args, kwargs)
         except torch._dynamo.exc.Unsupported:
             # A later recompile (new shape, grad mode) of a one-graph compile met a graph break.
             return self._run_with_breaks(original, args, kwargs)
@@ -72,6 +74,24 @@ class GraphInstall:
                               "calls with further shapes run uncached (raise cachedit_fx.install.graph.MAX_GRAPHS "
                               "before enable_cache to keep more)", stacklevel=4)
             return original(*args, **kwargs)
+
+    def _call(self, original, args, kwargs):
+        """The compiled forward; guard-light, a request's later calls with a call key seen in it skip
+        Dynamo's frame (direct.py)."""
+        if self.state.mode is not Mode.ONE_GRAPH:
+            return self.compiled(*args, **kwargs)
+        if self.owned.light:
+            learned = self.direct.lookup(call_key(args, kwargs), self.state.handle.requests)
+            if learned is not None:
+                return learned(args, kwargs)
+        return self._through_dynamo(self.compiled, original, args, kwargs)
+
+    def _through_dynamo(self, compiled, original, args, kwargs):
+        """A one-graph call through Dynamo; guard-light, its direct call is learned for the request."""
+        if not self.owned.light:
+            return compiled(*args, **kwargs)
+        return self.direct.through_dynamo(lambda: compiled(*args, **kwargs), call_key(args, kwargs),
+                                          self.state.handle.requests, original, args, kwargs)
 
     def run_with_grad(self, original, args, kwargs):
         if self.grad_forward is None:
@@ -104,6 +124,7 @@ class GraphInstall:
         self.state.handle.graphs.clear()
         self.compiled = self.grad_forward = self.failed = None
         self.owned.forget()
+        self.direct.forget()
 
     def uninstall(self) -> None:
         self.clear()
@@ -146,7 +167,8 @@ class GraphInstall:
         before = len(handle.chains)
         started = time.perf_counter()
         self._dynamic_compile = not is_static(example_inputs)
-        fn = cachedit_backend(gm, example_inputs, self.state.options)
+        frame = self.direct.frame_of(gm)  # read before the passes add the states' inputs
+        fn = self.direct.observe(cachedit_backend(gm, example_inputs, self.state.options), frame)
         self.state.set_hints(handle.chains[before:])
         if self.compiled is not None and not self._first_compile:
             logger.info("cachedit: compiled a graph for new input shapes of %s in %.1f s", self.state.class_name,
@@ -190,7 +212,7 @@ class GraphInstall:
         for _ in range(_ISLAND_ROUNDS):
             fn = self._compile(original, self._one_graph_backend, fullgraph=True)
             try:
-                out = fn(*args, **kwargs)
+                out = self._through_dynamo(fn, original, args, kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
                 if self._go_static(e):
                     continue
