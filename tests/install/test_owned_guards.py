@@ -158,9 +158,10 @@ def test_changes_between_requests_give_the_uncached_result():
 
 
 @pytest.mark.slow
-def test_peft_lora_add_and_disable():
+@pytest.mark.parametrize("inner", [None, pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_peft_lora_add_and_disable(inner):
     peft = pytest.importorskip("peft")
-    model, plain = installed()
+    model, plain = installed(inner)
     assert_request_matches(model, plain)
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj", "mlp"], init_lora_weights=False)
     models = []
@@ -191,3 +192,22 @@ def test_inductor_in_place_reassigned_and_adapter(inductor_install):
         both(model, plain, change)
         assert_request_matches(model, plain)
     assert cache_hook(model).graph.owned.light
+
+
+@pytest.mark.slow
+@pytest.mark.inductor
+def test_inductor_weights_changed_in_the_middle_of_a_request(inductor_install):
+    """A request's later calls skip Dynamo's frame (install/direct.py) and still read the weights on
+    every call: a change made between two steps shows in the next step's output."""
+    model, plain = inductor_install
+    cf.reset(model)
+    direct = cache_hook(model).graph.direct
+    hits, x = direct.hits, latent()
+    for i, t in enumerate(STEPS + STEPS):
+        change = {2: in_place, 4: reassigned}.get(i)
+        if change is not None:
+            both(model, plain, change)
+        with torch.no_grad():
+            got, want = model(x, torch.tensor([t])), plain(x, torch.tensor([t]))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert direct.hits - hits == 2 * len(STEPS) - 1
