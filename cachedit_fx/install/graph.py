@@ -78,20 +78,20 @@ class GraphInstall:
     def _call(self, original, args, kwargs):
         """The compiled forward; guard-light, a request's later calls with a call key seen in it skip
         Dynamo's frame (direct.py)."""
-        if self.state.mode is not Mode.ONE_GRAPH:
+        if self.state.mode is not Mode.ONE_GRAPH or not self.owned.light:
             return self.compiled(*args, **kwargs)
-        if self.owned.light:
-            learned = self.direct.lookup(call_key(args, kwargs), self.state.handle.requests)
-            if learned is not None:
-                return learned(args, kwargs)
-        return self._through_dynamo(self.compiled, original, args, kwargs)
+        key = call_key(args, kwargs)
+        learned = self.direct.lookup(key, self.state.handle.requests)
+        if learned is not None:
+            return learned(args, kwargs)
+        return self._through_dynamo(self.compiled, original, args, kwargs, key)
 
-    def _through_dynamo(self, compiled, original, args, kwargs):
+    def _through_dynamo(self, compiled, original, args, kwargs, key):
         """A one-graph call through Dynamo; guard-light, its direct call is learned for the request."""
         if not self.owned.light:
             return compiled(*args, **kwargs)
-        return self.direct.through_dynamo(lambda: compiled(*args, **kwargs), call_key(args, kwargs),
-                                          self.state.handle.requests, original, args, kwargs)
+        return self.direct.through_dynamo(lambda: compiled(*args, **kwargs), key, self.state.handle.requests,
+                                          original, args, kwargs)
 
     def run_with_grad(self, original, args, kwargs):
         if self.grad_forward is None:
@@ -212,7 +212,7 @@ class GraphInstall:
         for _ in range(_ISLAND_ROUNDS):
             fn = self._compile(original, self._one_graph_backend, fullgraph=True)
             try:
-                out = self._through_dynamo(fn, original, args, kwargs)
+                out = self._through_dynamo(fn, original, args, kwargs, call_key(args, kwargs))
             except torch._dynamo.exc.TorchDynamoException as e:
                 if self._go_static(e):
                     continue
