@@ -198,3 +198,23 @@ def test_the_binder_of_a_decorated_forward_binds_the_decorator_s_frame():
         return locals()
 
     assert _binder_for(wrapper)(0, 1, timestep=2) == wrapper(0, 1, timestep=2)
+
+
+def test_a_diffusers_forward_behind_its_lora_scale_decorator_is_called_directly():
+    """Flux's forward is wrapped by diffusers' ``apply_lora_scale`` (``self, *args, **kwargs``): that
+    wrapper's frame is the one Dynamo compiles, and the one the direct call rebinds."""
+    from cachedit_fx import zoo
+
+    transformer, inputs = zoo.build_transformer("flux")
+    through = copy.deepcopy(transformer)
+    outs = []
+    for m in (transformer, through):
+        cf.enable_cache(m, cache_config=CACHING, compile=False)
+    direct_of(through).lookup = lambda key, request: None
+    with torch.no_grad():
+        for m in (transformer, through):
+            cf.reset(m)
+            outs.append([m(**inputs)[0] for _ in range(3)])
+    for g, w in zip(*outs, strict=True):
+        assert torch.equal(g, w)
+    assert direct_of(transformer).hits == 2
