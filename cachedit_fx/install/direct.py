@@ -179,8 +179,7 @@ class DirectCalls:
             again = fetch(local, learned.globals, learned.bases)
         except Exception:  # noqa: BLE001 - a source this scope cannot evaluate: Dynamo keeps the call
             return None
-        if len(again) != len(inputs) or not all(a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor)
-                                                           and a == b) for a, b in zip(again, inputs)):
+        if len(again) != len(inputs) or not all(map(_same_input, again, inputs)):
             return None
         learned.state = GlobalStateGuard()
         return learned
@@ -189,6 +188,11 @@ class DirectCalls:
         if func not in self._binders:
             self._binders[func] = _binder_for(func)
         return self._binders[func]
+
+
+def _same_input(a, b) -> bool:
+    """A fetched graph input is what Dynamo passed: the same tensor, or an equal number of the same type."""
+    return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
 
 
 def _binder_for(func: types.FunctionType):

@@ -83,7 +83,7 @@ def size_symbols(gm: GraphModule) -> list[Node]:
     the cond as operands its branches do not read. Inductor compiles a branch as a function of its operands
     and must find every symbol of their sizes among them: Wan's tokens are ``2*(h//2)*(w//2)``, and ``h``
     and ``w`` are no operand's size. (Dynamo lifts them the same way for a cond it traces.)"""
-    return [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(node_value(n), torch.SymInt)
+    return [n for n in gm.graph.find_nodes(op="placeholder") if isinstance(node_value(n), torch.SymInt)
             and isinstance(node_value(n).node.expr, sympy.Symbol)]
 
 
@@ -91,7 +91,7 @@ def taking_sizes(branch: GraphModule, n_sizes: int) -> GraphModule:
     """``branch`` with ``n_sizes`` more operands after its own, unread: the size symbols."""
     if not n_sizes:
         return branch
-    last = [n for n in branch.graph.nodes if n.op == "placeholder"][-1]
+    last = branch.graph.find_nodes(op="placeholder")[-1]
     for i in reversed(range(n_sizes)):  # each inserted right after the last operand: in order
         with branch.graph.inserting_after(last):
             branch.graph.placeholder(f"size_{i}")
