@@ -13,7 +13,11 @@ resolution (an automatic-dynamic recompile, then nothing). Variants:
 - ``enable``: cachedit-fx ``enable_cache(transformer)`` (blocks as compiled regions inside the one graph);
 - ``enable-flat``: the same with every block inline, the graph cachedit-fx compiled before regions;
 - ``backend``: ``cachedit_fx.mark_regions(t)`` then ``torch.compile(t, backend="cachedit")``;
-- ``enable-warm``, ``backend-warm``, ``regional-warm``: a second process on the cold variant's cache dir.
+- ``enable-background``: ``enable_cache(transformer, background_compile=True)``: Inductor compiles in a child
+  process while calls run the graph eagerly; also reports when the compiled graph took over (seconds from
+  the first call's start, eager calls before, the switching call's seconds);
+- ``enable-warm``, ``backend-warm``, ``regional-warm``, ``enable-background-warm``: a second process on the
+  cold variant's cache dir.
 
 ``--quick``: FLUX at depth 2 + 2, the aot_eager compiler (no Inductor), few repeats, variants run two at a
 time: a smoke test of the script (tests/test_benchmarks.py), not a measurement.
@@ -30,12 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from _common import HERE, parse_args, table, write_json
 
-VARIANTS = ("plain", "regional", "cache-dit", "enable", "enable-flat", "backend")
-WARM = {"enable-warm": "enable", "backend-warm": "backend", "regional-warm": "regional"}
+VARIANTS = ("plain", "regional", "cache-dit", "enable", "enable-flat", "backend", "enable-background")
+WARM = {"enable-warm": "enable", "backend-warm": "backend", "regional-warm": "regional",
+        "enable-background-warm": "enable-background"}
 QUICK_VARIANTS = ("plain", "regional", "enable", "backend", "enable-warm")
 DEPTH = {"flux": (19, 38), "wan": (30,)}
 QUICK_DEPTH = {"flux": (2, 2), "wan": (2,)}
-CACHING = ("cache-dit", "enable", "enable-flat", "backend", "enable-warm", "backend-warm")
+CACHING = ("cache-dit", "enable", "enable-flat", "backend", "enable-warm", "backend-warm", "enable-background",
+           "enable-background-warm")
 
 
 def _extra(p):
@@ -80,6 +86,11 @@ def _ratios(rows: list[dict]) -> dict:
     if "enable" in by and "regional" in by:
         out["enable first call / regional first call (target <= 1.2)"] = by["enable"]["first_call_s"] / \
             by["regional"]["first_call_s"]
+    if "enable-background" in by and "regional" in by:
+        out["enable-background first call / regional first call (target <= 1.2)"] = \
+            by["enable-background"]["first_call_s"] / by["regional"]["first_call_s"]
+        out["enable-background compiled graph serving after / enable first call"] = \
+            by["enable-background"]["compiled_after_s"] / by["enable"]["first_call_s"] if "enable" in by else None
     if "enable" in by and "enable-flat" in by:
         out["enable computed step / flat computed step (target <= 1.02)"] = by["enable"]["computed_ms"] / \
             by["enable-flat"]["computed_ms"]
@@ -89,7 +100,7 @@ def _ratios(rows: list[dict]) -> dict:
         if warm in by and cold in by:
             out[f"{warm} first call / {cold} first call (target <= 0.2)"] = by[warm]["first_call_s"] / \
                 by[cold]["first_call_s"]
-    return {k: round(v, 3) for k, v in out.items()}
+    return {k: round(v, 3) for k, v in out.items() if v is not None}
 
 
 def _table(rows: list[dict]) -> str:
@@ -101,6 +112,7 @@ def _table(rows: list[dict]) -> str:
             continue
         shown.append({"variant": r["variant"], "first call s": r["first_call_s"],
                       "vs plain": round(r["first_call_s"] / plain, 2) if plain else "",
+                      "compiled after s": r.get("compiled_after_s", ""),
                       "computed ms": r["computed_ms"], "cached ms": r.get("cached_ms", ""),
                       "2nd size s": r["second_size_s"], "3rd size s": r["third_size_s"],
                       "graphs": r["graphs"], "region calls": r.get("region_calls", ""),

@@ -23,8 +23,8 @@ from .config import (BasicCacheConfig, CacheType, CalibratorConfig, ChainPolicy,
 from .coverage.status import supported_matrix, supported_pipelines
 from .errors import CacheditError, CaptureError, ConfigError, ExportError, MissingDependency, NoCacheableChain
 from .export import export, load
-from .install.api import (ParamsModifier, disable_cache, enable_cache, refresh_context, reset, set_attn_backend,
-                          strify, summary)
+from .install.api import (ParamsModifier, background_compiles, disable_cache, enable_cache, refresh_context, reset,
+                          set_attn_backend, strify, summary)
 from .install.quantize import quantize
 from .tools.tune import TuneResult, tune
 from .tools.tune_methods import MethodsResult, tune_methods
@@ -40,7 +40,7 @@ __all__ = [
     "ForwardPattern", "MagCacheConfig", "MethodsResult", "MissingDependency", "NONE", "NoCacheableChain",
     "ParallelismBackend", "ParallelismConfig", "ParamsModifier", "PatchFunctor", "Pattern_0", "Pattern_1",
     "Pattern_2", "Pattern_3", "Pattern_4", "Pattern_5", "QuantizeBackend", "QuantizeConfig", "SeparateCFG",
-    "TaylorSeerCalibratorConfig", "TuneResult", "block_range", "cache_type", "disable_cache", "enable_cache",
+    "TaylorSeerCalibratorConfig", "TuneResult", "background_compiles", "block_range", "cache_type", "disable_cache", "enable_cache",
     "export", "get_adapter", "load", "load_attn_backend_config", "load_cache_config", "load_configs",
     "load_options", "load_parallelism_config", "load_quantize_config", "mark_regions", "quantize",
     "refresh_context", "reset", "set_attn_backend", "set_compile_configs", "steps_mask", "strify", "summary",

@@ -17,15 +17,24 @@ from ..errors import NoCacheableChain
 from ..passes import apply
 from ..runtime.handle import CompiledGraph, graph_weights
 from ..runtime.ranks import chains_group, check_same_config
+from .background import BackgroundCompiled
 from .inner import CACHED_GRAPH_INDUCTOR_OPTIONS, inner_compile
 from .options import BackendOptions, parse_options
 from .regions import check_calls, predecompose
 from .states import SizedStates, StaticStates, is_static
 
 
+def _compiled(gm, example_inputs, opts: BackendOptions, inductor_defaults: dict | None = None):
+    compiled = inner_compile(gm, example_inputs, opts.inner, opts.inner_options, inductor_defaults,
+                             opts.background_compile)
+    if isinstance(compiled, BackgroundCompiled):
+        opts.handle.background.append(compiled)
+    return compiled
+
+
 def _uncached(gm, example_inputs, opts: BackendOptions, reason: str, cause: str | None = None):
     """``gm`` compiled as it is, with one warning: per graph, or per install where ``cause`` names it."""
-    compiled = inner_compile(gm, example_inputs, opts.inner, opts.inner_options)
+    compiled = _compiled(gm, example_inputs, opts)
     # Recorded once compiled (a compile Dynamo restarts leaves nothing behind), so handles_for(module) /
     # summary() find the uncached graph and its reason.
     graph = CompiledGraph([], unmatched=reason)
@@ -114,8 +123,8 @@ def cachedit_backend(gm: GraphModule, example_inputs, options: dict | None = Non
         return _uncached(gm, example_inputs, opts, str(e))
     if opts.inner == "inductor":
         predecompose(result.graph_module)
-    compiled = inner_compile(result.graph_module, list(example_inputs) + states.examples(result.graph_module),
-                             opts.inner, opts.inner_options, CACHED_GRAPH_INDUCTOR_OPTIONS)
+    compiled = _compiled(result.graph_module, list(example_inputs) + states.examples(result.graph_module), opts,
+                         CACHED_GRAPH_INDUCTOR_OPTIONS)
     specialised = sorted(made_constant(floats))
     if specialised:  # this graph serves one value of the timestep: it cannot tell steps and requests apart
         return _uncached(gm, example_inputs, opts, _float_timestep_reason(specialised[0]), cause="float timestep")

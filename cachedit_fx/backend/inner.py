@@ -2,12 +2,16 @@
 (optional, CUDA only), or any callable with a Dynamo backend's signature."""
 from __future__ import annotations
 
+import logging
+import pickle
+
 import torch
 from torch.fx import GraphModule
 
 from ..errors import CacheditError, ConfigError
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager", "tensorrt")
+logger = logging.getLogger("diffusers.cachedit_fx")  # shown by diffusers.utils.logging.set_verbosity_info()
 
 # Inductor options for a rewritten graph, under the caller's ``inner_options``. Inductor's size
 # asserts would check every input on every call, the middle's weights twice (before the cond and
@@ -38,9 +42,10 @@ def check_inner(inner) -> None:
 
 
 def inner_compile(gm: GraphModule, example_inputs, inner, inner_options: dict | None = None,
-                  inductor_defaults: dict | None = None):
+                  inductor_defaults: dict | None = None, background: bool = False):
     """Compile ``gm`` for ``example_inputs`` with the named inner compiler; returns a callable.
-    ``inductor_defaults``: Inductor options ``inner_options`` may override."""
+    ``inductor_defaults``: Inductor options ``inner_options`` may override; ``background``: Inductor
+    compiles in a child process, the graph running eagerly until then (backend/background.py)."""
     if callable(inner):
         return inner(gm, example_inputs)
     if inner == "eager":
@@ -50,8 +55,28 @@ def inner_compile(gm: GraphModule, example_inputs, inner, inner_options: dict | 
         return aot_eager(gm, example_inputs)
     if inner == "tensorrt":
         return _tensorrt_compile(gm, example_inputs, inner_options or {})
+    patches = {**(inductor_defaults or {}), **(inner_options or {})}
+    if background:
+        compiled = _in_background(gm, example_inputs, patches)
+        if compiled is not None:
+            return compiled
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs, config_patches={**(inductor_defaults or {}), **(inner_options or {})} or None)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _in_background(gm: GraphModule, example_inputs, patches: dict):
+    """A :class:`~cachedit_fx.backend.background.BackgroundCompiled`, or None (logged) where the graph
+    compiles in this process."""
+    from . import background
+
+    reason = background.why_not(example_inputs)
+    if reason is None:
+        try:
+            return background.BackgroundCompiled(gm, background.payload(gm, example_inputs, patches))
+        except (TypeError, AttributeError, pickle.PicklingError) as e:  # a call target with no import path
+            reason = f"the graph cannot be sent to another process ({e})"
+    logger.info("cachedit: compiling in this process, not in the background: %s", reason)
+    return None
 
 
 def _tensorrt_compile(gm, example_inputs, inner_options):

@@ -1,7 +1,9 @@
 """The ``cachedit`` backend's options, checked once: a dict in, :class:`BackendOptions` out.
 
 Options: ``cache_config`` and ``calibrator_config`` (objects or dicts), ``inner`` (inductor | aot_eager |
-eager | tensorrt | a callable), ``inner_options`` (passed to the inner compiler), ``separate_cfg`` (True /
+eager | tensorrt | a callable), ``inner_options`` (passed to the inner compiler), ``background_compile``
+(True: Inductor compiles in a child process while calls run the graph eagerly, see backend/background.py;
+inner="inductor" only), ``separate_cfg`` (True /
 "on": two state sets, calls alternate; "auto" or None: two state sets, a call whose timestep repeats the
 previous call's is the second of a CFG pair, told on device; False / "off": one; default from
 cache_config.enable_separate_cfg), ``chains`` ("longest" | "all"), ``blocks`` (the ModuleList paths of the
@@ -25,7 +27,7 @@ from ..runtime.handle import CacheHandle
 from .inner import check_inner
 
 OPTION_KEYS = ("cache_config", "calibrator_config", "inner", "separate_cfg", "chains", "blocks", "handle",
-               "inner_options", "process_group")
+               "inner_options", "process_group", "background_compile")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class BackendOptions:
     settings: PassSettings  # without the device, known only when a graph arrives
     inner: Any
     inner_options: dict
+    background_compile: bool = False
 
     def pass_settings(self, device=None) -> PassSettings:
         return dataclasses.replace(self.settings, device=device)
@@ -90,6 +93,12 @@ def parse_options(options: dict | None) -> BackendOptions:
                              _group_name(options.get("process_group")))
     inner = options.get("inner", "inductor")
     check_inner(inner)
+    background = options.get("background_compile", False)
+    if background not in (True, False):
+        raise ConfigError(f"cachedit backend: background_compile must be True or False, got {background!r}")
+    if background and inner != "inductor":
+        raise ConfigError(f"cachedit backend: background_compile=True needs inner='inductor' (the compile that runs in "
+                          f"a child process), got inner={inner!r}")
     if handle is None:
         handle = CacheHandle(settings.cache_config, settings.calibrator_config)
-    return BackendOptions(handle, settings, inner, options.get("inner_options") or {})
+    return BackendOptions(handle, settings, inner, options.get("inner_options") or {}, bool(background))

@@ -78,7 +78,7 @@ def _adapter(pipe_or_adapter) -> BlockAdapter | None:
 def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, params_modifiers=None,
                  parallelism_config=None, attention_backend=None, quantize_config=None, compile: bool = True,
                  inner: str = "inductor", eager: bool = False, dynamic: bool | None = None,
-                 **fields):
+                 background_compile: bool = False, **fields):
     """Cache a diffusers pipeline, a transformer, or the transformer(s) of a ``BlockAdapter``, in place,
     then apply cache-dit's deployment options in its order (attention backend, parallelism, quantization);
     returns what it was given.
@@ -100,6 +100,9 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         dynamic: torch.compile's ``dynamic``. None (default): the first call compiles for its sizes, the
             first call at other sizes (a new resolution, batch or text length) compiles once more for every
             size; True: every size from the first compile; False: static shapes, a graph per size.
+        background_compile: with Inductor, compile in a child process while the first calls run the
+            rewritten graph eagerly (same decisions), then switch to the compiled graph: the first request
+            waits for Dynamo's trace, not for Inductor. Static-shape graphs only (a new size compiles here).
     """
     if dynamic not in (None, True, False):
         raise ConfigError(f"enable_cache: dynamic must be None (a second size compiles once for all sizes), True "
@@ -116,11 +119,19 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         calib = merged(coerce_calibrator(calibrator_config), flat_calib)
         disable_cache(pipe_or_adapter)
         hooks = _install_hooks(targets, adapter, params_modifiers, cache, calib, "eager" if not compile else inner,
-                               eager, is_pipe, dynamic)
+                               eager, is_pipe, dynamic, background_compile and compile)
         if is_pipe and hooks:
             _wrap_pipeline_call(pipe, hooks)
     deploy([module for _, module in targets], pipe if is_pipe else None, **deployment)
     return pipe_or_adapter
+
+
+def background_compiles(module: torch.nn.Module) -> list:
+    """The background compiles (``background_compile=True``) of the graphs compiled over ``module``'s
+    weights, oldest first. Each has ``status`` ("compiling", "compiled", or why it compiled in this
+    process), ``eager_calls`` and ``compiled_calls`` (the calls each form served) and ``wait(timeout)``
+    (block until the child exits; the next call switches)."""
+    return [job for handle in handles_for(module) for job in handle.background]
 
 
 def set_attn_backend(pipe_or_adapter, attention_backend: str | None = None) -> None:
@@ -131,7 +142,7 @@ def set_attn_backend(pipe_or_adapter, attention_backend: str | None = None) -> N
 
 
 def _install_hooks(targets, adapter: BlockAdapter | None, params_modifiers, cache, calib, inner, eager: bool,
-                   is_pipe: bool, dynamic: bool | None) -> list[CacheHook]:
+                   is_pipe: bool, dynamic: bool | None, background_compile: bool) -> list[CacheHook]:
     pins = adapter.pins() if adapter else [()] * len(targets)
     if adapter is not None and params_modifiers is None:
         params_modifiers = adapter.params_modifiers
@@ -145,7 +156,8 @@ def _install_hooks(targets, adapter: BlockAdapter | None, params_modifiers, cach
         if c.cache_type is CacheType.NONE:
             continue
         hook = CacheHook(c, k, inner, pinned, eager, on_pipeline=is_pipe,
-                         separate_hint=adapter is not None and adapter.has_separate_cfg, dynamic=dynamic)
+                         separate_hint=adapter is not None and adapter.has_separate_cfg, dynamic=dynamic,
+                         background_compile=background_compile)
         hooks.append(install(module, hook))
     return hooks
 

@@ -52,13 +52,13 @@ class CacheHook(ModelHook):
 
     def __init__(self, cache_config: DBCacheConfig, calibrator_config: TaylorSeerCalibratorConfig | None,
                  inner="inductor", pinned: tuple[PinnedList, ...] = (), eager: bool = False, on_pipeline: bool = False,
-                 separate_hint: bool = False, dynamic: bool | None = None):
+                 separate_hint: bool = False, dynamic: bool | None = None, background_compile: bool = False):
         """``on_pipeline``: the transformer of a pipeline (diffusers' ``cache_context`` names CFG branches);
         ``separate_hint``: a BlockAdapter says the pipeline runs separate CFG (where the config says None);
-        ``dynamic``: torch.compile's (see ``enable_cache``)."""
+        ``dynamic``: torch.compile's, ``background_compile``: the backend's (see ``enable_cache``)."""
         super().__init__()
         self.handle = CacheHandle(cache_config, calibrator_config, islands_checked=True)
-        self._inner, self._pinned = inner, pinned
+        self._inner, self._pinned, self._background = inner, pinned, background_compile
         self._on_pipeline, self._separate_hint = on_pipeline, separate_hint
         self.state = InstallState(self.handle, self._backend_options(), dynamic=dynamic)  # fails now, not later
         self.context = _CallContext()
@@ -78,7 +78,7 @@ class CacheHook(ModelHook):
         separate = self.handle.cache_config.enable_separate_cfg
         if separate is None and self._separate_hint:
             separate = True
-        options = dict(handle=self.handle, inner=self._inner, blocks=self._pinned,
+        options = dict(handle=self.handle, inner=self._inner, blocks=self._pinned, background_compile=self._background,
                        separate_cfg=separate_cfg_mode(separate, "enable_separate_cfg", self._on_pipeline))
         parse_options(options)
         return options

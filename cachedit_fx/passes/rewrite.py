@@ -103,7 +103,7 @@ def _step_branch(layout: ChainLayout, n_in: int, segment: GraphModule, step_fn, 
     """A branch whose ``body(g, middle_inputs, step_operands, stored)`` returns the args of ``step_fn``
     (a step.py function returning a :class:`BranchOut`) but the history counters, which follow them;
     the branch returns the BranchOut flattened."""
-    flat = named_function(lambda *a: step_fn(layout, *a).flat(), f"cachedit_{step_fn.__name__}", layout)
+    flat = tagged_step(step_fn, layout, f"cachedit_{step_fn.__name__}", flat=True)
     n_step, n_stored = len(_STEP_OPERANDS), len(layout.stored_names())
 
     def graph_body(g, ops):
@@ -221,19 +221,23 @@ def _code_digest() -> str:
 _CODE_DIGEST = _code_digest()
 
 
-def named_function(fn, name: str, layout: ChainLayout | None = None):
-    """``fn`` (a closure over ``layout`` calling a step.py function) named ``name``; given a ChainLayout,
-    a :class:`~cachedit_fx.passes.steps.TaggedStep` with a ``cache_tag``: a digest of what it computes, the
-    layout's structure (not its sizes, which reach the graph as its inputs' shapes) and the step code.
-    Inductor's and AOTAutograd's on-disk caches key a graph on its code; the nodes calling these functions
-    carry the tag in their names (:func:`_call`), so two rewrites that compute differently never share an
-    entry, and a new process finds the entry of an equal one."""
+def named_function(fn, name: str):
+    """``fn`` named ``name``: an untagged step (the on-disk caches bypass a graph calling it: DBPrune's)."""
     fn.__name__ = fn.__qualname__ = name
-    if not isinstance(layout, ChainLayout):  # untagged: the on-disk caches bypass the graph (DBPrune's)
-        return fn
+    return fn
+
+
+def tagged_step(step_fn, layout: ChainLayout, name: str, flat: bool = False) -> TaggedStep:
+    """``step_fn(layout, ...)`` (a step.py function) as a :class:`~cachedit_fx.passes.steps.TaggedStep`
+    named ``name``, with a ``cache_tag``: a digest of what it computes, the layout's structure (not its
+    sizes, which reach the graph as its inputs' shapes) and the step code. Inductor's and AOTAutograd's
+    on-disk caches key a graph on its code; the nodes calling these functions carry the tag in their names
+    (:func:`_call`), so two rewrites that compute differently never share an entry, and a new process
+    finds the entry of an equal one."""
     sizeless = dataclasses.replace(layout, fn_shape=(), latent_shape=() if layout.latent_shape else None,
                                    streams=tuple(dataclasses.replace(st, shape=()) for st in layout.streams))
-    return TaggedStep(fn, name, hashlib.sha256(f"{sizeless!r}{_CODE_DIGEST}".encode()).hexdigest()[:16])
+    tag = hashlib.sha256(f"{sizeless!r}{_CODE_DIGEST}".encode()).hexdigest()[:16]
+    return TaggedStep(step_fn, layout, name, tag, flat)
 
 
 def state_placeholders(gm: GraphModule, idx: int, names: list[str], tensors: list[torch.Tensor]) -> list[Node]:
@@ -250,7 +254,7 @@ def state_placeholders(gm: GraphModule, idx: int, names: list[str], tensors: lis
 
 
 def _call(graph: torch.fx.Graph, op: str, target, args, kwargs=None) -> Node:
-    """A node of ``graph``; one calling a tagged step function (:func:`named_function`) is named after its tag and
+    """A node of ``graph``; one calling a tagged step function (:func:`tagged_step`) is named after its tag and
     carries it as the cache hash AOTAutogradCache asks of a Python call target it cannot inspect."""
     tag = getattr(target, "cache_tag", None)
     node = graph.create_node(op, target, args, kwargs or {}, name=target.__name__ if tag else None)
@@ -293,9 +297,8 @@ def rewrite_chain(gm: GraphModule, split: Split, idx: int, settings: PassSetting
         inserted.append(node)
         return node
 
-    pre_fn = named_function(lambda fn_res, t, x, *st: pre_step(layout, fn_res, t, x, *st),
-                            f"cachedit_pre_step_{idx}", layout)
-    post_fn = named_function(lambda *a, **kw: post_step(layout, *a, **kw), f"cachedit_post_step_{idx}", layout)
+    pre_fn = tagged_step(pre_step, layout, f"cachedit_pre_step_{idx}")
+    post_fn = tagged_step(post_step, layout, f"cachedit_post_step_{idx}")
     fn_res = add("call_function", operator.sub, (split.h_fn, split.h_in))
     pre = add("call_function", pre_fn, (fn_res, timestep, latent, *state_nodes))
 

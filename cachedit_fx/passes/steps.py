@@ -6,6 +6,9 @@ rewritten graph bypassed the cache, so a restart traced it through AOTAutograd a
 published here under its name and ``cache_tag`` (a digest of what it computes) when it is made, which is
 when its graph compiles and is pickled; a later function of the same tag computes the same and takes
 the name over.
+
+A step pickles by value (its step.py function, layout and name): a process that compiles a pickled graph
+(install/background.py) publishes each step before it unpickles the graph that imports them.
 """
 from __future__ import annotations
 
@@ -13,17 +16,23 @@ import sys
 
 
 class TaggedStep:
-    """A step function with its ``cache_tag``, named ``<name>_<tag>`` and found under that name here;
-    ``step_name`` is the name without the tag (what reports show)."""
+    """``step_fn(layout, *args)`` (a runtime/step.py function; ``flat``: its BranchOut flattened) with its
+    ``cache_tag``, named ``<name>_<tag>`` and found under that name here; ``step_name`` is the name without
+    the tag (what reports show)."""
 
-    def __init__(self, fn, name: str, tag: str):
-        self.fn, self.cache_tag, self.step_name = fn, tag, name
+    def __init__(self, step_fn, layout, name: str, tag: str, flat: bool = False):
+        self.step_fn, self.layout, self.flat = step_fn, layout, flat
+        self.cache_tag, self.step_name = tag, name
         self.__name__ = self.__qualname__ = f"{name}_{tag}"
         self.__module__ = __name__
         setattr(sys.modules[__name__], self.__name__, self)
 
     def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+        out = self.step_fn(self.layout, *args, **kwargs)
+        return out.flat() if self.flat else out
+
+    def __reduce__(self):
+        return TaggedStep, (self.step_fn, self.layout, self.step_name, self.cache_tag, self.flat)
 
     def __repr__(self) -> str:
         return f"<cachedit step {self.__name__}>"

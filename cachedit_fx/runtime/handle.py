@@ -81,6 +81,7 @@ class CacheHandle:
     requests: int = 0  # requests marked on the host (reset calls): the install's once-per-request checks
     warned: set = field(default_factory=set)  # causes already warned about, one warning each per install
     held: list | None = None  # warnings waiting for release_warnings(), or None: warn at once
+    background: list = field(default_factory=list)  # the graphs compiling in a child (backend/background.py)
     serial: int = field(default_factory=itertools.count().__next__, init=False)  # creation order
 
     def warn_once(self, cause: str, message: str, stacklevel: int = 3) -> None:
