@@ -69,7 +69,7 @@ def _in_background(gm: GraphModule, example_inputs, patches: dict):
     compiles in this process."""
     from . import background
 
-    reason = background.why_not(example_inputs)
+    reason = background.why_not(gm, example_inputs)
     if reason is None:
         try:
             return background.BackgroundCompiled(gm, background.payload(gm, example_inputs, patches))

@@ -65,7 +65,8 @@ def _meta(node) -> dict:
     an example value (a tensor): a receiver keeps a meta-device stand-in of it."""
     kept = {k: node.meta[k] for k in KEPT_META if k in node.meta}
     value = node.meta.get("example_value")
-    if isinstance(value, torch.Tensor) and any(u.op == "call_method" and u.args[0] is node for u in node.users):
+    static = isinstance(value, torch.Tensor) and all(isinstance(s, int) for s in (*value.shape, *value.stride()))
+    if static and any(u.op == "call_method" and u.args[0] is node for u in node.users):
         kept["example_value"] = torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype,
                                                     device="meta")
     return kept

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import cachedit_fx as cf
 from cachedit_fx.backend import background
@@ -43,10 +44,16 @@ def test_background_compile_needs_inductor_and_a_bool():
 
 def test_what_compiles_here_and_why():
     x = torch.randn(2, 3)
+    plain = torch.fx.symbolic_trace(nn.Linear(3, 3))
     with torch.no_grad():
-        assert background.why_not([x, nn.Parameter(x)]) is None
-        assert "view into a larger storage" in background.why_not([x[1:]])
-    assert background.why_not([x]) == "grad mode is on"
+        assert background.why_not(plain, [x, nn.Parameter(x)]) is None
+        assert "view into a larger storage" in background.why_not(plain, [x[1:]])
+        size = ShapeEnv().create_unbacked_symint()
+        assert background.why_not(plain, [x, size]).startswith("its sizes are dynamic")
+        island = torch.fx.Graph()
+        island.output(island.call_function(torch.ops.cachedit.island.default, (0, 0, [island.placeholder("x")])))
+        assert "islands" in background.why_not(torch.fx.GraphModule(nn.Module(), island), [x])
+    assert background.why_not(plain, [x]) == "grad mode is on"
 
 
 def _mlp():

@@ -31,7 +31,7 @@ def rewritten(blocks: int):
         return gm.forward
 
     model = tiny(("transformer_blocks", blocks))
-    cf.enable_cache(model, inner=inner, **CACHE)
+    cf.enable_cache(model, inner=inner, dynamic=False, **CACHE)  # what goes to a child: static shapes
     with torch.no_grad():
         model(latent(), torch.tensor([1.0]))
     (graph,) = got
