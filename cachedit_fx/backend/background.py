@@ -134,7 +134,7 @@ class BackgroundCompiled:
     ``compiling``, ``compiled``, or why this process compiled it itself."""
 
     def __init__(self, gm, job: Payload):
-        self._eager, self._job, self._compiled = gm.forward, job, None
+        self._eager, self._job, self._compiled, self._pending = gm.forward, job, None, True
         self.eager_calls = self.compiled_calls = 0
         self.status = "compiling"
         folder = tempfile.mkdtemp(prefix="cachedit-background-")
@@ -148,7 +148,8 @@ class BackgroundCompiled:
                     self._child.pid)
 
     def __call__(self, *args):
-        if self._compiled is None and self._child.poll() is not None:
+        if self._pending and self._child.poll() is not None:
+            self._pending = False
             self._switch()
         if self._compiled is None:
             self.eager_calls += 1
@@ -161,20 +162,26 @@ class BackgroundCompiled:
         self._child.wait(timeout)
 
     def _switch(self) -> None:
+        """Load (or, where the child's result is missing, compile) the graph here; a compile that fails
+        here too leaves the graph running eagerly, with the warning."""
         from torch._dynamo.utils import counters
 
         code, tail = self._child.returncode, _tail(self._log)
         shutil.rmtree(os.path.dirname(self._path), ignore_errors=True)
         hits = counters["aot_autograd"]["autograd_cache_hit"]
-        self._compiled = self._job.compile()
-        if code != 0:
-            self.status = f"the child process failed (exit {code}): {tail}"
-        elif counters["aot_autograd"]["autograd_cache_hit"] == hits:
-            self.status = "the child's result was not in AOTAutograd's cache (compiled again here)"
+        try:
+            self._compiled = self._job.compile()
+        except Exception as e:  # noqa: BLE001 - reported once; the eager graph keeps serving
+            self.status = f"Inductor failed on the graph ({type(e).__name__}: {e}); it keeps running eagerly"
         else:
-            self.status = "compiled"
-            logger.info("cachedit: the background compile is done; calls run the compiled graph")
-            return
+            if code != 0:
+                self.status = f"the child process failed (exit {code}): {tail}"
+            elif counters["aot_autograd"]["autograd_cache_hit"] == hits:
+                self.status = "the child's result was not in AOTAutograd's cache (compiled again here)"
+            else:
+                self.status = "compiled"
+                logger.info("cachedit: the background compile is done; calls run the compiled graph")
+                return
         warnings.warn(f"cachedit: background compile: {self.status}", stacklevel=3)
 
 
