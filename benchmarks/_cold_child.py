@@ -169,6 +169,31 @@ def until_compiled(t, call, model: str, side: int, started: float) -> dict:
             "switch_call_s": round(switch, 2), "background": jobs[0].status}
 
 
+def interleaved(model: str, depth, side: int, repeats: int) -> dict:
+    """The steady computed and cached step of ``enable`` and ``enable-background`` (its graph loaded from
+    the cache the child filled) in one process, in interleaved rounds: the comparison separate processes
+    make noisy. First calls are not reported (the two compiles overlap)."""
+    import cachedit_fx
+
+    config = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, max_warmup_steps=0,
+                  enable_separate_cfg=False)
+    models = {"sync": build(model, depth), "background": build(model, depth)}
+    cachedit_fx.enable_cache(models["sync"], **config)
+    cachedit_fx.enable_cache(models["background"], background_compile=True, **config)
+    with torch.no_grad():
+        for t in models.values():
+            t(**inputs(model, side, 1.0))
+        (job,) = cachedit_fx.background_compiles(models["background"])
+        job.wait()
+        models["background"](**inputs(model, side, 1.0))
+    samples: dict = {}
+    for _ in range(3 * repeats):
+        for name, t in models.items():
+            for key, value in steady(t, model, side, Cachedit(t), 1, 6).items():
+                samples.setdefault(f"{name}_{key}", []).append(value)
+    return {"background": job.status, **{k: round(statistics.median(v), 3) for k, v in samples.items()}}
+
+
 def region_calls(t) -> int | None:
     from cachedit_fx.install.hook import cache_hook
 
@@ -183,6 +208,10 @@ def main():
 
     depth = {"flux": (2, 2), "wan": (2,)}[model] if quick else {"flux": (19, 38), "wan": (30,)}[model]
     sizes = (QUICK_SIZES if quick else SIZES)[model]
+    if variant == "interleaved":
+        print(json.dumps({"model": model, "variant": variant, "depth": depth,
+                          **interleaved(model, depth, sizes[0], repeats)}))
+        return
     t = build(model, depth)
     call, switch = prepare(t, variant, quick)
     out = {"model": model, "variant": variant, "depth": depth, "sizes": sizes}

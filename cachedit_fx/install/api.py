@@ -107,6 +107,9 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
     if dynamic not in (None, True, False):
         raise ConfigError(f"enable_cache: dynamic must be None (a second size compiles once for all sizes), True "
                           f"(one compile for all sizes) or False (a graph per size), got {dynamic!r}")
+    if background_compile and not compile:
+        raise ConfigError("enable_cache: background_compile=True needs compile=True (it moves the Inductor compile "
+                          "to a child process); got compile=False")
     flat_cache, flat_calib = configs_from_fields(fields, "enable_cache")
     deployment = dict(parallelism_config=parallelism_config, attention_backend=attention_backend,
                       quantize_config=quantize_config)
@@ -119,7 +122,7 @@ def enable_cache(pipe_or_adapter, cache_config=None, calibrator_config=None, par
         calib = merged(coerce_calibrator(calibrator_config), flat_calib)
         disable_cache(pipe_or_adapter)
         hooks = _install_hooks(targets, adapter, params_modifiers, cache, calib, "eager" if not compile else inner,
-                               eager, is_pipe, dynamic, background_compile and compile)
+                               eager, is_pipe, dynamic, background_compile)
         if is_pipe and hooks:
             _wrap_pipeline_call(pipe, hooks)
     deploy([module for _, module in targets], pipe if is_pipe else None, **deployment)

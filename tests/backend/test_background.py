@@ -37,8 +37,10 @@ def test_background_compile_needs_inductor_and_a_bool():
         parse_options(dict(inner="aot_eager", background_compile=True))
     with pytest.raises(ConfigError, match="background_compile must be True or False, got 'yes'"):
         parse_options(dict(background_compile="yes"))
-    with pytest.raises(ConfigError, match="background_compile"):
+    with pytest.raises(ConfigError, match="background_compile=True needs inner='inductor'.*'eager'"):
         cf.enable_cache(tiny(("blocks", 4)), inner="eager", background_compile=True)
+    with pytest.raises(ConfigError, match="background_compile=True needs compile=True"):
+        cf.enable_cache(tiny(("blocks", 4)), compile=False, background_compile=True)
     assert parse_options(dict(background_compile=True)).background_compile
 
 
@@ -86,8 +88,10 @@ def test_a_graph_runs_eagerly_until_the_child_is_done_then_compiled(own_cache_di
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_failed_child_means_a_compile_here_with_one_warning(own_cache_dir, monkeypatch):
-    monkeypatch.setattr(background, "CHILD", [sys.executable, "-c", "import sys; print('no compiler'); sys.exit(3)"])
+def _after_failed_child(monkeypatch, child_code: str):
+    """The MLP compiled with a child that runs ``child_code`` instead of compiling: (the model, its input, the
+    job, the outputs of three calls after the child exited, the cachedit warnings those calls gave)."""
+    monkeypatch.setattr(background, "CHILD", [sys.executable, "-c", child_code])
     model, x = _mlp(), latent()
     compiled = compile_own(model, backend="cachedit", options=dict(background_compile=True))
     with pytest.warns(UserWarning, match="caching disabled"):
@@ -96,8 +100,12 @@ def test_a_failed_child_means_a_compile_here_with_one_warning(own_cache_dir, mon
     job.wait(timeout=60)
     with pytest.warns(UserWarning) as caught:
         outs = _calls(compiled, x, 3)
-    assert [str(w.message) for w in caught if "cachedit" in str(w.message)] == [
-        "cachedit: background compile: the child process failed (exit 3): no compiler"]
+    return model, x, job, outs, [str(w.message) for w in caught if "cachedit" in str(w.message)]
+
+
+def test_a_failed_child_means_a_compile_here_with_one_warning(own_cache_dir, monkeypatch):
+    model, x, job, outs, warned = _after_failed_child(monkeypatch, "import sys; print('no compiler'); sys.exit(3)")
+    assert warned == ["cachedit: background compile: the child process failed (exit 3): no compiler"]
     assert job.compiled_calls == 3
     with torch.no_grad():
         torch.testing.assert_close(outs[-1], model(x), rtol=1e-5, atol=1e-5)
@@ -132,19 +140,10 @@ def test_inductor_failing_here_too_leaves_the_graph_running_eagerly_with_one_war
     def broken(self):
         raise RuntimeError("no lowering")
 
-    monkeypatch.setattr(background, "CHILD", [sys.executable, "-c", "import sys; sys.exit(1)"])
     monkeypatch.setattr(background.Payload, "compile", broken)
-    model, x = _mlp(), latent()
-    compiled = compile_own(model, backend="cachedit", options=dict(background_compile=True))
-    with pytest.warns(UserWarning, match="caching disabled"):
-        _calls(compiled, x, 1)
-    (job,) = cf.background_compiles(model)
-    job.wait(timeout=60)
-    with pytest.warns(UserWarning) as caught:
-        outs = _calls(compiled, x, 3)
-    assert [str(w.message) for w in caught if "cachedit" in str(w.message)] == [
-        "cachedit: background compile: Inductor failed on the graph (RuntimeError: no lowering); it keeps running "
-        "eagerly"]
+    model, x, job, outs, warned = _after_failed_child(monkeypatch, "import sys; sys.exit(1)")
+    assert warned == ["cachedit: background compile: Inductor failed on the graph (RuntimeError: no lowering); it "
+                      "keeps running eagerly"]
     assert (job.eager_calls, job.compiled_calls) == (4, 0)
     with torch.no_grad():
         torch.testing.assert_close(outs[-1], model(x), rtol=0, atol=0)
