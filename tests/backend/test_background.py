@@ -15,6 +15,7 @@ import cachedit_fx as cf
 from cachedit_fx.backend import background
 from cachedit_fx.backend.options import parse_options
 from cachedit_fx.errors import ConfigError
+from cachedit_fx.install.hook import cache_hook
 
 from tests.helpers.dynamo import compile_own
 from tests.helpers.tinydit import D, euler, latent, tiny
@@ -112,11 +113,12 @@ def test_a_failed_child_means_a_compile_here_with_one_warning(own_cache_dir, mon
 
 
 @pytest.mark.slow
-def test_enable_cache_caches_the_same_steps_eagerly_and_compiled(own_cache_dir):
-    """The decisions and outputs of a request served partly eagerly, partly by the compiled graph equal a
-    request of the rewritten graph run eagerly (compile=False)."""
+@pytest.mark.parametrize("blocks", [4, 8])
+def test_enable_cache_caches_the_same_steps_eagerly_and_compiled(own_cache_dir, blocks):
+    """The decisions and outputs of a request served by the graph the child compiled equal a request of the
+    rewritten graph run eagerly (compile=False); at 8 blocks the middle ones are region calls."""
     def request(**kw):
-        model = tiny(("transformer_blocks", 4))
+        model = tiny(("transformer_blocks", blocks))
         cf.enable_cache(model, **CACHE, **kw)
         return model
 
@@ -130,6 +132,7 @@ def test_enable_cache_caches_the_same_steps_eagerly_and_compiled(own_cache_dir):
     cf.reset(model)
     outs = euler(model, latent(), 8)
     assert job.status == "compiled" and job.compiled_calls == 8
+    assert len(cache_hook(model).graph.regions) == (blocks if blocks == 8 else 0)
     assert [r.cached_steps for r in cf.summary(model, logging=False)] == \
         [r.cached_steps for r in cf.summary(reference, logging=False)]
     for got, want in zip(outs, expected):
