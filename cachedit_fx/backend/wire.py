@@ -5,8 +5,9 @@ into the functions the graph calls (the step functions, ``fresh_dense``) instead
 calls. Here each node is written as what it is: its op, name, target (pickled: a function or operator by
 its import path, a step function by value, see passes/steps.py) and arguments; each submodule the graph
 calls or reads (cond branches, regions) is written the same way, and tensors it reads by ``get_attr``
-by value. Node metadata is left out: the sending and the receiving process compile the graph rebuilt
-from the same bytes, so both see the same graph and key Inductor's caches alike.
+by value. Node metadata is left out but for what AOTAutogradCache asks (``_meta``): the sending and the
+receiving process compile the graph rebuilt from the same bytes, so both see the same graph and key
+Inductor's caches alike.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def _target(target):
 
 @dataclass
 class _Module:
+    """One graph as written: its nodes, the graphs it calls or reads by path, the tensors it reads."""
+
     nodes: list[tuple]  # (op, name, target, args, kwargs, type, meta: the KEPT_META entries)
     children: dict[str, "_Module"]
     tensors: dict[str, torch.Tensor]

@@ -7,8 +7,8 @@ published here under its name and ``cache_tag`` (a digest of what it computes) w
 when its graph compiles and is pickled; a later function of the same tag computes the same and takes
 the name over.
 
-A step pickles by value (its step.py function, layout and name): a process that compiles a pickled graph
-(install/background.py) publishes each step before it unpickles the graph that imports them.
+A step pickles by value (its step.py function, layout, name and tag): backend/wire.py sends a graph's step
+calls that way to the process that compiles it (backend/background.py), where unpickling publishes it here.
 """
 from __future__ import annotations
 
