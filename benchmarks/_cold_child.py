@@ -19,6 +19,9 @@ torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLUX_TXT, WAN_TXT = 12, 12
+# cachedit-fx's config in every variant: Fn 1, Bn 0, computing every step (Cachedit.set switches to caching)
+CONFIG = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, max_warmup_steps=0,
+              enable_separate_cfg=False)
 SIZES = {"flux": (16, 12, 20), "wan": (8, 6, 10)}  # latent side of the first, second and third resolution
 QUICK_SIZES = {"flux": (8, 6, 10), "wan": (4, 6, 8)}
 
@@ -98,13 +101,11 @@ def prepare(t, variant: str, quick: bool):
         return torch.compile(t, backend=inner), CacheDit(cache_dit, t)
     import cachedit_fx
 
-    config = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, max_warmup_steps=0,
-                  enable_separate_cfg=False)
     if variant.startswith("backend"):
         cachedit_fx.mark_regions(t)
         return torch.compile(t, backend="cachedit", fullgraph=True,
-                             options={"cache_config": config, "inner": inner}), Cachedit(t)
-    cachedit_fx.enable_cache(t, inner=inner, background_compile=variant.startswith("enable-background"), **config)
+                             options={"cache_config": CONFIG, "inner": inner}), Cachedit(t)
+    cachedit_fx.enable_cache(t, inner=inner, background_compile=variant.startswith("enable-background"), **CONFIG)
     if variant == "enable-flat":
         from cachedit_fx.install.hook import cache_hook
 
@@ -175,11 +176,9 @@ def interleaved(model: str, depth, side: int, repeats: int) -> dict:
     make noisy. First calls are not reported (the two compiles overlap)."""
     import cachedit_fx
 
-    config = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0, max_warmup_steps=0,
-                  enable_separate_cfg=False)
     models = {"sync": build(model, depth), "background": build(model, depth)}
-    cachedit_fx.enable_cache(models["sync"], **config)
-    cachedit_fx.enable_cache(models["background"], background_compile=True, **config)
+    cachedit_fx.enable_cache(models["sync"], **CONFIG)
+    cachedit_fx.enable_cache(models["background"], background_compile=True, **CONFIG)
     with torch.no_grad():
         for t in models.values():
             t(**inputs(model, side, 1.0))

@@ -137,8 +137,9 @@ class BackgroundCompiled:
         self._eager, self._job, self._compiled, self._pending = gm.forward, job, None, True
         self.eager_calls = self.compiled_calls = 0
         self.status = "compiling"
-        folder = tempfile.mkdtemp(prefix="cachedit-background-")
-        self._path, self._log = os.path.join(folder, "payload.pkl"), os.path.join(folder, "child.log")
+        self._folder = tempfile.mkdtemp(prefix="cachedit-background-")
+        self._path = os.path.join(self._folder, "payload.pkl")
+        self._log = os.path.join(self._folder, "child.log")
         with open(self._path, "wb") as f:
             pickle.dump(job, f)
         with open(self._log, "wb") as log:
@@ -167,7 +168,7 @@ class BackgroundCompiled:
         from torch._dynamo.utils import counters
 
         code, tail = self._child.returncode, _tail(self._log)
-        shutil.rmtree(os.path.dirname(self._path), ignore_errors=True)
+        shutil.rmtree(self._folder, ignore_errors=True)
         hits = counters["aot_autograd"]["autograd_cache_hit"]
         try:
             self._compiled = self._job.compile()

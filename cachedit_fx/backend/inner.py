@@ -72,9 +72,11 @@ def _in_background(gm: GraphModule, example_inputs, patches: dict):
     reason = background.why_not(gm, example_inputs)
     if reason is None:
         try:
-            return background.BackgroundCompiled(gm, background.payload(gm, example_inputs, patches))
+            job = background.payload(gm, example_inputs, patches)
         except (TypeError, AttributeError, pickle.PicklingError) as e:  # a call target with no import path
             reason = f"the graph cannot be sent to another process ({e})"
+        else:
+            return background.BackgroundCompiled(gm, job)
     logger.info("cachedit: compiling in this process, not in the background: %s", reason)
     return None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule
-from torch.fx.node import map_arg
+from torch.fx.node import map_aggregate, map_arg
 
 
 @dataclass(frozen=True)
@@ -117,13 +117,13 @@ def _rebuilt(written: _Module, memo: dict) -> GraphModule:
     if id(written) in memo:
         return memo[id(written)]
     graph, by_name = Graph(), {}
+    def resolve(a):
+        return by_name[a.name] if isinstance(a, _Ref) else a
+
     for op, name, target, args, kwargs, type_, meta in written.nodes:
-        def resolve(a):
-            return by_name[a.name] if isinstance(a, _Ref) else a
-        args = torch.utils._pytree.tree_map(resolve, args, is_leaf=lambda a: isinstance(a, _Ref))
-        kwargs = torch.utils._pytree.tree_map(resolve, kwargs, is_leaf=lambda a: isinstance(a, _Ref))
         target = target.resolve() if isinstance(target, _Op) else target
-        node = graph.create_node(op, target, args, kwargs, name=name, type_expr=type_)
+        node = graph.create_node(op, target, map_aggregate(args, resolve), map_aggregate(kwargs, resolve),
+                                 name=name, type_expr=type_)
         if node.name != name:
             raise ValueError(f"node {name} was renamed {node.name} when rebuilt")
         node.meta.update(meta)
