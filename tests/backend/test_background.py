@@ -139,7 +139,7 @@ def test_enable_cache_caches_the_same_steps_eagerly_and_compiled(own_cache_dir, 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_inductor_failing_here_too_leaves_the_graph_running_eagerly_with_one_warning(monkeypatch):
+def test_inductor_failing_here_too_leaves_the_graph_running_eagerly_with_one_warning(own_cache_dir, monkeypatch):
     def broken(self):
         raise RuntimeError("no lowering")
 
